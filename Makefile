@@ -1,0 +1,31 @@
+# The two commands: `make run` (set up + the main job on generated data) and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= outputs
+
+.PHONY: run test venv bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: requirements.txt | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+# End to end on generated data: data -> features -> folds -> 3 members -> blend -> gateway -> score -> report.
+# The epoch counts below keep it to minutes on a 2-core CPU; drop them for full training.
+run: venv
+	DL_EPOCHS=$${DL_EPOCHS:-12} KERAS_MAX_EPOCHS=$${KERAS_MAX_EPOCHS:-12} \
+	$(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python main.py bench --out $(OUT)/bench
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,98 @@
+"""Self-describing bundle metadata: what a trained member needs to be loaded and checked.
+
+A bundle is a directory of data (weights in the framework's own safe format,
+never pickle) plus ``metadata.json``. Loading compares the metadata with what
+the running code produces and raises ``BundleError`` naming what differs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from io_utils import read_json, write_json
+from metric import GESTURES
+
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, corrupt, or does not match the running code."""
+
+
+def library_versions(*packages: str) -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "polars", "scikit-learn", *packages):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def bundle_metadata(
+    member: str, feature_names: list[str] | tuple[str, ...], folds_hash: str, extra: dict[str, Any] | None = None,
+    packages: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "member": member,
+        "format_version": FORMAT_VERSION,
+        "classes": list(GESTURES),
+        "feature_names": list(feature_names),
+        "folds_hash": folds_hash,
+        "versions": library_versions(*packages),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def write_metadata(bundle_dir: str | Path, meta: dict[str, Any]) -> None:
+    write_json(Path(bundle_dir) / METADATA_FILE, meta)
+
+
+def _diff_list(name: str, found: list[str], expected: list[str]) -> str:
+    if len(found) != len(expected):
+        extra = [x for x in found if x not in expected][:3]
+        lacking = [x for x in expected if x not in found][:3]
+        return (f"{name}: bundle has {len(found)}, code expects {len(expected)}"
+                f" (only in bundle: {extra}; only in code: {lacking})")
+    i = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
+    return f"{name}: first difference at position {i}: bundle {found[i]!r} vs code {expected[i]!r}"
+
+
+def read_metadata(
+    bundle_dir: str | Path, member: str, feature_names: list[str] | tuple[str, ...] | None = None,
+    required_files: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Read ``metadata.json`` and check it against the running code; raise BundleError naming any difference."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / METADATA_FILE
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{member} bundle not found: {bundle_dir} is not a directory")
+    try:
+        meta = read_json(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise BundleError(f"{member} bundle at {bundle_dir}: {e}") from None
+    if not isinstance(meta, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    problems = []
+    if meta.get("member") != member:
+        problems.append(f"member: bundle is {meta.get('member')!r}, expected {member!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        problems.append(f"format_version: bundle {meta.get('format_version')!r} vs code {FORMAT_VERSION}")
+    classes = meta.get("classes")
+    if classes != list(GESTURES):
+        problems.append(_diff_list("classes", list(classes or []), list(GESTURES)))
+    if feature_names is not None and meta.get("feature_names") != list(feature_names):
+        problems.append(_diff_list("feature_names", list(meta.get("feature_names") or []), list(feature_names)))
+    missing = [f for f in required_files if not (bundle_dir / f).is_file()]
+    if missing:
+        problems.append(f"missing files: {', '.join(missing)}")
+    if problems:
+        raise BundleError(f"{member} bundle {path} does not match the code: " + "; ".join(problems))
+    return meta

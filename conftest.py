@@ -1,0 +1,1 @@
+"""pytest: the repository root is the package root (flat modules)."""

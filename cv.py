@@ -1,0 +1,188 @@
+"""Folds and out-of-fold (OOF) predictions shared by every member.
+
+Folds are computed once per data set (``folds.csv``) and reused; every member
+writes its OOF probabilities in one sequence order and one class order, for a
+full-sensor view and an IMU-only view (half of the hidden test has no thm/tof).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from sklearn.model_selection import StratifiedGroupKFold
+
+from io_utils import atomic_path, read_json, read_npy, write_json, write_npy
+from metric import GESTURES, score_components
+
+log = logging.getLogger(__name__)
+
+
+class FoldsError(ValueError):
+    """Folds or OOF files that do not belong to the data or to each other."""
+
+
+def make_folds(
+    sequence_ids: np.ndarray, subjects: np.ndarray, gestures: np.ndarray, n_folds: int = 5, seed: int = 42
+) -> pl.DataFrame:
+    """StratifiedGroupKFold: grouped by subject (no subject in two folds), stratified by gesture."""
+    n_subjects = len(np.unique(subjects))
+    if n_subjects < n_folds:
+        raise FoldsError(f"{n_subjects} subject(s) cannot fill {n_folds} subject-grouped folds; lower CMI_N_FOLDS")
+    fold = np.full(len(sequence_ids), -1, dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for k, (_, val) in enumerate(splitter.split(np.zeros(len(gestures)), gestures, groups=subjects)):
+        fold[val] = k
+    return pl.DataFrame({"sequence_id": sequence_ids, "subject": subjects, "fold": fold}).sort("sequence_id")
+
+
+def folds_hash(folds: pl.DataFrame) -> str:
+    text = "\n".join(f"{s},{f}" for s, f in folds.sort("sequence_id").select("sequence_id", "fold").iter_rows())
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_or_make_folds(
+    path: str | Path, sequence_ids: np.ndarray, subjects: np.ndarray, gestures: np.ndarray, n_folds: int, seed: int
+) -> pl.DataFrame:
+    """Reuse ``folds.csv`` when it exists (it must cover exactly these sequences), else make and save it."""
+    path = Path(path)
+    if path.exists():
+        folds = pl.read_csv(path, schema_overrides={"sequence_id": pl.String, "subject": pl.String, "fold": pl.Int64})
+        have, want = set(folds["sequence_id"].to_list()), set(np.asarray(sequence_ids).tolist())
+        if have != want:
+            raise FoldsError(
+                f"{path} does not match the training data: {len(want - have)} sequence(s) without a fold, "
+                f"{len(have - want)} unknown; delete it to recompute folds for this data set"
+            )
+        if folds["fold"].n_unique() != n_folds:
+            raise FoldsError(f"{path} has {folds['fold'].n_unique()} folds but CMI_N_FOLDS={n_folds}")
+        log.info("reusing folds from %s (hash %s)", path, folds_hash(folds))
+        return folds
+    folds = make_folds(sequence_ids, subjects, gestures, n_folds, seed)
+    with atomic_path(path) as tmp:
+        folds.write_csv(tmp)
+    log.info("wrote %s (%d folds, hash %s)", path, n_folds, folds_hash(folds))
+    return folds
+
+
+def fold_array(folds: pl.DataFrame, sequence_ids: np.ndarray) -> np.ndarray:
+    """Fold of each sequence, in the order of ``sequence_ids``."""
+    mapping = dict(zip(folds["sequence_id"].to_list(), folds["fold"].to_list()))
+    try:
+        return np.array([mapping[s] for s in np.asarray(sequence_ids).tolist()], dtype=np.int64)
+    except KeyError as e:
+        raise FoldsError(f"sequence {e.args[0]} has no fold in folds.csv") from None
+
+
+# --------------------------------------------------------------------------- OOF
+
+
+def view_scores(y_true: np.ndarray, proba_full: np.ndarray, proba_imu: np.ndarray) -> dict[str, float]:
+    """Competition score on the full view, the IMU-only view, and their mean (the test-like score)."""
+    truth = [GESTURES[i] for i in y_true]
+    full = score_components(truth, [GESTURES[i] for i in proba_full.argmax(1)])["score"]
+    imu = score_components(truth, [GESTURES[i] for i in proba_imu.argmax(1)])["score"]
+    return {"full": full, "imu_only": imu, "mean": 0.5 * (full + imu)}
+
+
+def write_member_oof(
+    oof_dir: str | Path, member: str, sequence_ids: np.ndarray, y_true: np.ndarray, fold_ids: np.ndarray,
+    proba_full: np.ndarray, proba_imu: np.ndarray, folds_hash: str, extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a member's OOF probabilities and summary; returns the summary."""
+    oof_dir = Path(oof_dir)
+    n = len(sequence_ids)
+    for name, p in (("proba_full", proba_full), ("proba_imu", proba_imu)):
+        if p.shape != (n, len(GESTURES)):
+            raise FoldsError(f"{member} {name} has shape {p.shape}, expected ({n}, {len(GESTURES)})")
+        if not np.isfinite(p).all():
+            raise FoldsError(f"{member} {name} has non-finite probabilities")
+    order = np.argsort(np.asarray(sequence_ids).astype(str), kind="stable")  # one shared sequence order
+    seq, y, folds = np.asarray(sequence_ids).astype(str)[order], np.asarray(y_true)[order], np.asarray(fold_ids)[order]
+    full, imu = proba_full[order].astype(np.float32), proba_imu[order].astype(np.float32)
+    _check_or_write_shared(oof_dir, seq, y, folds, folds_hash)
+    per_fold = {
+        int(k): view_scores(y[folds == k], full[folds == k], imu[folds == k]) for k in np.unique(folds)
+    }
+    summary = {
+        "member": member,
+        "n_sequences": n,
+        "folds_hash": folds_hash,
+        "overall": view_scores(y, full, imu),
+        "per_fold": per_fold,
+        **(extra or {}),
+    }
+    write_npy(oof_dir / f"oof_{member}_proba.npy", full)
+    write_npy(oof_dir / f"oof_{member}_imu_proba.npy", imu)
+    write_json(oof_dir / f"{member}_summary.json", summary)
+    o = summary["overall"]
+    log.info("%s OOF score: full %.4f | IMU-only %.4f | mean %.4f", member, o["full"], o["imu_only"], o["mean"])
+    return summary
+
+
+def _check_or_write_shared(oof_dir: Path, seq: np.ndarray, y: np.ndarray, folds: np.ndarray, fhash: str) -> None:
+    """sequence_ids/y_true/folds/classes are shared by all members: write once, then insist they match."""
+    meta_path = oof_dir / "oof_meta.json"
+    if meta_path.exists():
+        meta = read_json(meta_path)
+        same = (
+            meta.get("folds_hash") == fhash
+            and meta.get("classes") == list(GESTURES)
+            and np.array_equal(read_npy(oof_dir / "sequence_ids.npy").astype(str), seq)
+            and np.array_equal(read_npy(oof_dir / "y_true.npy"), y)
+        )
+        if same:
+            return
+        log.warning("OOF folder %s held another data set or folds; starting it afresh", oof_dir)
+        for p in oof_dir.glob("*"):
+            if p.is_file():
+                p.unlink()
+    write_npy(oof_dir / "sequence_ids.npy", seq.astype("U"))
+    write_npy(oof_dir / "y_true.npy", y.astype(np.int64))
+    write_npy(oof_dir / "fold_ids.npy", folds.astype(np.int64))
+    write_json(oof_dir / "classes.json", list(GESTURES))
+    write_json(meta_path, {"folds_hash": fhash, "classes": list(GESTURES), "n_sequences": len(seq)})
+
+
+@dataclass(frozen=True)
+class MemberOOF:
+    member: str
+    sequence_ids: np.ndarray
+    y_true: np.ndarray
+    fold_ids: np.ndarray
+    proba_full: np.ndarray
+    proba_imu: np.ndarray
+    summary: dict[str, Any]
+
+
+def available_members(oof_dir: str | Path) -> list[str]:
+    return sorted(p.name[: -len("_summary.json")] for p in Path(oof_dir).glob("*_summary.json"))
+
+
+def read_member_oof(oof_dir: str | Path, member: str) -> MemberOOF:
+    """Read a member's OOF files and check them against the shared order, classes and folds."""
+    oof_dir = Path(oof_dir)
+    meta = read_json(oof_dir / "oof_meta.json")
+    if meta.get("classes") != list(GESTURES):
+        raise FoldsError(f"{oof_dir}/oof_meta.json: class order differs from the code's")
+    summary = read_json(oof_dir / f"{member}_summary.json")
+    if summary.get("folds_hash") != meta.get("folds_hash"):
+        raise FoldsError(
+            f"{member} OOF was trained on folds {summary.get('folds_hash')} but the OOF folder holds folds "
+            f"{meta.get('folds_hash')}: retrain {member} on the shared folds.csv"
+        )
+    seq = read_npy(oof_dir / "sequence_ids.npy").astype(str)
+    full = read_npy(oof_dir / f"oof_{member}_proba.npy")
+    imu = read_npy(oof_dir / f"oof_{member}_imu_proba.npy")
+    for name, p in (("full", full), ("imu", imu)):
+        if p.shape != (len(seq), len(GESTURES)):
+            raise FoldsError(f"{member} OOF {name} has shape {p.shape}, expected ({len(seq)}, {len(GESTURES)})")
+    return MemberOOF(
+        member=member, sequence_ids=seq, y_true=read_npy(oof_dir / "y_true.npy"),
+        fold_ids=read_npy(oof_dir / "fold_ids.npy"), proba_full=full, proba_imu=imu, summary=summary,
+    )

@@ -1,0 +1,308 @@
+"""Blending the members: weights fitted on OOF probabilities, and the serving ``Predictor``.
+
+The ensemble sees members through one small interface: a ``MemberSpec`` gives
+``load_member(bundle_dir, cfg)`` returning an object with
+``predict_proba(table) -> (n, 18)``. It knows nothing of LightGBM, torch or Keras.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import polars as pl
+
+from config import Config
+from cv import FoldsError, MemberOOF, read_member_oof
+from features import FrameTable, build_frame_table
+from io_utils import read_json, write_json
+from metric import GESTURES, N_CLASSES, score_proba
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("full", "imu_only")
+_GESTURE_SET = frozenset(GESTURES)
+
+
+class Member(Protocol):
+    classes_: tuple[str, ...] | list[str]
+
+    def predict_proba(self, table: FrameTable) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """How the ensemble reaches one member: its name and the three callables it needs."""
+
+    name: str
+    load_member: Callable[[Path, Config], Member]
+    is_available: Callable[[], tuple[bool, str]]
+    enabled: Callable[[Config], bool]  # USE_<MEMBER>
+    default_weight: Callable[[Config], float]  # ENSEMBLE_W_<MEMBER>
+
+
+# --------------------------------------------------------------------------- weight fitting
+
+
+def blend(probas: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    return sum(wi * p for wi, p in zip(w, probas))
+
+
+def _score(y: np.ndarray, probas: list[np.ndarray], w: np.ndarray) -> float:
+    return score_proba(y, blend(probas, w)) if w.sum() > 0 else -1.0
+
+
+def fit_weights_coordinate(
+    y: np.ndarray, probas: list[np.ndarray], n_starts: int = 8, seed: int = 0, grid: int = 21, max_rounds: int = 10
+) -> tuple[np.ndarray, float]:
+    """Coordinate ascent on the simplex for the competition metric, from several starts.
+
+    The metric is a step function of the weights, so a gradient method has
+    nothing to follow; a line search over a grid of each coordinate does.
+    Starts: equal weights, each member alone, and random Dirichlet points.
+    """
+    m = len(probas)
+    rng = np.random.default_rng(seed)
+    starts = [np.full(m, 1.0 / m)] + [np.eye(m)[i] for i in range(m)]
+    starts += [rng.dirichlet(np.ones(m)) for _ in range(max(0, n_starts - len(starts)))]
+    best_w, best = starts[0], -1.0
+    steps = np.linspace(0.0, 1.0, grid)
+    for w in starts:
+        w = w.copy()
+        current = _score(y, probas, w)
+        for _ in range(max_rounds):
+            improved = False
+            for i in range(m):
+                for v in steps:
+                    cand = w.copy()
+                    cand[i] = v
+                    if cand.sum() == 0:
+                        continue
+                    cand = cand / cand.sum()
+                    s = _score(y, probas, cand)
+                    if s > current + 1e-12:
+                        w, current, improved = cand, s, True
+            if not improved:
+                break
+        if current > best + 1e-12:
+            best_w, best = w, current
+    return best_w / best_w.sum(), best
+
+
+def fit_weights_random(y: np.ndarray, probas: list[np.ndarray], draws: int = 4096, seed: int = 0) -> tuple[np.ndarray, float]:
+    """The original notebook's method: the best of ``draws`` random Dirichlet weight vectors."""
+    rng = np.random.default_rng(seed)
+    best_w, best = np.full(len(probas), 1.0 / len(probas)), -1.0
+    for w in rng.dirichlet(np.ones(len(probas)), size=draws):
+        s = _score(y, probas, w)
+        if s > best:
+            best_w, best = w, s
+    return best_w, best
+
+
+def cross_fitted_score(
+    y: np.ndarray, probas: list[np.ndarray], fold_ids: np.ndarray, fit: Callable[..., tuple[np.ndarray, float]]
+) -> float:
+    """Blend score where each fold's weights were fitted on the other folds: an honest estimate."""
+    blended = np.zeros_like(probas[0])
+    for k in np.unique(fold_ids):
+        train, held = fold_ids != k, fold_ids == k
+        w, _ = fit(y[train], [p[train] for p in probas])
+        blended[held] = blend([p[held] for p in probas], w)
+    return score_proba(y, blended)
+
+
+def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[str, Any]:
+    """Fit blend weights per view on the members' OOF files; returns the content of weights.json."""
+    oofs: list[MemberOOF] = [read_member_oof(oof_dir, m) for m in members]
+    if not oofs:
+        raise FoldsError(f"no member OOF files in {oof_dir}")
+    base = oofs[0]
+    for o in oofs[1:]:
+        if not np.array_equal(o.sequence_ids, base.sequence_ids):
+            raise FoldsError(f"{o.member} OOF rows are in another sequence order than {base.member}'s")
+        if o.summary["folds_hash"] != base.summary["folds_hash"]:
+            raise FoldsError(f"{o.member} was trained on other folds than {base.member}")
+    y, folds = base.y_true, base.fold_ids
+    seed, starts = cfg.run.seed, cfg.ensemble.n_starts
+    out: dict[str, Any] = {"members": members, "folds_hash": base.summary["folds_hash"], "views": {}}
+    for view in VIEWS:
+        probas = [o.proba_full if view == "full" else o.proba_imu for o in oofs]
+        singles = {o.member: score_proba(y, p) for o, p in zip(oofs, probas)}
+        t0 = time.perf_counter()
+        w, s = fit_weights_coordinate(y, probas, n_starts=starts, seed=seed)
+        t_coord = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        w_rand, s_rand = fit_weights_random(y, probas, draws=cfg.ensemble.random_search_draws, seed=seed)
+        t_rand = time.perf_counter() - t0
+        cross = cross_fitted_score(y, probas, folds, lambda yy, pp: fit_weights_coordinate(yy, pp, starts, seed))
+        out["views"][view] = {
+            "weights": {m: float(x) for m, x in zip(members, w)},
+            "blend_score": s,
+            "blend_score_cross_fitted": cross,
+            "member_scores": singles,
+            "equal_weights_score": _score(y, probas, np.ones(len(probas))),
+            "random_search": {"weights": {m: float(x) for m, x in zip(members, w_rand)}, "score": s_rand,
+                              "draws": cfg.ensemble.random_search_draws, "seconds": t_rand},
+            "coordinate_seconds": t_coord,
+        }
+        log.info("blend %s: %s -> %.4f (cross-fitted %.4f; random search %.4f; members %s)", view,
+                 {m: round(float(x), 3) for m, x in zip(members, w)}, s, cross, s_rand,
+                 {m: round(v, 4) for m, v in singles.items()})
+    v = out["views"]
+    out["test_like_score"] = 0.5 * (v["full"]["blend_score"] + v["imu_only"]["blend_score"])
+    return out
+
+
+def save_weights(path: str | Path, weights: dict[str, Any]) -> None:
+    write_json(path, weights)
+
+
+# --------------------------------------------------------------------------- serving
+
+
+class PredictorError(RuntimeError):
+    pass
+
+
+@dataclass
+class PredictorStats:
+    calls: int = 0
+    member_failures: Counter = field(default_factory=Counter)
+    unknown_demographics: int = 0
+
+
+class Predictor:
+    """Loads every present member bundle and the blend weights once; ``predict`` answers one sequence.
+
+    ``predict`` has the signature the competition gateway calls and is a bound
+    method named ``predict`` (the server finds the endpoint by ``__name__``).
+    """
+
+    def __init__(self, cfg: Config, specs: list[MemberSpec], bundle_root: str | Path | None = None,
+                 weights_path: str | Path | None = None) -> None:
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
+        self.members: dict[str, Member] = {}
+        self.missing: dict[str, str] = {}
+        for spec in specs:
+            if not spec.enabled(cfg):
+                self.missing[spec.name] = "switched off (USE_%s=0)" % spec.name.upper()
+                continue
+            ok, why = spec.is_available()
+            bundle_dir = self.bundle_root / spec.name
+            if not ok:
+                self.missing[spec.name] = why
+            elif not bundle_dir.exists():
+                self.missing[spec.name] = f"no bundle at {bundle_dir}"
+            else:
+                self.members[spec.name] = spec.load_member(bundle_dir, cfg)  # a corrupt bundle raises here
+        for name, why in self.missing.items():
+            log.warning("member %s not used: %s", name, why)
+        if not self.members:
+            raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
+        self.weights = self._load_weights(specs, weights_path)
+        self.stats = PredictorStats()
+        self.load_seconds = time.perf_counter() - t0
+        log.info("Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights)
+
+    def _load_weights(self, specs: list[MemberSpec], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
+        path = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
+        defaults = {s.name: s.default_weight(self.cfg) for s in specs}
+        if path.exists():
+            fitted = read_json(path)
+            views = {v: fitted["views"][v]["weights"] for v in VIEWS}
+            log.info("blend weights from %s", path)
+        else:
+            views = {v: defaults for v in VIEWS}
+            log.info("no fitted %s: default weights ENSEMBLE_W_* %s", path, defaults)
+        out = {}
+        for view, w in views.items():
+            present = {m: float(w.get(m, 0.0)) for m in self.members}
+            if sum(present.values()) <= 0:  # the fitted blend gave all weight to absent members
+                present = {m: 1.0 for m in self.members}
+            total = sum(present.values())
+            out[view] = {m: x / total for m, x in present.items()}
+        return out
+
+    def predict_proba_table(self, table: FrameTable) -> np.ndarray:
+        """Blended (n, 18) probabilities; IMU-only sequences use the IMU-only view's weights."""
+        n = table.n_sequences
+        acc = np.zeros((n, N_CLASSES))
+        wsum = np.zeros(n)
+        view_w = np.array([[self.weights["full" if h else "imu_only"].get(m, 0.0) for m in self.members]
+                           for h in table.has_tof_thm]).reshape(n, len(self.members))
+        for j, (name, member) in enumerate(self.members.items()):
+            try:
+                p = np.asarray(member.predict_proba(table), dtype=np.float64)
+                if p.shape != (n, N_CLASSES) or not np.isfinite(p).all():
+                    raise PredictorError(f"returned probabilities of shape {p.shape} / non-finite values")
+            except Exception as e:  # one member's failure must not cost the answer: excluded, counted, logged
+                if self.cfg.run.strict:
+                    raise
+                self.stats.member_failures[name] += 1
+                log.error("member %s failed on sequence(s) %s: %s: %s (excluded for this call)", name,
+                          list(table.sequence_ids[:3]), type(e).__name__, e)
+                continue
+            acc += view_w[:, j : j + 1] * p
+            wsum += view_w[:, j]
+        if (wsum <= 0).any():
+            raise PredictorError(f"every member failed on sequence(s) {list(table.sequence_ids[wsum <= 0][:3])}")
+        return acc / wsum[:, None]
+
+    def predict(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
+        """The gateway's entry point: one sequence's rows and its subject's demographics row -> a gesture."""
+        if not isinstance(sequence, pl.DataFrame):
+            sequence = pl.from_pandas(sequence)
+        if demographics is not None and not isinstance(demographics, pl.DataFrame):
+            demographics = pl.from_pandas(demographics)
+        if sequence.height == 0:
+            raise PredictorError("predict() got a sequence with zero rows")
+        if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
+            raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
+        if "sequence_id" not in sequence.columns:
+            sequence = sequence.with_columns(pl.lit("SEQ_UNKNOWN").alias("sequence_id"))
+        table = build_frame_table(sequence, demographics, self.cfg.features)
+        if np.isnan(table.demographics).all():
+            self.stats.unknown_demographics += 1
+            if self.stats.unknown_demographics == 1:
+                log.warning("sequence %s: no usable demographics row; predicting without demographics "
+                            "(further cases are only counted)", table.sequence_ids[0])
+        self.stats.calls += 1
+        gesture = GESTURES[int(self.predict_proba_table(table)[0].argmax())]
+        assert gesture in _GESTURE_SET
+        return gesture
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "members": list(self.members),
+            "missing": self.missing,
+            "weights": self.weights,
+            "load_seconds": self.load_seconds,
+            "calls": self.stats.calls,
+            "member_failures": dict(self.stats.member_failures),
+            "unknown_demographics": self.stats.unknown_demographics,
+        }
+
+
+def member_specs_from_modules(modules: Mapping[str, Any]) -> list[MemberSpec]:
+    """MemberSpecs for pipeline modules exposing MEMBER, load_member and is_available."""
+    specs = []
+    for name, mod in modules.items():
+        specs.append(MemberSpec(
+            name=name,
+            load_member=mod.load_member,
+            is_available=mod.is_available,
+            enabled=lambda cfg, n=name: getattr(cfg, n).use,
+            default_weight=lambda cfg, n=name: float(getattr(cfg.ensemble, f"w_{n}")),
+        ))
+    return specs

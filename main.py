@@ -1,0 +1,383 @@
+"""Entry point: the CLI, and the Kaggle notebook when run with no subcommand.
+
+    python main.py run    --out outputs            # generate data, train, blend, serve, score, report
+    python main.py synth  --out DIR [--subjects N] [--seed S]
+    python main.py train  --data-dir DIR --out DIR [--debug] [--members lgbm,torch,keras]
+    python main.py serve  --data-dir DIR --out DIR [--bundle-dir DIR]
+    python main.py report --out DIR
+    python main.py bench  --out DIR
+    python main.py export-notebook --out FILE
+
+Settings come from config.py (environment overrides such as LGBM_TRAIN=0,
+DL_EPOCHS=10, KERAS_MAX_EPOCHS=20); this is the only module that knows which
+members exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+# The members, in blend order. A new member is one new *_pipeline.py and one line here.
+MEMBER_MODULES: dict[str, str] = {
+    "lgbm": "lgbm_pipeline",
+    "torch": "torch_pipeline",
+    "keras": "keras_pipeline",
+}
+
+log = logging.getLogger("cmi")
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_COMPETITION_DIR = KAGGLE_INPUT / "cmi-detect-behavior-with-sensor-data"
+
+
+def member_module(name: str) -> ModuleType:
+    if name not in MEMBER_MODULES:
+        raise SystemExit(f"unknown member {name!r}; known: {', '.join(MEMBER_MODULES)}")
+    return importlib.import_module(MEMBER_MODULES[name])
+
+
+def setup_logging(out_dir: Path | None, verbose: bool = False) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if out_dir is not None:
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / "logs" / "run.log"))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=handlers,
+        force=True,
+    )
+
+
+class StageTimer:
+    """Per-stage wall times, logged as they end and saved to timings.json."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self.times: dict[str, float] = {}
+        if path is not None and path.exists():
+            self.times = json.loads(path.read_text())
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("== %s ...", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(time.perf_counter() - t0, 3)
+            log.info("== %s done in %.1f s", name, self.times[name])
+            if self.path is not None:
+                from io_utils import write_json
+
+                write_json(self.path, self.times)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None) -> Path:
+    import synth
+
+    paths = synth.write_dataset(out, n_subjects=subjects, seed=seed, n_test_subjects=test_subjects)
+    log.info("generated data in %s: %s", out, ", ".join(p.name for p in paths.values()))
+    return out
+
+
+def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, Any]:
+    import numpy as np
+
+    import cv
+    import data
+    import ensemble
+    from features import build_frame_table, drop_tof_thm
+    from metric import GESTURES
+
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.json")
+    with timer.stage("load train data"):
+        train = data.load_train(cfg.run.data_dir)
+    with timer.stage("frame features"):
+        table = build_frame_table(train.rows, train.demographics, cfg.features)
+        imu_table = build_frame_table(drop_tof_thm(train.rows), train.demographics, cfg.features)
+    labels = train.labels  # sorted by sequence_id, like the tables
+    if not np.array_equal(labels["sequence_id"].to_numpy().astype(str), table.sequence_ids):
+        raise RuntimeError("label and feature tables disagree on the sequence order")
+    index = {g: i for i, g in enumerate(GESTURES)}
+    y = np.array([index[g] for g in labels["gesture"].to_list()], dtype=np.int64)
+    folds = cv.load_or_make_folds(out / "folds.csv", table.sequence_ids, table.subjects,
+                                  labels["gesture"].to_numpy(), cfg.run.n_folds, cfg.run.seed)
+    fold_ids = cv.fold_array(folds, table.sequence_ids)
+    fhash = cv.folds_hash(folds)
+    summaries: dict[str, Any] = {}
+    for name in members:
+        mod = member_module(name)
+        ok, why = mod.is_available()
+        if not ok:
+            log.warning("member %s unavailable, not trained: %s", name, why)
+            continue
+        with timer.stage(f"train {name}"):
+            t0 = time.perf_counter()
+            summaries[name] = mod.train_member(table, imu_table, y, fold_ids, fhash, cfg, out)
+            summaries[name]["train_seconds"] = time.perf_counter() - t0
+            summaries[name]["train_sequences_per_s"] = (
+                table.n_sequences * max(1, cfg.run.n_folds - 1) / max(summaries[name]["train_seconds"], 1e-9)
+            )
+    present = [m for m in MEMBER_MODULES if (out / "oof" / f"{m}_summary.json").exists()]
+    if present:
+        with timer.stage("fit blend weights"):
+            weights = ensemble.fit_ensemble(out / "oof", present, cfg)
+            ensemble.save_weights(out / "ensemble" / "weights.json", weights)
+    return summaries
+
+
+def build_predictor(cfg: Any, bundle_dir: Path | None = None) -> Any:
+    import ensemble
+
+    modules = {}
+    for name, module_name in MEMBER_MODULES.items():
+        try:
+            modules[name] = importlib.import_module(module_name)
+        except ImportError as e:  # e.g. torch absent from a slim environment
+            log.warning("member %s cannot be imported: %s", name, e)
+    specs = ensemble.member_specs_from_modules(modules)
+    root = bundle_dir or cfg.run.resolved_bundle_dir()
+    weights = root.parent / "ensemble" / "weights.json"
+    return ensemble.Predictor(cfg, specs, bundle_root=root, weights_path=weights)
+
+
+def stage_serve(cfg: Any, timer: StageTimer, bundle_dir: Path | None = None) -> dict[str, Any]:
+    import inference_server
+
+    out = Path(cfg.run.out_dir)
+    with timer.stage("load predictor"):
+        t0 = time.perf_counter()
+        predictor = build_predictor(cfg, bundle_dir)
+        startup = time.perf_counter() - t0
+    with timer.stage("serve test set"):
+        result = inference_server.serve(predictor.predict, cfg.run.data_dir, out, seed=cfg.run.seed,
+                                        startup_s=startup)
+    info: dict[str, Any] = {"predictor": predictor.summary(), "startup_s": startup}
+    if result is not None:
+        info["latency"] = result.latency_summary()
+        info["submission"] = str(result.submission_path)
+        info.update(score_submission(result.submission_path, Path(cfg.run.data_dir) / "test_solution.csv"))
+    from io_utils import write_json
+
+    write_json(out / "serve.json", info)
+    return info
+
+
+def score_submission(submission: Path, solution: Path) -> dict[str, Any]:
+    """Hold-out score of a submission when the (generated) test labels exist."""
+    if not solution.exists():
+        return {}
+    import polars as pl
+
+    from metric import per_class_f1, score_components
+
+    sub = pl.read_parquet(submission)
+    sol = pl.read_csv(solution)
+    joined = sol.join(sub, on="sequence_id", how="left", suffix="_pred")
+    if joined["gesture_pred"].null_count():
+        raise RuntimeError(f"{submission} lacks {joined['gesture_pred'].null_count()} test sequence(s)")
+    comp = score_components(joined["gesture"].to_list(), joined["gesture_pred"].to_list())
+    out = {"holdout": comp, "holdout_per_class_f1": per_class_f1(joined["gesture"].to_list(),
+                                                                   joined["gesture_pred"].to_list())}
+    if "imu_only" in sol.columns:
+        for flag, name in ((True, "holdout_imu_only"), (False, "holdout_full")):
+            part = joined.filter(pl.col("imu_only") == flag)
+            if part.height:
+                out[name] = score_components(part["gesture"].to_list(), part["gesture_pred"].to_list())
+    log.info("hold-out score on %s: %.4f (binary F1 %.4f, macro F1 %.4f)", solution.name, comp["score"],
+             comp["binary_f1"], comp["macro_f1"])
+    return out
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def make_config(args: argparse.Namespace) -> Any:
+    from config import load_config
+
+    overrides = {
+        "data_dir": getattr(args, "data_dir", None),
+        "out_dir": getattr(args, "out", None),
+        "bundle_dir": getattr(args, "bundle_dir", None),
+        "debug": True if getattr(args, "debug", False) else None,
+        "seed": getattr(args, "seed", None),
+    }
+    return load_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
+
+
+def parse_members(text: str | None, cfg: Any) -> list[str]:
+    if text:
+        names = [m.strip() for m in text.split(",") if m.strip()]
+        unknown = [m for m in names if m not in MEMBER_MODULES]
+        if unknown:
+            raise SystemExit(f"unknown member(s) {unknown}; known: {', '.join(MEMBER_MODULES)}")
+        return names
+    return [m for m in MEMBER_MODULES if getattr(cfg, m).train]
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    setup_logging(None)
+    stage_synth(Path(args.out), args.subjects, args.seed, args.test_subjects)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = make_config(args)
+    out = Path(cfg.run.out_dir)
+    setup_logging(out, args.verbose)
+    timer = StageTimer(out / "timings.json")
+    stage_train(cfg, parse_members(args.members, cfg), timer)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    cfg = make_config(args)
+    out = Path(cfg.run.out_dir)
+    setup_logging(out, args.verbose)
+    stage_serve(cfg, StageTimer(out / "timings.json"), Path(args.bundle_dir) if args.bundle_dir else None)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    import report
+
+    setup_logging(None)
+    path = report.write_report(Path(args.out))
+    print(f"report: {path}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    setup_logging(out, args.verbose)
+    timer = StageTimer(out / "timings.json")
+    data_dir = Path(args.data_dir) if args.data_dir else out / "data"
+    if not args.data_dir:
+        with timer.stage("generate data"):
+            stage_synth(data_dir, args.subjects, args.seed if args.seed is not None else 0, None)
+    args.data_dir = str(data_dir)
+    cfg = make_config(args)
+    t0 = time.perf_counter()
+    stage_train(cfg, parse_members(args.members, cfg), timer)
+    stage_serve(cfg, timer)
+    timer.times["run_total"] = round(time.perf_counter() - t0, 3)
+    import report
+
+    path = report.write_report(out)
+    log.info("report written: %s", path)
+    print(f"\nsubmission: {out / 'submission.parquet'}\nreport:     {path}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import benchmarks
+
+    setup_logging(None)
+    benchmarks.main(Path(args.out), quick=args.quick)
+
+
+def cmd_export_notebook(args: argparse.Namespace) -> None:
+    import notebook_export
+
+    setup_logging(None)
+    path = notebook_export.export_notebook(Path(args.out))
+    print(f"notebook: {path}")
+
+
+def kaggle_main() -> None:
+    """Run as the competition notebook: train what the flags ask (unless re-running), then serve."""
+    from config import load_config
+
+    working = Path("/kaggle/working") if Path("/kaggle/working").exists() else Path("outputs")
+    cfg = load_config(data_dir=str(KAGGLE_COMPETITION_DIR), out_dir=os.getenv("CMI_OUT_DIR", str(working)))
+    out = Path(cfg.run.out_dir)
+    setup_logging(out)
+    timer = StageTimer(out / "timings.json")
+    if os.getenv("KAGGLE_IS_COMPETITION_RERUN"):
+        log.info("competition re-run: no training, loading bundles from %s", cfg.run.resolved_bundle_dir())
+    else:
+        members = [m for m in MEMBER_MODULES if getattr(cfg, m).train]
+        if members:
+            stage_train(cfg, members, timer)
+    stage_serve(cfg, timer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="main.py", description="CMI gesture recognition: train, blend, serve.")
+    sub = p.add_subparsers(dest="command")
+
+    def common(sp: argparse.ArgumentParser, data: bool = True) -> None:
+        sp.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+        if data:
+            sp.add_argument("--data-dir", help="folder in the competition layout (train.csv, test.csv, ...)")
+        sp.add_argument("-v", "--verbose", action="store_true")
+
+    s = sub.add_parser("synth", help="write generated competition-layout data")
+    s.add_argument("--out", required=True)
+    s.add_argument("--subjects", type=int, default=81)
+    s.add_argument("--test-subjects", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    t = sub.add_parser("train", help="train members on the shared folds and fit the blend")
+    common(t)
+    t.add_argument("--debug", action="store_true", help="tiny epochs/rounds: every stage in minutes")
+    t.add_argument("--members", help="comma-separated subset of " + ",".join(MEMBER_MODULES))
+    t.add_argument("--seed", type=int, default=None)
+    t.set_defaults(func=cmd_train)
+
+    sv = sub.add_parser("serve", help="serve test.csv through the inference gateway -> submission.parquet")
+    common(sv)
+    sv.add_argument("--bundle-dir", help="trained bundles (default: <out>/bundles)")
+    sv.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("run", help="end to end: generate data, train, blend, serve, score, report")
+    common(r)
+    r.add_argument("--subjects", type=int, default=24, help="generated train subjects (default 24)")
+    r.add_argument("--debug", action="store_true")
+    r.add_argument("--members", help="comma-separated subset of " + ",".join(MEMBER_MODULES))
+    r.add_argument("--seed", type=int, default=None)
+    r.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="write the report of an output folder")
+    rep.add_argument("--out", default="outputs")
+    rep.set_defaults(func=cmd_report)
+
+    b = sub.add_parser("bench", help="benchmarks: features, latency, throughput")
+    b.add_argument("--out", default="outputs/bench")
+    b.add_argument("--quick", action="store_true", help="smaller sizes")
+    b.set_defaults(func=cmd_bench)
+
+    n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")
+    n.add_argument("--out", default="outputs/cmi_notebook.ipynb")
+    n.set_defaults(func=cmd_export_notebook)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv and KAGGLE_INPUT.exists():
+        kaggle_main()
+        return
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
