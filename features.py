@@ -20,6 +20,7 @@ from scipy.spatial.transform import Rotation
 from config import FeatureConfig
 from schema import (
     ACC_COLS,
+    IMU_COLS,
     DEMOGRAPHIC_FEATURES,
     GRAVITY,
     N_TOF_SENSORS,
@@ -152,10 +153,10 @@ def _cast_sensor_columns(df: pl.DataFrame) -> pl.DataFrame:
             f"sensor column(s) of a non-numeric dtype: "
             + ", ".join(f"{c} ({df.schema[c]})" for c in non_numeric[:5])
         )
-    # NaN and +-inf are "no reading", like null: the feature path fills them the same way.
+    df = df.with_columns(pl.col(c).cast(pl.Float32) for c in SENSOR_COLS if df.schema[c] != pl.Float32)
+    # NaN and +-inf are "no reading", like null. ToF (320 columns) is masked later in numpy, where it is cheaper.
     return df.with_columns(
-        pl.when(pl.col(c).cast(pl.Float32).is_finite()).then(pl.col(c).cast(pl.Float32)).otherwise(None).alias(c)
-        for c in SENSOR_COLS
+        pl.when(pl.col(c).is_finite()).then(pl.col(c)).otherwise(None).alias(c) for c in IMU_COLS + THM_COLS
     )
 
 
@@ -239,7 +240,8 @@ def build_frame_table(
     np.logical_or.at(rot_missing, seq_of_row, rot_missing_rows)
 
     thm = df.select(THM_COLS).to_numpy().astype(np.float32)  # NaN = missing
-    tof = df.select(TOF_COLS).to_numpy().astype(np.float32).reshape(n_rows, N_TOF_SENSORS, TOF_PIXELS)
+    tof = df.select(TOF_COLS).to_numpy().astype(np.float32, copy=False).reshape(n_rows, N_TOF_SENSORS, TOF_PIXELS)
+    tof[~np.isfinite(tof)] = np.nan  # inf is no reading, like null
     has_tof_thm = np.zeros(len(seq_ids), dtype=bool)
     np.logical_or.at(has_tof_thm, seq_of_row, ~np.isnan(thm).all(axis=1) | ~np.isnan(tof).all(axis=(1, 2)))
 
@@ -383,28 +385,46 @@ def _masked_stats(x: np.ndarray, valid: np.ndarray, axis: tuple[int, ...] | int)
     return count, mean, std, mn, mx
 
 
-def _tof_features(tof: np.ndarray) -> np.ndarray:
-    """Per-frame ToF statistics over in-range pixels; -1 (nothing in range) counts as far, null as absent."""
-    present = ~np.isnan(tof)  # sensor reported this pixel
-    in_range = present & (tof >= 0)
+def _tof_features(tof: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """Per-frame ToF statistics, in row chunks so the temporaries stay small and cache-friendly."""
+    if len(tof) <= chunk:
+        return _tof_features_block(tof)
+    return np.concatenate([_tof_features_block(tof[i : i + chunk]) for i in range(0, len(tof), chunk)])
+
+
+def _tof_features_block(tof: np.ndarray) -> np.ndarray:
+    """Per-frame ToF statistics over in-range pixels; -1 (nothing in range) counts as far, null as absent.
+
+    ``tof`` is (n, 5, 64) float32 with NaN for missing. Per-sensor sums are
+    computed once and the all-sensor statistics derived from them: this is the
+    hot loop of feature building (320 values per frame).
+    """
     n = len(tof)
+    in_range = tof >= 0  # NaN compares False
+    s_present = (~np.isnan(tof)).sum(axis=2)  # (n, 5) pixels reported per sensor
+    s_count = in_range.sum(axis=2)
+    xs = np.where(in_range, tof, np.float32(0))
+    s_sum = xs.sum(axis=2, dtype=np.float64)
+    s_sq = np.einsum("ijk,ijk->ij", xs, xs, dtype=np.float64)
+    s_min = np.where(in_range, tof, np.float32(np.inf)).min(axis=2)
+    s_max = np.where(in_range, tof, np.float32(-np.inf)).max(axis=2)
+
+    count, present = s_count.sum(axis=1), s_present.sum(axis=1)
+    safe = np.maximum(count, 1)
+    mean = s_sum.sum(axis=1) / safe
+    std = np.sqrt(np.maximum(s_sq.sum(axis=1) / safe - mean**2, 0.0))
+    seen, far = count > 0, (present > 0) & (count == 0)
     out = np.zeros((n, len(TOF_FEATURES)), dtype=np.float64)
-    frame_present = present.any(axis=(1, 2))
-    count, mean, std, mn, mx = _masked_stats(tof, in_range, axis=(1, 2))
-    seen = count > 0
-    far = frame_present & ~seen
     out[:, 0] = np.where(seen, mean, np.where(far, TOF_FAR, 0.0))
     out[:, 1] = np.where(seen, std, 0.0)
-    out[:, 2] = np.where(seen, mn, np.where(far, TOF_FAR, 0.0))
-    out[:, 3] = np.where(seen, mx, np.where(far, TOF_FAR, 0.0))
-    out[:, 4] = np.where(frame_present, count / np.maximum(present.sum(axis=(1, 2)), 1), 0.0)
-    s_present = present.any(axis=2)  # (n, 5)
-    s_count, s_mean, _, s_min, _ = _masked_stats(tof, in_range, axis=2)
-    s_seen = s_count > 0
-    s_far = s_present & ~s_seen
-    s_mean = np.where(s_seen, s_mean, np.where(s_far, TOF_FAR, 0.0))
+    out[:, 2] = np.where(seen, s_min.min(axis=1), np.where(far, TOF_FAR, 0.0))
+    out[:, 3] = np.where(seen, s_max.max(axis=1), np.where(far, TOF_FAR, 0.0))
+    out[:, 4] = count / np.maximum(present, 1)
+
+    s_seen, s_far = s_count > 0, (s_present > 0) & (s_count == 0)
+    s_mean = np.where(s_seen, s_sum / np.maximum(s_count, 1), np.where(s_far, TOF_FAR, 0.0))
     s_min = np.where(s_seen, s_min, np.where(s_far, TOF_FAR, 0.0))
-    s_valid = np.where(s_present, s_count / TOF_PIXELS, 0.0)
+    s_valid = np.where(s_present > 0, s_count / TOF_PIXELS, 0.0)
     out[:, 5:] = np.stack([s_mean, s_min, s_valid], axis=2).reshape(n, -1)
     return out
 
