@@ -36,8 +36,11 @@ def make_folds(
         raise FoldsError(f"{n_subjects} subject(s) cannot fill {n_folds} subject-grouped folds; lower CMI_N_FOLDS")
     fold = np.full(len(sequence_ids), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for k, (_, val) in enumerate(splitter.split(np.zeros(len(gestures)), gestures, groups=subjects)):
-        fold[val] = k
+    try:
+        for k, (_, val) in enumerate(splitter.split(np.zeros(len(gestures)), gestures, groups=subjects)):
+            fold[val] = k
+    except ValueError as e:  # e.g. every gesture rarer than the number of folds
+        raise FoldsError(f"cannot make {n_folds} stratified folds of {len(gestures)} sequences: {e}") from None
     return pl.DataFrame({"sequence_id": sequence_ids, "subject": subjects, "fold": fold}).sort("sequence_id")
 
 

@@ -83,10 +83,39 @@ def competition_score(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
     return score_components(y_true, y_pred)["score"]
 
 
+_N_TARGETS = len(TARGET_GESTURES)
+
+
+def score_indices(y_true_idx: np.ndarray, y_pred_idx: np.ndarray) -> float:
+    """The official score on class indices (into GESTURES), from confusion counts.
+
+    Same definition as ``score_components``, about 100x faster: weight fitting
+    calls it thousands of times. A test checks both agree.
+    """
+    t = np.asarray(y_true_idx, dtype=np.int64)
+    p = np.asarray(y_pred_idx, dtype=np.int64)
+    if len(t) == 0 or len(t) != len(p):
+        raise ValueError(f"need equal, non-zero numbers of labels, got {len(t)} and {len(p)}")
+    # collapse the non-targets into one class (index _N_TARGETS)
+    tc, pc = np.minimum(t, _N_TARGETS), np.minimum(p, _N_TARGETS)
+    k = _N_TARGETS + 1
+    tp = np.bincount(tc[tc == pc], minlength=k).astype(np.float64)
+    n_true = np.bincount(tc, minlength=k).astype(np.float64)
+    n_pred = np.bincount(pc, minlength=k).astype(np.float64)
+    present = (n_true + n_pred) > 0
+    denom = n_true + n_pred
+    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+    macro = f1[present].mean()
+    tt, pt = t < _N_TARGETS, p < _N_TARGETS
+    btp = float(np.sum(tt & pt))
+    bden = float(tt.sum() + pt.sum())
+    binary = 2 * btp / bden if bden > 0 else 0.0
+    return float(0.5 * binary + 0.5 * macro)
+
+
 def score_proba(y_true_idx: np.ndarray, proba: np.ndarray) -> float:
     """Score of the argmax of a (n, 18) probability matrix against class indices."""
-    pred = np.asarray(proba).argmax(axis=1)
-    return competition_score([GESTURES[i] for i in y_true_idx], [GESTURES[i] for i in pred])
+    return score_indices(y_true_idx, np.asarray(proba).argmax(axis=1))
 
 
 def per_class_f1(y_true: Sequence[str], y_pred: Sequence[str]) -> dict[str, float]:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from metric import (
-    GESTURES, NON_TARGET_GESTURES, TARGET_GESTURES, InvalidGestureError, competition_score, per_class_f1,
+    score_indices, GESTURES, NON_TARGET_GESTURES, TARGET_GESTURES, InvalidGestureError, competition_score, per_class_f1,
     score_components, score_proba,
 )
 
@@ -71,3 +71,14 @@ def test_score_proba_and_per_class():
     assert score_proba(y, proba) == pytest.approx(1.0)
     f1 = per_class_f1([GESTURES[0]], [GESTURES[1]])
     assert f1[GESTURES[0]] == 0.0 and len(f1) == 18
+
+
+def test_fast_score_agrees_with_the_official_definition():
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 50, 400):
+        for _ in range(20):
+            y = rng.integers(0, 18, n)
+            p = np.where(rng.random(n) < 0.5, y, rng.integers(0, 18, n))
+            official = competition_score([GESTURES[i] for i in y], [GESTURES[i] for i in p])
+            assert score_indices(y, p) == pytest.approx(official, abs=1e-12)
+    assert score_indices(np.arange(8, 18), np.arange(8, 18)[::-1]) == pytest.approx(0.5)

@@ -1,0 +1,168 @@
+import logging
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import cv
+import ensemble
+import inference_server
+from config import load_config
+from io_utils import write_json
+from metric import GESTURES, score_proba
+from schema import TEST_COLUMNS, THM_COLS, TOF_COLS
+from tests.factory import SHARED_CMI, demographics, make_sequence
+
+
+class FakeMember:
+    """Answers a fixed class: enough to test blending, routing and failure handling."""
+
+    classes_ = GESTURES
+
+    def __init__(self, cls: int, fail: bool = False):
+        self.cls, self.fail, self.calls = cls, fail, 0
+
+    def predict_proba(self, table):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("boom")
+        p = np.full((table.n_sequences, 18), 0.01)
+        p[:, self.cls] = 0.83
+        return p
+
+
+def _specs(tmp_path: Path, members: dict[str, FakeMember]) -> list[ensemble.MemberSpec]:
+    for name in members:
+        (tmp_path / "bundles" / name).mkdir(parents=True, exist_ok=True)
+    return [
+        ensemble.MemberSpec(name=n, load_member=lambda d, c, m=m: m, is_available=lambda: (True, ""),
+                            enabled=lambda c, n=n: getattr(c, n).use,
+                            default_weight=lambda c, n=n: getattr(c.ensemble, f"w_{n}"))
+        for n, m in members.items()
+    ]
+
+
+def test_predictor_blends_with_renormalised_default_weights(tmp_path):
+    cfg = load_config({}, out_dir=str(tmp_path))
+    members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}  # keras absent: weights renormalised
+    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    assert pred.weights["full"] == pytest.approx({"lgbm": 0.2 / 0.65, "torch": 0.45 / 0.65})
+    seq = make_sequence("SEQ_000001", 12)
+    assert pred.predict(seq, demographics(["SUBJ_000001"])) == GESTURES[5]
+    assert pred.predict.__name__ == "predict"
+    assert members["torch"].calls == 1  # loaded once, called per sequence
+
+
+def test_fitted_weights_and_imu_only_view(tmp_path):
+    cfg = load_config({}, out_dir=str(tmp_path))
+    members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}
+    weights = {"views": {"full": {"weights": {"lgbm": 0.9, "torch": 0.1}},
+                         "imu_only": {"weights": {"lgbm": 0.1, "torch": 0.9}}}}
+    write_json(tmp_path / "ensemble" / "weights.json", weights)
+    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[0]
+    assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
+
+
+def test_member_failure_is_excluded_logged_and_strict_raises(tmp_path, caplog):
+    members = {"lgbm": FakeMember(0, fail=True), "torch": FakeMember(5)}
+    cfg = load_config({}, out_dir=str(tmp_path))
+    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    with caplog.at_level(logging.ERROR):
+        assert pred.predict(make_sequence("SEQ_000009", 8), None) == GESTURES[5]
+    assert "SEQ_000009" in caplog.text and pred.summary()["member_failures"] == {"lgbm": 1}
+    strict = ensemble.Predictor(load_config({"STRICT": "1"}), _specs(tmp_path, members), tmp_path / "bundles")
+    with pytest.raises(RuntimeError, match="boom"):
+        strict.predict(make_sequence("SEQ_000009", 8), None)
+    every = {"lgbm": FakeMember(0, fail=True)}
+    only = ensemble.Predictor(cfg, _specs(tmp_path, every), bundle_root=tmp_path / "bundles")
+    with pytest.raises(ensemble.PredictorError, match="every member failed"):
+        only.predict(make_sequence("SEQ_000009", 8), None)
+
+
+def test_predictor_refuses_to_start_without_members_and_bad_input(tmp_path):
+    cfg = load_config({"USE_LGBM": "0"})
+    with pytest.raises(ensemble.PredictorError, match="no member"):
+        ensemble.Predictor(cfg, _specs(tmp_path, {"lgbm": FakeMember(0)}), bundle_root=tmp_path / "bundles")
+    pred = ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": FakeMember(0)}), tmp_path / "bundles")
+    with pytest.raises(ensemble.PredictorError, match="zero rows"):
+        pred.predict(make_sequence("SEQ_1", 3).head(0), None)
+    with pytest.raises(ensemble.PredictorError, match="2 sequences"):
+        pred.predict(pl.concat([make_sequence("SEQ_1", 3), make_sequence("SEQ_2", 3)]), None)
+    with pytest.raises(ValueError, match="acc_x"):
+        pred.predict(make_sequence("SEQ_1", 3).drop("acc_x"), None)
+
+
+def _oof_fixture(tmp_path, n=360, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 18, n)
+    seq = np.array([f"SEQ_{i:06d}" for i in range(n)])
+    fold = np.arange(n) % 5
+    members = {}
+    for name, noise in (("lgbm", 2.0), ("torch", 1.2), ("keras", 1.5)):
+        logits = rng.normal(0, noise, (n, 18))
+        logits[np.arange(n), y] += 2.0
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        members[name] = p
+        cv.write_member_oof(tmp_path, name, seq, y, fold, p, p, "hash")
+    return y, members
+
+
+def test_fitted_blend_beats_members_and_random_search(tmp_path):
+    y, members = _oof_fixture(tmp_path)
+    cfg = load_config({"ENSEMBLE_RANDOM_SEARCH_DRAWS": "512"})
+    out = ensemble.fit_ensemble(tmp_path, list(members), cfg)
+    full = out["views"]["full"]
+    assert full["blend_score"] >= max(full["member_scores"].values()) - 1e-12
+    assert full["blend_score"] >= full["random_search"]["score"] - 1e-9
+    assert sum(full["weights"].values()) == pytest.approx(1.0)
+    w = np.array([full["weights"][m] for m in members])
+    assert score_proba(y, ensemble.blend(list(members.values()), w)) == pytest.approx(full["blend_score"])
+    assert 0 < full["blend_score_cross_fitted"] <= 1
+
+
+def test_local_gateway_on_the_real_test_file(tmp_path):
+    seen = []
+
+    def predict(sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
+        seen.append((sequence["sequence_id"][0], sequence.height, demographics.height, sequence.columns))
+        return "Text on phone"
+
+    res = inference_server.run_local_gateway(predict, SHARED_CMI / "test.csv", SHARED_CMI / "test_demographics.csv",
+                                             tmp_path / "submission.parquet", seed=1)
+    sub = pl.read_parquet(tmp_path / "submission.parquet")
+    assert sub.columns == ["sequence_id", "gesture"] and sub.height == 2
+    assert sorted((s, n, d) for s, n, d, _ in seen) == [("SEQ_000001", 56, 1), ("SEQ_000011", 51, 1)]
+    assert seen[0][3] == list(TEST_COLUMNS)
+    assert res.latency_summary()["calls"] == 2
+
+
+def test_gateway_hands_over_string_typed_columns_and_checks_answers(tmp_path):
+    # A test file that starts with IMU-only rows: polars infers thm/tof as String (or null) there.
+    rows = pl.concat([make_sequence(f"SEQ_{i:06d}", 70, imu_only=(i < 2)) for i in range(3)])
+    rows = rows.select(TEST_COLUMNS)
+    rows.write_csv(tmp_path / "test.csv")
+    demographics(["SUBJ_000001"]).write_csv(tmp_path / "test_demographics.csv")
+    dtypes = []
+
+    def predict(sequence, demographics):
+        dtypes.append(sequence.schema[THM_COLS[0]])
+        return "Glasses on/off"
+
+    inference_server.run_local_gateway(predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
+                                       tmp_path / "submission.parquet")
+    assert any(d != pl.Float64 for d in dtypes)  # the trap is reproduced
+
+    def predict(sequence, demographics):  # noqa: F811
+        return "Hair pull" if sequence["sequence_id"][0] == "SEQ_000001" else "Wave hello"
+
+    with pytest.raises(inference_server.GatewayError, match="1 of 3"):
+        inference_server.run_local_gateway(predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
+                                           tmp_path / "sub2.parquet")
+    assert not (tmp_path / "sub2.parquet").exists()
+    assert pl.read_parquet(tmp_path / "sub2_partial.parquet").height == 2
+    with pytest.raises(inference_server.GatewayError, match="named 'predict'"):
+        inference_server.run_local_gateway(lambda s, d: "Wave hello", tmp_path / "test.csv",
+                                           tmp_path / "test_demographics.csv", tmp_path / "s.parquet")
+    _ = TOF_COLS
