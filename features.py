@@ -86,11 +86,12 @@ def clean_sensors(raw: pl.DataFrame) -> pl.DataFrame:
     """
     if raw.height == 0:
         raise FeatureError("no rows: a sequence needs at least one time step")
+    present = set(raw.columns)
     required = ["sequence_id", *ACC_COLS]
-    missing = [c for c in required if c not in raw.columns]
+    missing = [c for c in required if c not in present]
     if missing:
         raise FeatureError(f"missing required column(s): {', '.join(missing)}")
-    absent = [c for c in SENSOR_COLS if c not in raw.columns]
+    absent = [c for c in SENSOR_COLS if c not in present]
     if absent:
         groups = sorted({c.split("_v")[0] if c.startswith("tof") else c for c in absent})
         log.warning("%d sensor column(s) absent, treated as missing (null): %s", len(absent), ", ".join(groups[:12]))
@@ -133,7 +134,8 @@ def clean_sensors(raw: pl.DataFrame) -> pl.DataFrame:
 
 def _cast_sensor_columns(df: pl.DataFrame) -> pl.DataFrame:
     """Cast every sensor column to Float32; String columns (the gateway's IMU-only trap) are parsed strictly."""
-    string_cols = [c for c in SENSOR_COLS if df.schema[c] == pl.String]
+    schema = df.schema  # building a Schema is costly: once, not per column
+    string_cols = [c for c in SENSOR_COLS if schema[c] == pl.String]
     if string_cols:
         parsed = df.select(
             pl.col(c).str.strip_chars().replace(_NULL_TOKENS, None).cast(pl.Float64, strict=False).alias(c)
@@ -147,13 +149,14 @@ def _cast_sensor_columns(df: pl.DataFrame) -> pl.DataFrame:
             sample = df.select(pl.col(bad[0]).filter(parsed[bad[0]].is_null() & df[bad[0]].is_not_null()).first()).item()
             raise FeatureError(f"non-numeric text in sensor column(s) {', '.join(bad[:5])}: e.g. {sample!r}")
         df = df.with_columns(parsed)
-    non_numeric = [c for c in SENSOR_COLS if not (df.schema[c].is_numeric() or df.schema[c] == pl.Null)]
+        schema = df.schema
+    non_numeric = [c for c in SENSOR_COLS if not (schema[c].is_numeric() or schema[c] == pl.Null)]
     if non_numeric:
         raise FeatureError(
             f"sensor column(s) of a non-numeric dtype: "
-            + ", ".join(f"{c} ({df.schema[c]})" for c in non_numeric[:5])
+            + ", ".join(f"{c} ({schema[c]})" for c in non_numeric[:5])
         )
-    df = df.with_columns(pl.col(c).cast(pl.Float32) for c in SENSOR_COLS if df.schema[c] != pl.Float32)
+    df = df.with_columns(pl.col(c).cast(pl.Float32) for c in SENSOR_COLS if schema[c] != pl.Float32)
     # NaN and +-inf are "no reading", like null. ToF (320 columns) is masked later in numpy, where it is cheaper.
     return df.with_columns(
         pl.when(pl.col(c).is_finite()).then(pl.col(c)).otherwise(None).alias(c) for c in IMU_COLS + THM_COLS

@@ -297,11 +297,17 @@ def cmd_export_notebook(args: argparse.Namespace) -> None:
 
 
 def kaggle_main() -> None:
-    """Run as the competition notebook: train what the flags ask (unless re-running), then serve."""
+    """Run as the competition notebook: train what the flags ask (unless re-running), then serve.
+
+    Paths come from CMI_DATA_DIR / CMI_OUT_DIR / CMI_BUNDLE_DIR when set, else the Kaggle defaults.
+    """
     from config import load_config
 
-    working = Path("/kaggle/working") if Path("/kaggle/working").exists() else Path("outputs")
-    cfg = load_config(data_dir=str(KAGGLE_COMPETITION_DIR), out_dir=os.getenv("CMI_OUT_DIR", str(working)))
+    cfg = load_config()
+    if not cfg.run.data_dir:
+        cfg.run.data_dir = str(KAGGLE_COMPETITION_DIR)
+    if "CMI_OUT_DIR" not in os.environ and Path("/kaggle/working").exists():
+        cfg.run.out_dir = "/kaggle/working"
     out = Path(cfg.run.out_dir)
     setup_logging(out)
     timer = StageTimer(out / "timings.json")

@@ -1,0 +1,175 @@
+"""The run report: one Markdown page with scores, weights, timings and plots, from an output folder.
+
+Reads only files the stages wrote (OOF summaries and probabilities, weights.json,
+serve.json, timings.json, bench.json); recomputes nothing but the blended OOF
+probabilities for the plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cv
+from ensemble import blend
+from io_utils import write_text
+from metric import GESTURES, N_CLASSES, TARGET_GESTURES, per_class_f1
+
+log = logging.getLogger(__name__)
+
+
+def _load(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def _blended_oof(out: Path, weights: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(y, blended full-view proba, fold ids) from the OOF files and the fitted full-view weights."""
+    members = cv.available_members(out / "oof")
+    if not members:
+        return None
+    oofs = [cv.read_member_oof(out / "oof", m) for m in members]
+    w = np.ones(len(oofs))
+    if weights:
+        w = np.array([weights["views"]["full"]["weights"].get(m, 0.0) for m in members])
+        if w.sum() <= 0:
+            w = np.ones(len(oofs))
+    return oofs[0].y_true, blend([o.proba_full for o in oofs], w), oofs[0].fold_ids
+
+
+def _plots(out: Path, report_dir: Path, y: np.ndarray, proba: np.ndarray, summaries: dict[str, Any]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    pred = proba.argmax(1)
+    cm = np.zeros((N_CLASSES, N_CLASSES), dtype=np.int64)
+    np.add.at(cm, (y, pred), 1)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(11, 9))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(N_CLASSES), GESTURES, rotation=90, fontsize=7)
+    ax.set_yticks(range(N_CLASSES), GESTURES, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.axhline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+    ax.axvline(len(TARGET_GESTURES) - 0.5, color="red", lw=0.8)
+    ax.set_title("Blended OOF confusion matrix (row-normalised; targets above/left of the red lines)")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(report_dir / "confusion_matrix.png", dpi=110)
+    plt.close(fig)
+    files.append("confusion_matrix.png")
+
+    f1 = per_class_f1([GESTURES[i] for i in y], [GESTURES[i] for i in pred])
+    fig, ax = plt.subplots(figsize=(9, 6))
+    colors = ["tab:red" if g in TARGET_GESTURES else "tab:blue" for g in GESTURES]
+    ax.barh(range(N_CLASSES), [f1[g] for g in GESTURES], color=colors)
+    ax.set_yticks(range(N_CLASSES), GESTURES, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 (blended OOF, full view); red = target gestures")
+    fig.tight_layout()
+    fig.savefig(report_dir / "per_class_f1.png", dpi=110)
+    plt.close(fig)
+    files.append("per_class_f1.png")
+
+    if summaries:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        width = 0.8 / (2 * len(summaries))
+        for j, (name, s) in enumerate(summaries.items()):
+            folds = sorted(s["per_fold"], key=int)
+            x = np.arange(len(folds))
+            ax.bar(x + (2 * j) * width, [s["per_fold"][f]["full"] for f in folds], width, label=f"{name} full")
+            ax.bar(x + (2 * j + 1) * width, [s["per_fold"][f]["imu_only"] for f in folds], width,
+                   label=f"{name} IMU-only", alpha=0.6)
+        ax.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, [f"fold {f}" for f in folds])
+        ax.set_ylabel("competition score")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(report_dir / "per_fold_scores.png", dpi=110)
+        plt.close(fig)
+        files.append("per_fold_scores.png")
+    return files
+
+
+def write_report(out: str | Path) -> Path:
+    out = Path(out)
+    report_dir = out / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    summaries = {m: _load(out / "oof" / f"{m}_summary.json") for m in cv.available_members(out / "oof")}
+    weights = _load(out / "ensemble" / "weights.json")
+    serve = _load(out / "serve.json") or {}
+    timings = _load(out / "timings.json") or {}
+    bench = _load(out / "bench" / "bench.json")
+    lines = ["# CMI gesture recognition — run report", ""]
+    data_note = "generated (synthetic) data" if (out / "data" / "test_solution.csv").exists() else "the given data"
+    lines += [f"Output folder `{out}`; scores below are measured on {data_note}.", ""]
+
+    lines += ["## Cross-validation (OOF, subject-grouped folds)", "",
+              "| member | full | IMU-only | mean (test-like) | train s |", "|---|---|---|---|---|"]
+    for name, s in summaries.items():
+        o = s["overall"]
+        lines.append(f"| {name} | {o['full']:.4f} | {o['imu_only']:.4f} | {o['mean']:.4f} | "
+                     f"{s.get('train_seconds', float('nan')):.0f} |")
+    if weights:
+        v = weights["views"]
+        lines.append(f"| **blend** | {v['full']['blend_score']:.4f} | {v['imu_only']['blend_score']:.4f} | "
+                     f"{weights['test_like_score']:.4f} | |")
+        lines += ["", "## Blend weights (fitted on OOF for the competition metric)", "",
+                  "| view | weights | blend | cross-fitted blend | equal weights | random search (draws) |",
+                  "|---|---|---|---|---|---|"]
+        for view, d in v.items():
+            w = ", ".join(f"{m} {x:.2f}" for m, x in d["weights"].items())
+            rs = d["random_search"]
+            lines.append(f"| {view} | {w} | {d['blend_score']:.4f} | {d['blend_score_cross_fitted']:.4f} | "
+                         f"{d['equal_weights_score']:.4f} | {rs['score']:.4f} ({rs['draws']}) |")
+        lines += ["", "The cross-fitted column scores each fold with weights fitted on the other folds: "
+                  "the honest estimate of what the blend adds."]
+
+    if serve.get("holdout"):
+        h = serve["holdout"]
+        lines += ["", "## Hold-out test through the gateway", "",
+                  f"`submission.parquet` scored against `test_solution.csv`: **{h['score']:.4f}** "
+                  f"(binary F1 {h['binary_f1']:.4f}, macro F1 {h['macro_f1']:.4f})."]
+        for key, label in (("holdout_full", "full-sensor sequences"), ("holdout_imu_only", "IMU-only sequences")):
+            if key in serve:
+                lines.append(f"- {label}: {serve[key]['score']:.4f}")
+        lines.append("A hold-out score far below the CV score would mean serving computes something other "
+                     "than training did.")
+    if serve.get("latency"):
+        lat = serve["latency"]
+        lines += ["", "## Serving", "",
+                  f"Predictor start-up {serve.get('startup_s', float('nan')):.2f} s; members "
+                  f"{serve['predictor']['members']} (missing: {serve['predictor']['missing'] or 'none'}).",
+                  f"Per-call latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+                  f"over {lat['calls']} calls; the hidden test (3,257 sequences) at p95 would take "
+                  f"{lat['projected_hidden_test_s']:.0f} s of the 32,400 s budget.",
+                  f"Member failures: {serve['predictor']['member_failures'] or 'none'}."]
+    if timings:
+        lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    if bench:
+        lines += ["", "## Benchmarks", "", "```", json.dumps(bench, indent=1)[:6000], "```"]
+
+    blended = _blended_oof(out, weights)
+    if blended is not None:
+        y, proba, _ = blended
+        files = _plots(out, report_dir, y, proba, summaries)
+        lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
+        f1 = per_class_f1([GESTURES[i] for i in y], [GESTURES[i] for i in proba.argmax(1)])
+        lines += ["", "## Per-class F1 (blended OOF, full view)", "", "| gesture | type | F1 |", "|---|---|---|"]
+        lines += [f"| {g} | {'target' if g in TARGET_GESTURES else 'non-target'} | {f1[g]:.3f} |" for g in GESTURES]
+    path = report_dir / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path
