@@ -55,7 +55,7 @@ def write_metadata(bundle_dir: str | Path, meta: dict[str, Any]) -> None:
     write_json(Path(bundle_dir) / METADATA_FILE, meta)
 
 
-def _diff_list(name: str, found: list[str], expected: list[str]) -> str:
+def diff_list(name: str, found: list[str], expected: list[str]) -> str:
     if len(found) != len(expected):
         extra = [x for x in found if x not in expected][:3]
         lacking = [x for x in expected if x not in found][:3]
@@ -87,9 +87,9 @@ def read_metadata(
         problems.append(f"format_version: bundle {meta.get('format_version')!r} vs code {FORMAT_VERSION}")
     classes = meta.get("classes")
     if classes != list(GESTURES):
-        problems.append(_diff_list("classes", list(classes or []), list(GESTURES)))
+        problems.append(diff_list("classes", list(classes or []), list(GESTURES)))
     if feature_names is not None and meta.get("feature_names") != list(feature_names):
-        problems.append(_diff_list("feature_names", list(meta.get("feature_names") or []), list(feature_names)))
+        problems.append(diff_list("feature_names", list(meta.get("feature_names") or []), list(feature_names)))
     missing = [f for f in required_files if not (bundle_dir / f).is_file()]
     if missing:
         problems.append(f"missing files: {', '.join(missing)}")

@@ -76,6 +76,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")

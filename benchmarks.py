@@ -1,0 +1,209 @@
+"""`python main.py bench`: speed and memory numbers, measured side by side in one run.
+
+- frame features on competition-size generated data: ours (vectorised) vs a
+  per-sequence pandas loop like the original notebook's;
+- per-sequence ``predict`` latency per member and for the blend, all folds in
+  memory vs reloading bundles per call (the original design), start-up time and
+  peak memory;
+- training throughput per member (from the run's summaries when present);
+- the hidden-test workload projected against the competition's 9 h budget.
+
+Numbers go to ``<out>/bench.json`` and are printed; nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+log = logging.getLogger(__name__)
+HIDDEN_TEST_SEQUENCES = 3257
+BUDGET_S = 9 * 3600
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def pandas_frame_features(raw: pl.DataFrame) -> np.ndarray:
+    """The original notebook's shape of work: a Python loop over sequences, pandas and scipy per sequence.
+
+    Computes the 18 base channels of SPEC.md; used only as the benchmark's baseline.
+    """
+    from scipy.spatial.transform import Rotation
+
+    from schema import THM_COLS, TOF_COLS
+
+    pdf = raw.to_pandas()
+    out = []
+    for _, g in pdf.groupby("sequence_id", sort=True):
+        g = g.sort_values("sequence_counter")
+        acc = g[["acc_x", "acc_y", "acc_z"]].ffill().bfill().fillna(0).to_numpy()
+        q = g[["rot_x", "rot_y", "rot_z", "rot_w"]].ffill().bfill().to_numpy()
+        q = np.where(np.isnan(q).any(1, keepdims=True), [0, 0, 0, 1], q)
+        rot = Rotation.from_quat(q)
+        lin = rot.apply(acc) - [0, 0, 9.81]
+        omega = np.zeros_like(acc)
+        for t in range(len(g) - 1):  # per step, as a straightforward implementation would
+            omega[t] = (rot[t].inv() * rot[t + 1]).as_rotvec() / 0.1
+        tof = g[list(TOF_COLS)].to_numpy()
+        tof = np.where(tof < 0, np.nan, tof)
+        thm = g[list(THM_COLS)].to_numpy()
+        rows = []
+        for arr in (tof, thm):
+            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore")
+                rows += [np.nanmean(arr, 1), np.nanstd(arr, 1), np.nanmin(arr, 1), np.nanmax(arr, 1),
+                         np.mean(~np.isnan(arr), 1)]
+        feats = np.column_stack([lin, omega, np.linalg.norm(lin, axis=1), np.linalg.norm(omega, axis=1), *rows])
+        out.append(np.nan_to_num(feats))
+    return np.concatenate(out)
+
+
+def bench_features(data_dir: Path | None, n_subjects: int) -> dict[str, Any]:
+    import data
+    import synth
+    from features import build_frame_table, sequence_aggregates
+
+    t0 = time.perf_counter()
+    if data_dir is not None and (data_dir / "train.csv").exists():
+        train = data.load_train(data_dir)
+        rows, demo = train.rows, train.demographics
+        source = str(data_dir)
+    else:
+        ds = synth.generate(n_subjects=n_subjects, seed=0)
+        rows, demo = ds.train, ds.train_demographics
+        source = f"generated, {n_subjects} subjects"
+    gen_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    table = build_frame_table(rows, demo)
+    ours_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sequence_aggregates(table)
+    agg_s = time.perf_counter() - t0
+    # The baseline on a slice (it is slow); the rate is extrapolated and labelled as such.
+    n_base = min(table.n_sequences, 400)
+    subset = rows.filter(pl.col("sequence_id").is_in(list(table.sequence_ids[:n_base])))
+    t0 = time.perf_counter()
+    pandas_frame_features(subset)
+    base_s = time.perf_counter() - t0
+    base_rows_per_s = subset.height / base_s
+    result = {
+        "source": source,
+        "rows": rows.height,
+        "sequences": table.n_sequences,
+        "channels": table.values.shape[1],
+        "data_seconds": gen_s,
+        "ours_seconds": ours_s,
+        "ours_rows_per_s": rows.height / ours_s,
+        "aggregates_seconds": agg_s,
+        "pandas_baseline_rows": subset.height,
+        "pandas_baseline_seconds": base_s,
+        "pandas_baseline_projected_seconds": rows.height / base_rows_per_s,
+        "speedup": (rows.height / base_rows_per_s) / ours_s,
+    }
+    print(f"frame features: {rows.height:,} rows ({source}) in {ours_s:.2f} s "
+          f"({result['ours_rows_per_s']:,.0f} rows/s, {table.values.shape[1]} channels); "
+          f"pandas per-sequence baseline {base_rows_per_s:,.0f} rows/s "
+          f"-> {result['pandas_baseline_projected_seconds']:.0f} s projected; speed-up x{result['speedup']:.0f}")
+    return result
+
+
+def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) -> dict[str, Any]:
+    """Latency of the blend and of each member: in memory vs reload per call."""
+    import main
+    from config import load_config
+    from features import build_frame_table
+
+    cfg = load_config(out_dir=str(bundle_root.parent), data_dir=str(data_dir))
+    rss0 = _peak_rss_mb()
+    t0 = time.perf_counter()
+    predictor = main.build_predictor(cfg, bundle_root)
+    startup = time.perf_counter() - t0
+    test = pl.read_csv(data_dir / "test.csv")
+    demo = pl.read_csv(data_dir / "test_demographics.csv")
+    groups = [g for _, g in test.group_by("sequence_id", maintain_order=True)][:n_calls]
+    lat = []
+    for g in groups:
+        c0 = time.perf_counter()
+        predictor.predict(g, demo.filter(pl.col("subject") == g["subject"][0]))
+        lat.append(time.perf_counter() - c0)
+    lat_ms = np.array(lat) * 1000
+    res: dict[str, Any] = {
+        "members": list(predictor.members),
+        "startup_seconds": startup,
+        "blend_p50_ms": float(np.percentile(lat_ms, 50)),
+        "blend_p95_ms": float(np.percentile(lat_ms, 95)),
+        "calls": len(lat),
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_load_mb": rss0,
+        "projected_hidden_test_seconds": float(np.percentile(lat_ms, 95)) / 1000 * HIDDEN_TEST_SEQUENCES,
+        "hidden_test_budget_seconds": BUDGET_S,
+        "per_member": {},
+    }
+    print(f"predictor: start-up {startup:.2f} s, blend p50 {res['blend_p50_ms']:.1f} ms, "
+          f"p95 {res['blend_p95_ms']:.1f} ms over {len(lat)} calls; hidden test projected "
+          f"{res['projected_hidden_test_seconds']:.0f} s of {BUDGET_S} s; peak RSS {res['peak_rss_mb']:.0f} MB")
+    tables = [build_frame_table(g, demo.filter(pl.col("subject") == g["subject"][0]), cfg.features) for g in groups]
+    n_reload = min(len(tables), 10)
+    for name, member in predictor.members.items():
+        mod = main.member_module(name)
+        mem = []
+        for t in tables:
+            c0 = time.perf_counter()
+            member.predict_proba(t)
+            mem.append(time.perf_counter() - c0)
+        rel = []
+        if hasattr(mod, "predict_proba_reload_per_call"):
+            for t in tables[:n_reload]:
+                c0 = time.perf_counter()
+                mod.predict_proba_reload_per_call(bundle_root / name, t, cfg)
+                rel.append(time.perf_counter() - c0)
+        m = {"in_memory_p50_ms": float(np.median(mem) * 1000), "in_memory_p95_ms": float(np.percentile(mem, 95) * 1000)}
+        if rel:
+            m["reload_per_call_p50_ms"] = float(np.median(rel) * 1000)
+            m["speedup"] = m["reload_per_call_p50_ms"] / m["in_memory_p50_ms"]
+        res["per_member"][name] = m
+        extra = f"; reload-per-call p50 {m['reload_per_call_p50_ms']:.1f} ms (x{m['speedup']:.0f})" if rel else ""
+        print(f"  {name}: in memory p50 {m['in_memory_p50_ms']:.1f} ms, p95 {m['in_memory_p95_ms']:.1f} ms{extra}")
+    return res
+
+
+def training_throughput(out: Path) -> dict[str, Any]:
+    res = {}
+    for path in sorted((out / "oof").glob("*_summary.json")):
+        s = json.loads(path.read_text())
+        if "train_seconds" in s:
+            res[s["member"]] = {"train_seconds": s["train_seconds"],
+                                "sequences_per_s": s.get("train_sequences_per_s")}
+    timings = out / "timings.json"
+    if timings.exists():
+        res["run_timings"] = json.loads(timings.read_text())
+    return res
+
+
+def main(out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: int = 100) -> dict[str, Any]:
+    """Run every benchmark that has what it needs; write ``<out>/bench.json``."""
+    from io_utils import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    run_dir = run_dir or out.parent
+    results: dict[str, Any] = {"machine": {"cpus": __import__("os").cpu_count()}, "note": "generated data"}
+    results["features"] = bench_features(None, n_subjects=12 if quick else 81)
+    bundle_root = run_dir / "bundles"
+    data_dir = run_dir / "data"
+    if bundle_root.exists() and (data_dir / "test.csv").exists():
+        results["predict"] = bench_predictor(out, bundle_root, data_dir, 30 if quick else n_calls)
+        results["training"] = training_throughput(run_dir)
+    else:
+        print(f"no trained bundles under {run_dir} (run `make run` first): latency benchmarks skipped")
+    write_json(out / "bench.json", results)
+    print(f"results: {out / 'bench.json'}")
+    return results
