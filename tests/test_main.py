@@ -1,0 +1,100 @@
+"""End to end through the CLI and the exported notebook, on small generated data (LightGBM only: fast)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import main
+import notebook_export
+from metric import GESTURES
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"CMI_N_FOLDS": "3", "TORCH_TRAIN": "0", "KERAS_TRAIN": "0", "USE_TORCH": "0", "USE_KERAS": "0",
+         "CMI_N_THREADS": "1"}
+
+
+def _run(args, env_extra, cwd=ROOT, timeout=600):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CMI_", "LGBM_", "DL_", "KERAS_", "USE_"))}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    r = _run(["main.py", "synth", "--out", str(out), "--subjects", "4", "--seed", "5"], {})
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_help_lists_subcommands():
+    r = _run(["main.py", "--help"], {})
+    assert r.returncode == 0
+    for cmd in ("synth", "train", "serve", "run", "report", "bench", "export-notebook"):
+        assert cmd in r.stdout
+
+
+def test_unknown_member_and_bad_env_are_errors(small_data, tmp_path):
+    r = _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(tmp_path), "--members", "xgb"], {})
+    assert r.returncode != 0 and "xgb" in r.stderr
+    r = _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(tmp_path)], {"KERAS_EPOCHS": "3"})
+    assert r.returncode != 0 and "KERAS_EPOCHS" in r.stderr
+
+
+def test_train_serve_report_end_to_end(small_data, tmp_path):
+    out = tmp_path / "run"
+    r = _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(out), "--debug"], SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "folds.csv").exists() and (out / "config.json").exists()
+    assert (out / "bundles" / "lgbm" / "metadata.json").exists()
+    assert json.loads((out / "ensemble" / "weights.json").read_text())["members"] == ["lgbm"]
+    r = _run(["main.py", "serve", "--data-dir", str(small_data), "--out", str(out)], SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sub = pl.read_parquet(out / "submission.parquet")
+    sol = pl.read_csv(small_data / "test_solution.csv")
+    assert sorted(sub["sequence_id"].to_list()) == sorted(sol["sequence_id"].to_list())
+    assert set(sub["gesture"].to_list()) <= set(GESTURES)
+    serve = json.loads((out / "serve.json").read_text())
+    assert 0.0 <= serve["holdout"]["score"] <= 1.0 and serve["latency"]["calls"] == sub.height
+    # well above chance: the serving path computes what training did
+    assert serve["holdout"]["score"] > 0.4
+    r = _run(["main.py", "report", "--out", str(out)], {})
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (out / "report" / "report.md").read_text()
+    for needle in ("| lgbm |", "Hold-out", "confusion_matrix.png", "Per-class F1"):
+        assert needle in text
+    assert (out / "report" / "confusion_matrix.png").stat().st_size > 10_000
+
+
+def test_serve_on_the_real_sample_test_file(small_data, tmp_path):
+    out = tmp_path / "run"
+    assert _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(out), "--debug"], SMALL).returncode == 0
+    real = ROOT.parent / "shared" / "data" / "cmi"
+    r = _run(["main.py", "serve", "--data-dir", str(real), "--out", str(out)], SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sub = pl.read_parquet(out / "submission.parquet")
+    assert sorted(sub["sequence_id"].to_list()) == ["SEQ_000001", "SEQ_000011"]
+
+
+def test_exported_notebook_runs_and_serves(small_data, tmp_path):
+    nb = notebook_export.export_notebook(tmp_path / "nb.ipynb", src_dir=str(tmp_path / "src"))
+    code = notebook_export.notebook_code(nb)
+    assert "main.kaggle_main()" in code[-1] and any("features.py" in c for c in code)
+    script = tmp_path / "nb.py"
+    script.write_text("\n\n".join(code))
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**SMALL, "CMI_DATA_DIR": str(small_data), "CMI_OUT_DIR": str(work / "out"), "CMI_DEBUG": "1"}
+    r = _run([str(script)], env, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert pl.read_parquet(work / "out" / "submission.parquet").height > 0
+    assert (tmp_path / "src" / "features.py").read_text() == (ROOT / "features.py").read_text()
+
+
+def test_member_registry_is_the_one_place():
+    assert list(main.MEMBER_MODULES) == ["lgbm", "torch", "keras"]
