@@ -26,6 +26,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())
+        tmp_path.chmod(0o644)  # mkstemp makes it private; outputs and bundles are meant to be shared
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

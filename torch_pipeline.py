@@ -1,0 +1,608 @@
+"""PyTorch member: ``TimeSeriesNet`` (CNN -> BiLSTM -> BiGRU -> masked attention), CV training, bundle, prediction.
+
+Data path: ``features.pad_batch`` arrays (tail kept, front padded, scaled with
+the training fold's scaler) are built once per fold and kept as tensors; the
+network compacts real steps, pools the mask with the activations and packs the
+recurrent layers, so padding neither leaks into the output nor depends on the
+pad side. Sequences without ToF/THM are the IMU-only view, which training shows
+through modality dropout. Imports only the layers below it (never another
+pipeline); nothing heavy runs at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import bundle
+import cv
+import features
+import io_utils
+import metric
+from config import Config
+
+MEMBER = "torch"
+PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
+_PREDICT_CHUNK = 256  # sequences per forward pass at prediction time
+
+log = logging.getLogger(__name__)
+
+
+def is_available() -> tuple[bool, str]:
+    """torch is imported at module top, so reaching this means it is installed."""
+    return True, f"torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _masked_max_pool(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max-pool (B, C, L) by 2 over real steps only; a pooled step is real if any of its inputs is.
+
+    ceil_mode keeps the final odd step (the gesture is at the end). Padded steps
+    are -inf before the max so a window mixing real and padded steps takes the
+    real value, and come out as 0.
+    """
+    h = h.masked_fill(~mask[:, None, :], float("-inf"))
+    h = nn.functional.max_pool1d(h, kernel_size=2, stride=2, ceil_mode=True)
+    pooled = nn.functional.max_pool1d(mask[:, None, :].to(h.dtype), 2, 2, ceil_mode=True)[:, 0] > 0
+    return h.masked_fill(~pooled[:, None, :], 0.0), pooled
+
+
+class TimeSeriesNet(nn.Module):
+    """Conv(k7)+BN+GELU+pool -> Conv(k5)+BN+GELU+pool -> Dropout -> BiLSTM -> BiGRU -> attention -> MLP head.
+
+    ``forward(x (B, L, C), mask (B, L) bool) -> logits (B, n_classes)``. In eval
+    mode the output depends only on the real steps (their values and order),
+    not on pad contents, pad side or pad length.
+    """
+
+    def __init__(
+        self,
+        n_channels: int,
+        n_classes: int = metric.N_CLASSES,
+        conv1: int = 128,
+        conv2: int = 256,
+        rnn_hidden: int = 128,
+        head_hidden: int = 256,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(n_channels, conv1, kernel_size=7, padding=3)
+        self.bn1 = nn.BatchNorm1d(conv1)
+        self.conv2 = nn.Conv1d(conv1, conv2, kernel_size=5, padding=2)
+        self.bn2 = nn.BatchNorm1d(conv2)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(conv2, rnn_hidden, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(2 * rnn_hidden, rnn_hidden, batch_first=True, bidirectional=True)
+        self.attn = nn.Sequential(nn.Linear(2 * rnn_hidden, rnn_hidden), nn.Tanh(), nn.Linear(rnn_hidden, 1))
+        self.head = nn.Sequential(
+            nn.Linear(2 * rnn_hidden, head_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(head_hidden, n_classes)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_attention(x, mask)[0]
+
+    def forward_with_attention(
+        self, x: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, attention weights (B, L') and the pooled mask (B, L') the weights live on."""
+        if x.dim() != 3 or mask.shape != x.shape[:2]:
+            raise ValueError(f"expected x (B, L, C) and mask (B, L); got {tuple(x.shape)} and {tuple(mask.shape)}")
+        mask = mask.to(torch.bool)
+        full = bool(mask.all())  # e.g. one trimmed sequence at prediction time: nothing to compact or pack
+        if not full:
+            lengths = mask.sum(dim=1)
+            # Move the real steps to the front in their order: pooling windows then start at the first real
+            # step whatever the pad side, so left and right padding give the same result.
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+            x = torch.gather(x, 1, order[:, :, None].expand(-1, -1, x.shape[2]))
+            steps = torch.arange(x.shape[1], device=x.device)
+            # An all-padding row (never produced by pad_batch) keeps one zero step so packing stays valid.
+            mask = steps[None, :] < lengths.clamp(min=1)[:, None]
+            x = x.masked_fill(~mask[:, :, None], 0.0)  # pad contents can never leak
+
+        h = x.transpose(1, 2)  # (B, C, L)
+        h = self.act(self.bn1(self.conv1(h)))
+        h = h.masked_fill(~mask[:, None, :], 0.0)  # conv2 must see zeros on padding, like its own zero padding
+        h, mask = _masked_max_pool(h, mask)
+        h = self.act(self.bn2(self.conv2(h)))
+        h, mask = _masked_max_pool(h, mask)
+        h = self.drop(h.transpose(1, 2))  # (B, L', conv2)
+
+        if full:
+            h, _ = self.lstm(h)
+            h, _ = self.gru(h)
+        else:
+            # Packing keeps padded steps out of both recurrent directions.
+            pooled_len = mask.sum(dim=1)
+            packed = pack_padded_sequence(h, pooled_len.cpu(), batch_first=True, enforce_sorted=False)
+            packed, _ = self.lstm(packed)
+            packed, _ = self.gru(packed)
+            h, _ = pad_packed_sequence(packed, batch_first=True, total_length=h.shape[1])
+
+        scores = self.attn(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=1)
+        pooled = torch.bmm(weights[:, None, :].to(h.dtype), h).squeeze(1)
+        return self.head(pooled), weights, mask
+
+
+def model_args_from_config(n_channels: int, cfg: Config) -> dict[str, Any]:
+    """Constructor arguments, stored in the bundle so loading rebuilds the same network."""
+    t = cfg.torch
+    return {
+        "n_channels": int(n_channels),
+        "n_classes": metric.N_CLASSES,
+        "conv1": t.conv1_channels,
+        "conv2": t.conv2_channels,
+        "rnn_hidden": t.rnn_hidden,
+        "head_hidden": t.head_hidden,
+        "dropout": t.dropout,
+    }
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+def select_device(cfg: Config) -> torch.device:
+    """CUDA when available, else CPU with ``cfg.run.n_threads`` intra-op threads."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(cfg.run.n_threads)
+    return torch.device("cpu")
+
+
+def amp_enabled(device: torch.device, cfg: Config) -> bool:
+    """AMP only ever on CUDA (CPU autocast to bfloat16 is slower here and changes numerics)."""
+    return bool(cfg.torch.amp) and device.type == "cuda"
+
+
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """float16 autocast on CUDA when enabled; a no-op context otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Drop the ``module.`` prefix that nn.DataParallel adds, so bundles load into a bare model."""
+    prefix = "module."
+    return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v) for k, v in state_dict.items())
+
+
+def unwrap_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """A CPU copy of the weights of ``model`` (DataParallel or not), without the ``module.`` prefix."""
+    inner = model.module if isinstance(model, nn.DataParallel) else model
+    return strip_module_prefix({k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+@dataclass
+class FoldArrays:
+    """Padded, scaled arrays of one fold's sequences, built once (full view and IMU-only view)."""
+
+    x_full: torch.Tensor  # (n, L, C) float32
+    x_imu: torch.Tensor  # (n, L, C) float32, the same sequences with ToF/THM removed
+    mask: torch.Tensor  # (n, L) bool; identical for both views (same rows)
+    y: torch.Tensor  # (n,) int64
+
+    def to(self, device: torch.device) -> FoldArrays:
+        """Move once per fold (GPU: batches are then gathered on the device, no per-batch copies)."""
+        return FoldArrays(*(t.to(device) for t in (self.x_full, self.x_imu, self.mask, self.y)))
+
+
+def build_fold_arrays(
+    table: features.FrameTable,
+    imu_table: features.FrameTable,
+    idx: np.ndarray,
+    y: np.ndarray,
+    pad_len: int,
+    scaler: features.ScalerStats,
+) -> FoldArrays:
+    """Both views padded with the same scaler (IMU-only rows are the unscaled IMU-only values, scaled)."""
+    x_full, mask = features.pad_batch(table, idx, pad_len, scaler)
+    x_imu, mask_imu = features.pad_batch(imu_table, idx, pad_len, scaler)
+    if not np.array_equal(mask, mask_imu):
+        raise ValueError("table and imu_table disagree on sequence lengths: they must hold the same sequences")
+    return FoldArrays(
+        x_full=torch.from_numpy(np.ascontiguousarray(x_full, dtype=np.float32)),
+        x_imu=torch.from_numpy(np.ascontiguousarray(x_imu, dtype=np.float32)),
+        mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
+        y=torch.from_numpy(np.asarray(y[idx], dtype=np.int64)),
+    )
+
+
+def augment_batch(
+    x_full: torch.Tensor,
+    x_imu: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: Config,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Training view of one batch: modality dropout, then optional time mask and channel dropout.
+
+    Modality dropout swaps in the IMU-only row for a share of the samples, so the
+    model sees exactly what an IMU-only test sequence looks like after scaling.
+    Masked values become 0, i.e. the training mean after scaling.
+    """
+    t = cfg.torch
+    n, length, n_ch = x_full.shape
+    dev = x_full.device
+
+    def draw(*shape: int) -> torch.Tensor:  # uniform draws on CPU (reproducible), moved to the batch's device
+        return torch.rand(*shape, generator=generator).to(dev)
+
+    x = x_full
+    if t.modality_dropout > 0:
+        swap = draw(n) < t.modality_dropout
+        x = torch.where(swap[:, None, None], x_imu, x_full)
+    if t.time_mask_prob > 0:
+        # One contiguous span of up to 10% of the real steps; positions are counted among real steps
+        # from the end (1 = last real step), so it never touches padding whatever the pad side.
+        rank_back = torch.flip(torch.cumsum(torch.flip(mask.long(), [1]), 1), [1]).float()
+        lengths = mask.sum(dim=1).float()
+        span = (draw(n) * 0.1 * lengths).floor().clamp(min=1)
+        end = (draw(n) * (lengths - span + 1).clamp(min=1)).floor() + span  # span covers (end - span, end]
+        hit = mask & (rank_back <= end[:, None]) & (rank_back > (end - span)[:, None])
+        hit &= (draw(n) < t.time_mask_prob)[:, None]
+        x = x.masked_fill(hit[:, :, None], 0.0)
+    if t.channel_dropout_prob > 0:
+        drop = draw(n, n_ch) < t.channel_dropout_prob
+        x = x.masked_fill(drop[:, None, :], 0.0)
+    return x
+
+
+def epochs_for(cfg: Config) -> int:
+    return cfg.torch.debug_epochs if cfg.run.debug else cfg.torch.epochs
+
+
+def _tqdm(iterable: Any, **kwargs: Any) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional at run time
+        return iterable
+    return tqdm(iterable, disable=not sys.stderr.isatty(), leave=False, **kwargs)
+
+
+@torch.inference_mode()
+def predict_arrays(
+    model: nn.Module, x: torch.Tensor, mask: torch.Tensor, device: torch.device, amp: bool, batch_size: int
+) -> np.ndarray:
+    """Softmax probabilities for padded arrays, in batches (model must already be in eval mode)."""
+    out = []
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size].to(device, non_blocking=True)
+        mb = mask[start : start + batch_size].to(device, non_blocking=True)
+        with autocast_context(device, amp):
+            logits = model(xb, mb)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, metric.N_CLASSES), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+@dataclass
+class FoldResult:
+    state_dict: OrderedDict[str, torch.Tensor]
+    best_epoch: int
+    best_score: float
+    score_full: float
+    score_imu: float
+    proba_full: np.ndarray
+    proba_imu: np.ndarray
+
+
+def train_fold(
+    fold: int,
+    train: FoldArrays,
+    val: FoldArrays,
+    model_args: dict[str, Any],
+    cfg: Config,
+    device: torch.device,
+) -> FoldResult:
+    """Train one fold; keep the epoch with the best mean of full-view and IMU-only validation scores."""
+    t = cfg.torch
+    seed = cfg.run.seed + fold
+    seed_everything(seed)
+    model: nn.Module = TimeSeriesNet(**model_args).to(device)
+    if device.type == "cuda" and t.data_parallel and torch.cuda.device_count() > 1:
+        model = nn.DataParallel(model)
+    amp = amp_enabled(device, cfg)
+    n_epochs = epochs_for(cfg)
+    n_train = train.y.shape[0]
+    batches_per_epoch = math.ceil(n_train / t.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=t.lr, total_steps=max(1, n_epochs * steps_per_epoch)
+    )
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    loader_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    loader = torch.utils.data.DataLoader(
+        range(n_train), batch_size=t.batch_size, shuffle=True, generator=loader_gen, num_workers=0
+    )
+    y_val = val.y.numpy()
+    if device.type == "cuda":
+        train = train.to(device)
+    best: FoldResult | None = None
+    for epoch in range(1, n_epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        total_loss, seen = 0.0, 0
+        for step, idx in enumerate(_tqdm(loader, desc=f"torch fold {fold} epoch {epoch}", unit="batch")):
+            idx = idx.to(train.y.device)
+            mb = train.mask[idx]
+            xb = augment_batch(train.x_full[idx], train.x_imu[idx], mb, cfg, aug_gen)
+            yb = train.y[idx]
+            with autocast_context(device, amp):
+                loss = criterion(model(xb, mb).float(), yb)
+            grad_scaler.scale(loss / t.grad_accum_steps).backward()
+            if (step + 1) % t.grad_accum_steps == 0 or step + 1 == batches_per_epoch:
+                grad_scaler.step(optimizer)
+                grad_scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler.last_epoch < scheduler.total_steps:  # OneCycleLR raises past its last step
+                    scheduler.step()
+            total_loss += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        model.eval()
+        p_full = predict_arrays(model, val.x_full, val.mask, device, amp, t.batch_size * 2)
+        p_imu = predict_arrays(model, val.x_imu, val.mask, device, amp, t.batch_size * 2)
+        s_full = metric.score_proba(y_val, p_full)
+        s_imu = metric.score_proba(y_val, p_imu)
+        score = 0.5 * (s_full + s_imu)
+        log.info(
+            "torch fold %d epoch %d/%d: train loss %.4f, val score full %.4f imu %.4f (mean %.4f), lr %.2e, %.1f s",
+            fold, epoch, n_epochs, total_loss / max(seen, 1), s_full, s_imu, score,
+            optimizer.param_groups[0]["lr"], time.perf_counter() - started,
+        )
+        if best is None or score > best.best_score:
+            best = FoldResult(unwrap_state_dict(model), epoch, score, s_full, s_imu, p_full, p_imu)
+    assert best is not None  # n_epochs >= 1
+    log.info("torch fold %d: best epoch %d, score %.4f", fold, best.best_epoch, best.best_score)
+    return best
+
+
+def _resolve_pad_len(table: features.FrameTable, train_idx: np.ndarray, cfg: Config) -> int:
+    if cfg.features.pad_len > 0:
+        return int(cfg.features.pad_len)
+    return int(
+        features.pad_length(table.lengths[train_idx], cfg.features.pad_percentile, cfg.features.min_pad_len)
+    )
+
+
+def write_bundle(
+    bundle_dir: Path,
+    state_dicts: Mapping[int, Mapping[str, torch.Tensor]],
+    scalers: Mapping[int, features.ScalerStats],
+    pad_lens: Mapping[int, int],
+    model_args: dict[str, Any],
+    feature_names: tuple[str, ...],
+    folds_hash: str,
+    cfg: Config,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the whole bundle under a temporary name and swap it in (a reader never sees half of it)."""
+    folds = sorted(state_dicts)
+    meta_extra: dict[str, Any] = {
+        "model_args": model_args,
+        "folds": folds,
+        "fold_files": {str(k): f"fold{k}.pt" for k in folds},
+        "pad_len": {str(k): int(pad_lens[k]) for k in folds},
+        "pad_side": PAD_SIDE,
+        "scalers": {str(k): scalers[k].to_dict() for k in folds},
+        "torch_version": torch.__version__,
+    }
+    meta_extra.update(extra or {})
+    meta = bundle.bundle_metadata(MEMBER, feature_names, folds_hash, meta_extra, packages=("torch",))
+    with io_utils.atomic_dir(bundle_dir) as tmp:
+        for k in folds:
+            torch.save(strip_module_prefix(state_dicts[k]), tmp / f"fold{k}.pt")
+        cfg.save(tmp / "config.json")
+        bundle.write_metadata(tmp, meta)
+    return bundle_dir
+
+
+def train_member(
+    table: features.FrameTable,
+    imu_table: features.FrameTable,
+    y: np.ndarray,
+    fold_ids: np.ndarray,
+    folds_hash: str,
+    cfg: Config,
+    out_dir: Path,
+) -> dict:
+    """Train every fold, write OOF (full and IMU-only views) and the bundle; return the OOF summary."""
+    out_dir = Path(out_dir)
+    y = np.asarray(y, dtype=np.int64)
+    fold_ids = np.asarray(fold_ids)
+    n = table.n_sequences
+    if not (len(y) == len(fold_ids) == n == imu_table.n_sequences):
+        raise ValueError(
+            f"length mismatch: table {n}, imu_table {imu_table.n_sequences}, y {len(y)}, fold_ids {len(fold_ids)}"
+        )
+    if not np.array_equal(table.sequence_ids, imu_table.sequence_ids):
+        raise ValueError("imu_table must hold the same sequences as table, in the same order")
+    if tuple(table.feature_names) != tuple(imu_table.feature_names):
+        raise ValueError("table and imu_table have different feature orders")
+    device = select_device(cfg)
+    model_args = model_args_from_config(len(table.feature_names), cfg)
+    log.info("torch member: %d sequences, %d channels, device %s, %d epochs", n, len(table.feature_names),
+             device, epochs_for(cfg))
+
+    oof_full = np.zeros((n, metric.N_CLASSES), dtype=np.float32)
+    oof_imu = np.zeros((n, metric.N_CLASSES), dtype=np.float32)
+    state_dicts: dict[int, OrderedDict[str, torch.Tensor]] = {}
+    scalers: dict[int, features.ScalerStats] = {}
+    pad_lens: dict[int, int] = {}
+    fold_info: dict[str, dict[str, Any]] = {}
+    for fold in sorted(int(f) for f in np.unique(fold_ids)):
+        val_idx = np.flatnonzero(fold_ids == fold)
+        train_idx = np.flatnonzero(fold_ids != fold)
+        scaler = features.fit_scaler(table, train_idx)  # training fold only
+        pad_len = _resolve_pad_len(table, train_idx, cfg)
+        train_arr = build_fold_arrays(table, imu_table, train_idx, y, pad_len, scaler)
+        val_arr = build_fold_arrays(table, imu_table, val_idx, y, pad_len, scaler)
+        result = train_fold(fold, train_arr, val_arr, model_args, cfg, device)
+        oof_full[val_idx] = result.proba_full
+        oof_imu[val_idx] = result.proba_imu
+        state_dicts[fold] = result.state_dict
+        scalers[fold] = scaler
+        pad_lens[fold] = pad_len
+        fold_info[str(fold)] = {
+            "best_epoch": result.best_epoch,
+            "score_full": result.score_full,
+            "score_imu": result.score_imu,
+            "score_mean": result.best_score,
+        }
+        del train_arr, val_arr
+
+    summary = cv.write_member_oof(
+        out_dir / "oof", MEMBER, table.sequence_ids, y, fold_ids, oof_full, oof_imu, folds_hash,
+        extra={"epochs": epochs_for(cfg), "folds": fold_info},
+    )
+    write_bundle(
+        out_dir / "bundles" / MEMBER, state_dicts, scalers, pad_lens, model_args, tuple(table.feature_names),
+        folds_hash, cfg, extra={"best_epoch": {k: v["best_epoch"] for k, v in fold_info.items()},
+                                "fold_scores": fold_info, "cv_summary": summary},
+    )
+    return summary
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+class TorchMember:
+    """Every fold's network, built once and kept in memory in eval mode; softmax averaged over folds."""
+
+    def __init__(
+        self,
+        models: list[nn.Module],
+        scalers: list[features.ScalerStats],
+        pad_lens: list[int],
+        feature_names: tuple[str, ...],
+        device: torch.device,
+        amp: bool,
+        metadata: dict[str, Any],
+    ) -> None:
+        self.models = models
+        self.scalers = scalers
+        self.pad_lens = pad_lens
+        self.feature_names_ = tuple(feature_names)
+        self.classes_ = metric.GESTURES
+        self.device = device
+        self.amp = amp
+        self.metadata = metadata
+
+    def predict_proba(self, table: features.FrameTable) -> np.ndarray:
+        """(n_seq, 18) probabilities in ``metric.GESTURES`` order.
+
+        IMU-only sequences need no special case: their ToF/THM columns are the
+        missing-modality values, exactly what the IMU-only training view holds.
+        """
+        if tuple(table.feature_names) != self.feature_names_:
+            diff = _first_difference(self.feature_names_, tuple(table.feature_names))
+            raise ValueError(f"torch member: frame features differ from the bundle's ({diff})")
+        n = table.n_sequences
+        proba = np.zeros((n, metric.N_CLASSES), dtype=np.float64)
+        if n == 0:
+            return proba.astype(np.float32)
+        # Similar lengths share a chunk so trimming common padding saves the most work.
+        order = np.argsort(table.lengths, kind="stable")
+        with torch.inference_mode():
+            for start in range(0, n, _PREDICT_CHUNK):
+                idx = order[start : start + _PREDICT_CHUNK]
+                acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
+                for model, scaler, pad_len in zip(self.models, self.scalers, self.pad_lens):
+                    x, mask = features.pad_batch(table, idx, pad_len, scaler)
+                    # The network ignores padding (tested), so drop the columns no sequence here uses.
+                    keep = max(int(mask.sum(axis=1).max()), 1)
+                    xb = torch.from_numpy(np.ascontiguousarray(x[:, -keep:])).to(self.device)
+                    mb = torch.from_numpy(np.ascontiguousarray(mask[:, -keep:])).to(self.device)
+                    with autocast_context(self.device, self.amp):
+                        logits = model(xb, mb)
+                    acc += torch.softmax(logits.float(), dim=1).cpu().numpy()
+                proba[idx] = acc / len(self.models)
+        return proba.astype(np.float32)
+
+
+def _first_difference(expected: tuple[str, ...], got: tuple[str, ...]) -> str:
+    if len(expected) != len(got):
+        return f"bundle has {len(expected)} names, data has {len(got)}"
+    for i, (a, b) in enumerate(zip(expected, got)):
+        if a != b:
+            return f"position {i}: bundle {a!r}, data {b!r}"
+    return "identical"
+
+
+def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
+    """Read and check the bundle, build every fold's model once (eval mode, on the device)."""
+    bundle_dir = Path(bundle_dir)
+    meta = bundle.read_metadata(bundle_dir, MEMBER, features.FRAME_FEATURES)
+    if meta.get("pad_side", PAD_SIDE) != PAD_SIDE:
+        raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: pad_side {meta.get('pad_side')!r}, "
+                                 f"this code pads on the {PAD_SIDE!r}")
+    if meta.get("torch_version") != torch.__version__:
+        log.warning("torch bundle %s was written by torch %s, running torch %s",
+                    bundle_dir, meta.get("torch_version"), torch.__version__)
+    device = select_device(cfg)
+    model_args = dict(meta["model_args"])
+    if model_args.get("n_channels") != len(features.FRAME_FEATURES):
+        raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: model expects {model_args.get('n_channels')} "
+                                 f"channels, features give {len(features.FRAME_FEATURES)}")
+    models, scalers, pad_lens = [], [], []
+    for fold in meta["folds"]:
+        path = bundle_dir / meta["fold_files"][str(fold)]
+        if not path.exists():
+            raise bundle.BundleError(f"{bundle_dir}: missing fold file {path.name}")
+        model = TimeSeriesNet(**model_args)
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+            model.load_state_dict(strip_module_prefix(state))
+        except RuntimeError as e:
+            raise bundle.BundleError(f"{path}: weights do not fit the model {model_args}: {e}") from None
+        models.append(model.to(device).eval())
+        scalers.append(features.ScalerStats.from_dict(meta["scalers"][str(fold)]))
+        pad_lens.append(int(meta["pad_len"][str(fold)]))
+    if not models:
+        raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: no folds listed")
+    return TorchMember(models, scalers, pad_lens, tuple(meta["feature_names"]), device,
+                       amp_enabled(device, cfg), meta)
+
+
+def predict_proba_reload_per_call(bundle_dir: Path, table: features.FrameTable, cfg: Config) -> np.ndarray:
+    """The original notebook's design (every fold reloaded from disk per call); for the benchmark only."""
+    return load_member(bundle_dir, cfg).predict_proba(table)
+
+
+__all__ = [
+    "MEMBER", "PAD_SIDE", "TimeSeriesNet", "TorchMember", "is_available", "train_member", "load_member",
+    "predict_proba_reload_per_call", "select_device", "autocast_context", "amp_enabled", "strip_module_prefix",
+    "unwrap_state_dict", "augment_batch", "build_fold_arrays", "write_bundle", "model_args_from_config",
+]
