@@ -204,6 +204,14 @@ def main(out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: i
         results["training"] = training_throughput(run_dir)
     else:
         print(f"no trained bundles under {run_dir} (run `make run` first): latency benchmarks skipped")
+    # Default-size networks (random weights: latency does not depend on them), in memory vs reload per call.
+    for name in ("torch", "keras"):
+        try:
+            module = __import__(f"bench.bench_{name}", fromlist=["run_benchmark"])
+        except ImportError as e:
+            print(f"{name} benchmark unavailable: {e}")
+            continue
+        results[f"{name}_default_model"] = module.run_benchmark(out / name, n_folds=5, n_calls=30 if quick else n_calls)
     write_json(out / "bench.json", results)
     print(f"results: {out / 'bench.json'}")
     return results
