@@ -222,6 +222,13 @@ class Predictor:
             fitted = read_json(path)
             views = {v: fitted["views"][v]["weights"] for v in VIEWS}
             log.info("blend weights from %s", path)
+            for name, ident in (fitted.get("bundles") or {}).items():
+                meta_path = self.bundle_root / name / "metadata.json"
+                if name in self.members and meta_path.exists():
+                    created = read_json(meta_path).get("created")
+                    if ident.get("created") != created:
+                        log.warning("weights in %s were fitted on another %s bundle (created %s; loaded bundle %s): "
+                                    "re-run training or the blend fit", path, name, ident.get("created"), created)
         else:
             views = {v: defaults for v in VIEWS}
             log.info("no fitted %s: default weights ENSEMBLE_W_* %s", path, defaults)

@@ -139,8 +139,18 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
     if present:
         with timer.stage("fit blend weights"):
             weights = ensemble.fit_ensemble(out / "oof", present, cfg)
+            weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in present}
             ensemble.save_weights(out / "ensemble" / "weights.json", weights)
     return summaries
+
+
+def _bundle_identity(bundle_dir: Path) -> dict[str, Any]:
+    """What a weights.json was fitted against: the bundle's path, creation time and folds."""
+    path = bundle_dir / "metadata.json"
+    if not path.exists():
+        return {"path": str(bundle_dir), "missing": True}
+    meta = json.loads(path.read_text())
+    return {"path": str(bundle_dir), "created": meta.get("created"), "folds_hash": meta.get("folds_hash")}
 
 
 def build_predictor(cfg: Any, bundle_dir: Path | None = None) -> Any:
