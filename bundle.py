@@ -7,6 +7,7 @@ the running code produces and raises ``BundleError`` naming what differs.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import platform
 import time
@@ -51,8 +52,30 @@ def bundle_metadata(
     return meta
 
 
+_UNSEALED = {METADATA_FILE, "config.json"}
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
 def write_metadata(bundle_dir: str | Path, meta: dict[str, Any]) -> None:
-    write_json(Path(bundle_dir) / METADATA_FILE, meta)
+    """Write metadata.json, sealing every model file already in the bundle with its size and sha256.
+
+    A truncated model file can crash a framework's parser outright (LightGBM
+    does), so files are checked against their digests before any parser sees them.
+    """
+    bundle_dir = Path(bundle_dir)
+    files = {
+        p.name: file_digest(p)
+        for p in sorted(bundle_dir.iterdir())
+        if p.is_file() and p.name not in _UNSEALED and not p.name.startswith(".")
+    }
+    write_json(bundle_dir / METADATA_FILE, {**meta, "files": files})
 
 
 def diff_list(name: str, found: list[str], expected: list[str]) -> str:
@@ -90,9 +113,14 @@ def read_metadata(
         problems.append(diff_list("classes", list(classes or []), list(GESTURES)))
     if feature_names is not None and meta.get("feature_names") != list(feature_names):
         problems.append(diff_list("feature_names", list(meta.get("feature_names") or []), list(feature_names)))
-    missing = [f for f in required_files if not (bundle_dir / f).is_file()]
-    if missing:
-        problems.append(f"missing files: {', '.join(missing)}")
+    sealed = meta.get("files") or {}
+    missing = [f for f in (*required_files, *sealed) if not (bundle_dir / f).is_file()]
+    problems += [f"{bundle_dir / f} is missing" for f in dict.fromkeys(missing)]
+    for name, expected in sealed.items():
+        path_f = bundle_dir / name
+        if path_f.is_file() and file_digest(path_f) != expected:
+            problems.append(f"{path_f} is corrupt or truncated (size {path_f.stat().st_size}, "
+                            f"expected {expected.get('size')}; sha256 differs)")
     if problems:
         raise BundleError(f"{member} bundle {path} does not match the code: " + "; ".join(problems))
     return meta

@@ -274,6 +274,8 @@ class Predictor:
             demographics = pl.from_pandas(demographics)
         if sequence.height == 0:
             raise PredictorError("predict() got a sequence with zero rows")
+        if "sequence_id" in sequence.columns and sequence["sequence_id"].null_count():
+            raise PredictorError(f"{sequence['sequence_id'].null_count()} row(s) have no sequence_id")
         if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
             raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
         if "sequence_id" not in sequence.columns:

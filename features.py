@@ -35,6 +35,7 @@ from schema import (
 log = logging.getLogger(__name__)
 
 TOF_FAR = TOF_MAX + 1.0  # a frame whose sensor sees nothing in range reads as "further than anything"
+MAX_ABS_READING = 1e4  # no sensor of the device reads beyond this (acc m/s², °C, ToF units): larger is a glitch
 
 IMU_FEATURES: tuple[str, ...] = (
     "acc_x", "acc_y", "acc_z", "acc_mag",
@@ -157,9 +158,11 @@ def _cast_sensor_columns(df: pl.DataFrame) -> pl.DataFrame:
             + ", ".join(f"{c} ({schema[c]})" for c in non_numeric[:5])
         )
     df = df.with_columns(pl.col(c).cast(pl.Float32) for c in SENSOR_COLS if schema[c] != pl.Float32)
-    # NaN and +-inf are "no reading", like null. ToF (320 columns) is masked later in numpy, where it is cheaper.
+    # NaN, +-inf and physically absurd magnitudes are "no reading", like null (they would overflow the
+    # physics). ToF (320 columns) is masked later in numpy, where it is cheaper.
     return df.with_columns(
-        pl.when(pl.col(c).is_finite()).then(pl.col(c)).otherwise(None).alias(c) for c in IMU_COLS + THM_COLS
+        pl.when(pl.col(c).abs() <= MAX_ABS_READING).then(pl.col(c)).otherwise(None).alias(c)
+        for c in IMU_COLS + THM_COLS
     )
 
 
@@ -243,8 +246,9 @@ def build_frame_table(
     np.logical_or.at(rot_missing, seq_of_row, rot_missing_rows)
 
     thm = df.select(THM_COLS).to_numpy().astype(np.float32)  # NaN = missing
-    tof = df.select(TOF_COLS).to_numpy().astype(np.float32, copy=False).reshape(n_rows, N_TOF_SENSORS, TOF_PIXELS)
-    tof[~np.isfinite(tof)] = np.nan  # inf is no reading, like null
+    # np.array copies: polars may hand out a read-only view
+    tof = np.array(df.select(TOF_COLS).to_numpy(), dtype=np.float32).reshape(n_rows, N_TOF_SENSORS, TOF_PIXELS)
+    tof[~(np.abs(tof) <= MAX_ABS_READING)] = np.nan  # inf, NaN and absurd values are no reading, like null
     has_tof_thm = np.zeros(len(seq_ids), dtype=bool)
     np.logical_or.at(has_tof_thm, seq_of_row, ~np.isnan(thm).all(axis=1) | ~np.isnan(tof).all(axis=(1, 2)))
 
@@ -284,7 +288,11 @@ def _demographics_matrix(subjects: np.ndarray, demographics: pl.DataFrame | None
         return out
     if "subject" not in demographics.columns:
         raise FeatureError("demographics has no 'subject' column")
-    cols = [c for c in DEMOGRAPHIC_FEATURES if c in demographics.columns]
+    schema = demographics.schema
+    nested = [c for c in DEMOGRAPHIC_FEATURES if c in schema and schema[c].is_nested()]
+    if nested:
+        log.warning("demographics column(s) %s hold nested values: ignored", ", ".join(nested))
+    cols = [c for c in DEMOGRAPHIC_FEATURES if c in schema and c not in nested]
     demo = demographics.select(
         pl.col("subject").cast(pl.String),
         *(pl.col(c).cast(pl.Float32, strict=False) for c in cols),
@@ -434,7 +442,7 @@ def _tof_features_block(tof: np.ndarray) -> np.ndarray:
 
 def _thm_features(thm: np.ndarray) -> np.ndarray:
     valid = ~np.isnan(thm)
-    count, mean, std, mn, mx = _masked_stats(thm, valid, axis=1)
+    count, mean, std, mn, mx = _masked_stats(thm.astype(np.float64), valid, axis=1)
     seen = count > 0
     stats = np.stack(
         [np.where(seen, mean, 0.0), np.where(seen, std, 0.0), np.where(seen, mn, 0.0), np.where(seen, mx, 0.0),

@@ -126,6 +126,8 @@ def run_local_gateway(
         partial = out_path.with_name(out_path.stem + "_partial.parquet")
         with atomic_path(partial) as tmp:
             sub.write_parquet(tmp)
+        if out_path.exists():
+            log.warning("%s is from an earlier run: this run wrote none", out_path)
         raise GatewayError(
             f"{len(result.failures)} of {len(seq_ids)} sequence(s) got no valid answer "
             f"(e.g. {next(iter(result.failures.items()))}); the {len(answers)} answers are in {partial}; "

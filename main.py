@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="end to end: generate data, train, blend, serve, score, report")
     common(r)
-    r.add_argument("--subjects", type=int, default=24, help="generated train subjects (default 24)")
+    r.add_argument("--subjects", type=int, default=12, help="generated train subjects (default 12: minutes on a 2-core CPU)")
     r.add_argument("--debug", action="store_true")
     r.add_argument("--members", help="comma-separated subset of " + ",".join(MEMBER_MODULES))
     r.add_argument("--seed", type=int, default=None)

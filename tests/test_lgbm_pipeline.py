@@ -284,6 +284,11 @@ def test_load_rejects_booster_with_other_features(data: dict, trained: dict, tmp
     shutil.copytree(trained["bundle"], b)
     # a booster trained on the IMU view dropped where the full one belongs
     shutil.copy(b / "fold1_imu.txt", b / "fold1_full.txt")
+    with pytest.raises(bundle.BundleError, match=r"fold1_full\.txt is corrupt"):  # caught by the file digests
+        lp.load_member(b, data["cfg"])
+    meta = json.loads((b / "metadata.json").read_text())
+    meta.pop("files")
+    bundle.write_metadata(b, meta)  # resealed: the booster's own feature check must still catch it
     with pytest.raises(bundle.BundleError, match=r"fold1_full\.txt.*feature"):
         lp.load_member(b, data["cfg"])
 
