@@ -20,9 +20,10 @@ import polars as pl
 
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof
-from features import FrameTable, build_frame_table
+from features import FRAME_FEATURES, FrameTable, build_frame_table
 from io_utils import read_json, write_json
 from metric import GESTURES, N_CLASSES, score_proba
+from schema import DEMOGRAPHIC_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ class Predictor:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
         self.weights = self._load_weights(specs, weights_path)
         self.stats = PredictorStats()
+        self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info("Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights)
 
@@ -240,6 +242,19 @@ class Predictor:
             total = sum(present.values())
             out[view] = {m: x / total for m, x in present.items()}
         return out
+
+    def _warm_up(self) -> None:
+        """One full-sensor and one IMU-only call before serving: graph building and compilation
+        (Keras XLA, lazy allocations) happen at start-up, not inside the first timed predict()."""
+        n_ch = len(FRAME_FEATURES)
+        for has_tof in (True, False):
+            table = FrameTable(
+                sequence_ids=np.array(["WARMUP"]), offsets=np.array([0, 40]), values=np.zeros((40, n_ch), np.float32),
+                has_tof_thm=np.array([has_tof]), rot_missing=np.array([False]), subjects=np.array([""]),
+                demographics=np.full((1, len(DEMOGRAPHIC_FEATURES)), np.nan, np.float32),
+            )
+            for member in self.members.values():
+                member.predict_proba(table)  # a member that cannot predict fails here, at start-up
 
     def predict_proba_table(self, table: FrameTable) -> np.ndarray:
         """Blended (n, 18) probabilities; IMU-only sequences use the IMU-only view's weights."""

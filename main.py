@@ -69,6 +69,13 @@ class StageTimer:
         if path is not None and path.exists():
             self.times = json.loads(path.read_text())
 
+    def record(self, name: str, seconds: float) -> None:
+        self.times[name] = round(seconds, 3)
+        if self.path is not None:
+            from io_utils import write_json
+
+            write_json(self.path, self.times)
+
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("== %s ...", name)
@@ -76,12 +83,8 @@ class StageTimer:
         try:
             yield
         finally:
-            self.times[name] = round(time.perf_counter() - t0, 3)
+            self.record(name, time.perf_counter() - t0)
             log.info("== %s done in %.1f s", name, self.times[name])
-            if self.path is not None:
-                from io_utils import write_json
-
-                write_json(self.path, self.times)
 
 
 # --------------------------------------------------------------------------- stages
@@ -102,6 +105,7 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
     import data
     import ensemble
     from features import build_frame_table, drop_tof_thm
+    from io_utils import read_json, write_json
     from metric import GESTURES
 
     out = Path(cfg.run.out_dir)
@@ -130,11 +134,15 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
             continue
         with timer.stage(f"train {name}"):
             t0 = time.perf_counter()
-            summaries[name] = mod.train_member(table, imu_table, y, fold_ids, fhash, cfg, out)
-            summaries[name]["train_seconds"] = time.perf_counter() - t0
-            summaries[name]["train_sequences_per_s"] = (
-                table.n_sequences * max(1, cfg.run.n_folds - 1) / max(summaries[name]["train_seconds"], 1e-9)
-            )
+            mod.train_member(table, imu_table, y, fold_ids, fhash, cfg, out)
+            seconds = time.perf_counter() - t0
+        # Wall time and throughput (training sequences seen per second, all folds) go into the member's summary.
+        summary_path = out / "oof" / f"{name}_summary.json"
+        summary = read_json(summary_path)
+        summary["train_seconds"] = seconds
+        summary["train_sequences_per_s"] = table.n_sequences * (cfg.run.n_folds - 1) / max(seconds, 1e-9)
+        write_json(summary_path, summary)
+        summaries[name] = summary
     present = [m for m in MEMBER_MODULES if (out / "oof" / f"{m}_summary.json").exists()]
     if present:
         with timer.stage("fit blend weights"):
@@ -283,7 +291,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     stage_train(cfg, parse_members(args.members, cfg), timer)
     stage_serve(cfg, timer)
-    timer.times["run_total"] = round(time.perf_counter() - t0, 3)
+    timer.record("train + serve total", time.perf_counter() - t0)
     import report
 
     path = report.write_report(out)

@@ -25,7 +25,7 @@ class FakeMember:
 
     def predict_proba(self, table):
         self.calls += 1
-        if self.fail:
+        if self.fail and table.sequence_ids[0] != "WARMUP":  # fails on real input, after a clean start-up
             raise RuntimeError("boom")
         p = np.full((table.n_sequences, 18), 0.01)
         p[:, self.cls] = 0.83
@@ -51,7 +51,7 @@ def test_predictor_blends_with_renormalised_default_weights(tmp_path):
     seq = make_sequence("SEQ_000001", 12)
     assert pred.predict(seq, demographics(["SUBJ_000001"])) == GESTURES[5]
     assert pred.predict.__name__ == "predict"
-    assert members["torch"].calls == 1  # loaded once, called per sequence
+    assert members["torch"].calls == 3  # loaded once; two warm-up calls at start-up, then one per sequence
 
 
 def test_fitted_weights_and_imu_only_view(tmp_path):
@@ -166,3 +166,12 @@ def test_gateway_hands_over_string_typed_columns_and_checks_answers(tmp_path):
         inference_server.run_local_gateway(lambda s, d: "Wave hello", tmp_path / "test.csv",
                                            tmp_path / "test_demographics.csv", tmp_path / "s.parquet")
     _ = TOF_COLS
+
+
+def test_a_member_that_cannot_predict_fails_at_start_up(tmp_path):
+    class Broken(FakeMember):
+        def predict_proba(self, table):
+            raise ValueError("weights do not fit the input")
+
+    with pytest.raises(ValueError, match="do not fit"):
+        ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": Broken(0)}), bundle_root=tmp_path / "bundles")

@@ -53,6 +53,7 @@ def test_train_serve_report_end_to_end(small_data, tmp_path):
     assert (out / "folds.csv").exists() and (out / "config.json").exists()
     assert (out / "bundles" / "lgbm" / "metadata.json").exists()
     assert json.loads((out / "ensemble" / "weights.json").read_text())["members"] == ["lgbm"]
+    assert json.loads((out / "oof" / "lgbm_summary.json").read_text())["train_seconds"] > 0
     r = _run(["main.py", "serve", "--data-dir", str(small_data), "--out", str(out)], SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     sub = pl.read_parquet(out / "submission.parquet")
