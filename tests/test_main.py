@@ -64,6 +64,7 @@ def test_train_serve_report_end_to_end(small_data, tmp_path):
     assert 0.0 <= serve["holdout"]["score"] <= 1.0 and serve["latency"]["calls"] == sub.height
     # well above chance: the serving path computes what training did
     assert serve["holdout"]["score"] > 0.4
+    assert {"holdout_full", "holdout_imu_only"} <= set(serve)  # the generated test is half IMU-only
     r = _run(["main.py", "report", "--out", str(out)], {})
     assert r.returncode == 0, r.stderr[-3000:]
     text = (out / "report" / "report.md").read_text()
