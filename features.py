@@ -495,6 +495,13 @@ def pad_length(lengths: np.ndarray, percentile: float = 95.0, minimum: int = 32)
     return max(int(minimum), int(np.ceil(np.percentile(lengths, percentile))))
 
 
+def resolve_pad_len(train_lengths: np.ndarray, cfg: FeatureConfig) -> int:
+    """``cfg.pad_len`` when fixed (> 0), else the configured percentile of the training lengths."""
+    if cfg.pad_len > 0:
+        return int(cfg.pad_len)
+    return pad_length(train_lengths, cfg.pad_percentile, cfg.min_pad_len)
+
+
 def pad_batch(
     table: FrameTable, seq_idx: np.ndarray | list[int] | None, pad_len: int, scaler: ScalerStats | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -335,12 +335,6 @@ def _channel_index() -> tuple[np.ndarray, np.ndarray]:
     return features.feature_index(features.IMU_FEATURES), features.feature_index(features.TOFTHM_FEATURES)
 
 
-def _resolve_pad_len(table: Any, cfg: Config) -> int:
-    if cfg.features.pad_len > 0:
-        return int(cfg.features.pad_len)
-    return int(features.pad_length(table.lengths, cfg.features.pad_percentile, cfg.features.min_pad_len))
-
-
 def _fingerprint(table: Any, y: np.ndarray, fold_ids: np.ndarray, folds_hash: str, cfg: Config,
                  pad_len: int) -> str:
     """What must not change between a killed run and its resume (data, folds, settings)."""
@@ -498,7 +492,8 @@ def train_member(table: Any, imu_table: Any, y: np.ndarray, fold_ids: np.ndarray
         raise ValueError("keras: table.feature_names differ from features.FRAME_FEATURES")
     folds = sorted(int(f) for f in np.unique(fold_ids))
 
-    pad_len = _resolve_pad_len(table, cfg)
+    # one pad length for every fold: the resume state is keyed on it
+    pad_len = features.resolve_pad_len(table.lengths, cfg.features)
     fp = _fingerprint(table, y, fold_ids, folds_hash, cfg, pad_len)
     work = out_dir / "bundles" / WORK_DIR_NAME
     state_path = work / STATE_FILE

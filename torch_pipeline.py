@@ -389,14 +389,6 @@ def train_fold(
     return best
 
 
-def _resolve_pad_len(table: features.FrameTable, train_idx: np.ndarray, cfg: Config) -> int:
-    if cfg.features.pad_len > 0:
-        return int(cfg.features.pad_len)
-    return int(
-        features.pad_length(table.lengths[train_idx], cfg.features.pad_percentile, cfg.features.min_pad_len)
-    )
-
-
 def write_bundle(
     bundle_dir: Path,
     state_dicts: Mapping[int, Mapping[str, torch.Tensor]],
@@ -466,7 +458,7 @@ def train_member(
         val_idx = np.flatnonzero(fold_ids == fold)
         train_idx = np.flatnonzero(fold_ids != fold)
         scaler = features.fit_scaler(table, train_idx)  # training fold only
-        pad_len = _resolve_pad_len(table, train_idx, cfg)
+        pad_len = features.resolve_pad_len(table.lengths[train_idx], cfg.features)
         train_arr = build_fold_arrays(table, imu_table, train_idx, y, pad_len, scaler)
         val_arr = build_fold_arrays(table, imu_table, val_idx, y, pad_len, scaler)
         result = train_fold(fold, train_arr, val_arr, model_args, cfg, device)
@@ -527,7 +519,7 @@ class TorchMember:
         missing-modality values, exactly what the IMU-only training view holds.
         """
         if tuple(table.feature_names) != self.feature_names_:
-            diff = _first_difference(self.feature_names_, tuple(table.feature_names))
+            diff = bundle.diff_list("feature_names", list(self.feature_names_), list(table.feature_names))
             raise ValueError(f"torch member: frame features differ from the bundle's ({diff})")
         n = table.n_sequences
         proba = np.zeros((n, metric.N_CLASSES), dtype=np.float64)
@@ -550,15 +542,6 @@ class TorchMember:
                     acc += torch.softmax(logits.float(), dim=1).cpu().numpy()
                 proba[idx] = acc / len(self.models)
         return proba.astype(np.float32)
-
-
-def _first_difference(expected: tuple[str, ...], got: tuple[str, ...]) -> str:
-    if len(expected) != len(got):
-        return f"bundle has {len(expected)} names, data has {len(got)}"
-    for i, (a, b) in enumerate(zip(expected, got)):
-        if a != b:
-            return f"position {i}: bundle {a!r}, data {b!r}"
-    return "identical"
 
 
 def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
