@@ -134,6 +134,8 @@ class EnsembleConfig:
     w_keras: float = 0.35
     n_starts: int = 8
     random_search_draws: int = 4096
+    # A class-bias calibration is kept only if it raises the cross-fitted OOF score by more than this.
+    calibration_min_gain: float = 0.002
 
 
 @dataclass

@@ -22,7 +22,7 @@ from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof
 from features import FRAME_FEATURES, FrameTable, build_frame_table
 from io_utils import read_json, write_json
-from metric import GESTURES, N_CLASSES, score_proba
+from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
 
 log = logging.getLogger(__name__)
@@ -109,16 +109,80 @@ def fit_weights_random(y: np.ndarray, probas: list[np.ndarray], draws: int = 409
     return best_w, best
 
 
-def cross_fitted_score(
+def cross_fitted_blend(
     y: np.ndarray, probas: list[np.ndarray], fold_ids: np.ndarray, fit: Callable[..., tuple[np.ndarray, float]]
-) -> float:
-    """Blend score where each fold's weights were fitted on the other folds: an honest estimate."""
-    blended = np.zeros_like(probas[0])
+) -> np.ndarray:
+    """Blended OOF probabilities where each fold's weights were fitted on the other folds."""
+    blended = np.zeros_like(probas[0], dtype=np.float64)
     for k in np.unique(fold_ids):
         train, held = fold_ids != k, fold_ids == k
         w, _ = fit(y[train], [p[train] for p in probas])
         blended[held] = blend([p[held] for p in probas], w)
-    return score_proba(y, blended)
+    return blended
+
+
+def cross_fitted_score(
+    y: np.ndarray, probas: list[np.ndarray], fold_ids: np.ndarray, fit: Callable[..., tuple[np.ndarray, float]]
+) -> float:
+    """Blend score where each fold's weights were fitted on the other folds: an honest estimate."""
+    return score_proba(y, cross_fitted_blend(y, probas, fold_ids, fit))
+
+
+def apply_class_bias(proba: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """Shift each class's log-probability by ``bias`` and renormalise (a learned class prior)."""
+    if bias is None:
+        return proba
+    p = np.asarray(proba, dtype=np.float64) * np.exp(np.asarray(bias, dtype=np.float64))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def fit_class_bias(
+    y: np.ndarray, proba: np.ndarray, grid: np.ndarray | None = None, max_rounds: int = 3
+) -> tuple[np.ndarray, float]:
+    """Per-class log-prior shifts maximising the metric of argmax(log p + bias), by coordinate ascent.
+
+    The metric weighs the 8 targets and the collapsed non-target class equally,
+    so the probability-optimal argmax is not metric-optimal; this corrects it.
+    """
+    grid = np.linspace(-1.0, 1.0, 21) if grid is None else grid
+    logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, None))
+    bias = np.zeros(logp.shape[1])
+    best = score_indices(y, logp.argmax(1))
+    for _ in range(max_rounds):
+        improved = False
+        for c in range(logp.shape[1]):
+            for v in grid:
+                cand = bias.copy()
+                cand[c] = v
+                s = score_indices(y, (logp + cand).argmax(1))
+                if s > best + 1e-12:
+                    bias, best, improved = cand, s, True
+        if not improved:
+            break
+    return bias, best
+
+
+def calibration_for_view(
+    y: np.ndarray, blended: np.ndarray, cross_blended: np.ndarray, fold_ids: np.ndarray, min_gain: float
+) -> dict[str, Any]:
+    """Fit a class bias on all OOF rows; keep it only if it also helps folds it never saw."""
+    held_out = np.zeros_like(cross_blended)
+    for k in np.unique(fold_ids):
+        train, held = fold_ids != k, fold_ids == k
+        bias_k, _ = fit_class_bias(y[train], cross_blended[train])
+        held_out[held] = apply_class_bias(cross_blended[held], bias_k)
+    without = score_proba(y, cross_blended)
+    with_bias = score_proba(y, held_out)
+    bias, fitted = fit_class_bias(y, blended)
+    used = with_bias > without + min_gain
+    return {
+        "class_bias": bias.tolist() if used else None,
+        "used": bool(used),
+        "cross_fitted_without": without,
+        "cross_fitted_with": with_bias,
+        "in_sample_with": fitted,
+        "min_gain": min_gain,
+    }
 
 
 def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[str, Any]:
@@ -144,8 +208,12 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
         t0 = time.perf_counter()
         w_rand, s_rand = fit_weights_random(y, probas, draws=cfg.ensemble.random_search_draws, seed=seed)
         t_rand = time.perf_counter() - t0
-        cross = cross_fitted_score(y, probas, folds, lambda yy, pp: fit_weights_coordinate(yy, pp, starts, seed))
+        cross_blended = cross_fitted_blend(y, probas, folds,
+                                           lambda yy, pp: fit_weights_coordinate(yy, pp, starts, seed))
+        cross = score_proba(y, cross_blended)
+        calibration = calibration_for_view(y, blend(probas, w), cross_blended, folds, cfg.ensemble.calibration_min_gain)
         out["views"][view] = {
+            "calibration": calibration,
             "weights": {m: float(x) for m, x in zip(members, w)},
             "blend_score": s,
             "blend_score_cross_fitted": cross,
@@ -158,6 +226,8 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
         log.info("blend %s: %s -> %.4f (cross-fitted %.4f; random search %.4f; members %s)", view,
                  {m: round(float(x), 3) for m, x in zip(members, w)}, s, cross, s_rand,
                  {m: round(v, 4) for m, v in singles.items()})
+        log.info("class-bias calibration %s: cross-fitted %.4f -> %.4f: %s", view, calibration["cross_fitted_without"],
+                 calibration["cross_fitted_with"], "used" if calibration["used"] else "not used")
     v = out["views"]
     out["test_like_score"] = 0.5 * (v["full"]["blend_score"] + v["imu_only"]["blend_score"])
     return out
@@ -211,6 +281,7 @@ class Predictor:
             log.warning("member %s not used: %s", name, why)
         if not self.members:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
+        self.class_bias: dict[str, np.ndarray] = {}
         self.weights = self._load_weights(specs, weights_path)
         self.stats = PredictorStats()
         self._warm_up()
@@ -223,7 +294,13 @@ class Predictor:
         if path.exists():
             fitted = read_json(path)
             views = {v: fitted["views"][v]["weights"] for v in VIEWS}
-            log.info("blend weights from %s", path)
+            for v in VIEWS:
+                bias = (fitted["views"][v].get("calibration") or {}).get("class_bias")
+                if bias is not None:
+                    if len(bias) != N_CLASSES:
+                        raise PredictorError(f"{path}: class_bias of view {v} has {len(bias)} values, expected {N_CLASSES}")
+                    self.class_bias[v] = np.asarray(bias, dtype=np.float64)
+            log.info("blend weights from %s (class-bias calibration: %s)", path, sorted(self.class_bias) or "none")
             for name, ident in (fitted.get("bundles") or {}).items():
                 meta_path = self.bundle_root / name / "metadata.json"
                 if name in self.members and meta_path.exists():
@@ -279,7 +356,12 @@ class Predictor:
             wsum += view_w[:, j]
         if (wsum <= 0).any():
             raise PredictorError(f"every member failed on sequence(s) {list(table.sequence_ids[wsum <= 0][:3])}")
-        return acc / wsum[:, None]
+        proba = acc / wsum[:, None]
+        for view, bias in self.class_bias.items():
+            rows = table.has_tof_thm if view == "full" else ~table.has_tof_thm
+            if rows.any():
+                proba[rows] = apply_class_bias(proba[rows], bias)
+        return proba
 
     def predict(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
         """The gateway's entry point: one sequence's rows and its subject's demographics row -> a gesture."""

@@ -136,6 +136,12 @@ def write_report(out: str | Path) -> Path:
                          f"{d['equal_weights_score']:.4f} | {rs['score']:.4f} ({rs['draws']}) |")
         lines += ["", "The cross-fitted column scores each fold with weights fitted on the other folds: "
                   "the honest estimate of what the blend adds."]
+        for view, d in v.items():
+            cal = d.get("calibration")
+            if cal:
+                lines.append(f"- class-bias calibration, {view}: cross-fitted {cal['cross_fitted_without']:.4f} -> "
+                             f"{cal['cross_fitted_with']:.4f} (in-sample {cal['in_sample_with']:.4f}): "
+                             + ("**used**" if cal["used"] else f"not used (needs > +{cal['min_gain']})"))
 
     if serve.get("holdout"):
         h = serve["holdout"]

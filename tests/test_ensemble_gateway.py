@@ -175,3 +175,33 @@ def test_a_member_that_cannot_predict_fails_at_start_up(tmp_path):
 
     with pytest.raises(ValueError, match="do not fit"):
         ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": Broken(0)}), bundle_root=tmp_path / "bundles")
+
+
+def test_class_bias_calibration_is_kept_only_when_it_helps_unseen_folds(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 1800
+    y = rng.integers(0, 18, n)
+    fold = np.arange(n) % 5
+    logits = rng.normal(0, 1.0, (n, 18))
+    logits[np.arange(n), y] += 2.5
+    logits[:, 0] -= 2.0  # a member that systematically under-predicts one target class
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    cal = ensemble.calibration_for_view(y, p, p, fold, min_gain=0.002)
+    assert cal["used"] and cal["cross_fitted_with"] > cal["cross_fitted_without"] + 0.002
+    assert cal["class_bias"][0] > 0.5  # the under-predicted class is pushed back up
+    # on a well-calibrated member the bias does not survive the cross-fitted check
+    fair = np.exp(logits + 2.0 * (np.arange(18) == 0))
+    fair /= fair.sum(1, keepdims=True)
+    assert not ensemble.calibration_for_view(y, fair, fair, fold, min_gain=0.002)["used"]
+
+
+def test_predictor_applies_the_class_bias_of_the_view(tmp_path):
+    members = {"lgbm": FakeMember(5)}  # 0.83 on class 5, 0.01 elsewhere
+    bias = [0.0] * 18
+    bias[3] = 5.0  # e^5 * 0.01 > 0.83: class 3 wins where the bias applies
+    weights = {"views": {"full": {"weights": {"lgbm": 1.0}, "calibration": {"class_bias": bias}},
+                         "imu_only": {"weights": {"lgbm": 1.0}, "calibration": {"class_bias": None}}}}
+    write_json(tmp_path / "ensemble" / "weights.json", weights)
+    pred = ensemble.Predictor(load_config({}), _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[3]
+    assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
