@@ -293,7 +293,11 @@ class Predictor:
         defaults = {s.name: s.default_weight(self.cfg) for s in specs}
         if path.exists():
             fitted = read_json(path)
-            views = {v: fitted["views"][v]["weights"] for v in VIEWS}
+            try:
+                views = {v: {str(m): float(x) for m, x in fitted["views"][v]["weights"].items()} for v in VIEWS}
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise PredictorError(f"{path} is not a weights file of this project ({type(e).__name__}: {e}); "
+                                     "delete it to use the ENSEMBLE_W_* defaults, or refit") from None
             for v in VIEWS:
                 bias = (fitted["views"][v].get("calibration") or {}).get("class_bias")
                 if bias is not None:

@@ -205,3 +205,10 @@ def test_predictor_applies_the_class_bias_of_the_view(tmp_path):
     pred = ensemble.Predictor(load_config({}), _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
     assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[3]
     assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
+
+
+def test_malformed_weights_file_is_named(tmp_path):
+    (tmp_path / "ensemble").mkdir()
+    (tmp_path / "ensemble" / "weights.json").write_text('{"views": {"full": {}}}')
+    with pytest.raises(ensemble.PredictorError, match="weights.json is not a weights file"):
+        ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": FakeMember(0)}), bundle_root=tmp_path / "bundles")
