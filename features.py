@@ -157,7 +157,9 @@ def _cast_sensor_columns(df: pl.DataFrame) -> pl.DataFrame:
             f"sensor column(s) of a non-numeric dtype: "
             + ", ".join(f"{c} ({schema[c]})" for c in non_numeric[:5])
         )
-    df = df.with_columns(pl.col(c).cast(pl.Float32) for c in SENSOR_COLS if schema[c] != pl.Float32)
+    to_cast = {c: pl.Float32 for c in SENSOR_COLS if schema[c] != pl.Float32}
+    if to_cast:
+        df = df.cast(to_cast)  # one call: building 336 cast expressions costs more than the cast on one sequence
     # NaN, +-inf and physically absurd magnitudes are "no reading", like null (they would overflow the
     # physics). ToF (320 columns) is masked later in numpy, where it is cheaper.
     return df.with_columns(
