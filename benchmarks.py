@@ -119,6 +119,7 @@ def bench_features(data_dir: Path | None, n_subjects: int) -> dict[str, Any]:
 def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) -> dict[str, Any]:
     """Latency of the blend and of each member: in memory vs reload per call."""
     import main
+    from bench.common import time_calls
     from config import load_config
     from features import build_frame_table
 
@@ -130,11 +131,7 @@ def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) 
     test = pl.read_csv(data_dir / "test.csv")
     demo = pl.read_csv(data_dir / "test_demographics.csv")
     groups = [g for _, g in test.group_by("sequence_id", maintain_order=True)][:n_calls]
-    lat = []
-    for g in groups:
-        c0 = time.perf_counter()
-        predictor.predict(g, demo.filter(pl.col("subject") == g["subject"][0]))
-        lat.append(time.perf_counter() - c0)
+    lat = time_calls(lambda g: predictor.predict(g, demo.filter(pl.col("subject") == g["subject"][0])), groups)
     lat_ms = np.array(lat) * 1000
     res: dict[str, Any] = {
         "members": list(predictor.members),
@@ -155,17 +152,10 @@ def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) 
     n_reload = min(len(tables), 10)
     for name, member in predictor.members.items():
         mod = main.member_module(name)
-        mem = []
-        for t in tables:
-            c0 = time.perf_counter()
-            member.predict_proba(t)
-            mem.append(time.perf_counter() - c0)
+        mem = time_calls(member.predict_proba, tables)
         rel = []
         if hasattr(mod, "predict_proba_reload_per_call"):
-            for t in tables[:n_reload]:
-                c0 = time.perf_counter()
-                mod.predict_proba_reload_per_call(bundle_root / name, t, cfg)
-                rel.append(time.perf_counter() - c0)
+            rel = time_calls(lambda t: mod.predict_proba_reload_per_call(bundle_root / name, t, cfg), tables[:n_reload])
         m = {"in_memory_p50_ms": float(np.median(mem) * 1000), "in_memory_p95_ms": float(np.percentile(mem, 95) * 1000)}
         if rel:
             m["reload_per_call_p50_ms"] = float(np.median(rel) * 1000)

@@ -26,44 +26,7 @@ import features  # noqa: E402
 import keras_pipeline as kp  # noqa: E402
 from config import Config  # noqa: E402
 from metric import N_CLASSES  # noqa: E402
-from schema import THM_COLS, TOF_COLS  # noqa: E402
-
-
-def synthetic_raw(n_sequences: int, seed: int = 0, imu_only_share: float = 0.5) -> Any:
-    """Random raw rows with realistic lengths; about half the sequences IMU-only, as in the hidden test."""
-    import polars as pl
-
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(59), 0.45, n_sequences).astype(int), 29, 300)
-    n = int(lengths.sum())
-    seq = np.repeat(np.arange(n_sequences), lengths)
-    imu_only = (rng.random(n_sequences) < imu_only_share)[seq]
-    quat = rng.normal(0, 0.05, (n, 4)) + np.array([1.0, 0, 0, 0])
-    quat /= np.linalg.norm(quat, axis=1, keepdims=True)
-    acc = np.array([0.0, 0.0, 9.81]) + rng.normal(0, 1.0, (n, 3))
-    data: dict[str, Any] = {
-        "sequence_id": np.char.add("SEQ_", np.char.zfill(seq.astype(str), 6)),
-        "sequence_counter": np.concatenate([np.arange(k) for k in lengths]),
-        "subject": np.char.add("SUBJ_", (seq % 10).astype(str)),
-        "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
-        "rot_w": quat[:, 0], "rot_x": quat[:, 1], "rot_y": quat[:, 2], "rot_z": quat[:, 3],
-    }
-    for c in THM_COLS:
-        data[c] = np.where(imu_only, np.nan, 28 + rng.normal(0, 1, n)).astype(np.float32)
-    tof = rng.integers(-1, 255, (n, len(TOF_COLS))).astype(np.float32)
-    tof[imu_only] = np.nan
-    for j, c in enumerate(TOF_COLS):
-        data[c] = tof[:, j]
-    df = pl.DataFrame(data)
-    return df.with_columns(pl.col([*THM_COLS, *TOF_COLS]).fill_nan(None))
-
-
-def _ms(times_s: list[float]) -> dict[str, float]:
-    if not times_s:
-        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "mean_ms": float("nan"), "n": 0}
-    arr = np.asarray(times_s) * 1000.0
-    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
-            "mean_ms": float(arr.mean()), "n": int(len(arr))}
+from bench.common import latency_ms, synthetic_raw, time_calls  # noqa: E402
 
 
 def _train_throughput(cfg: Config, table: Any, n_train: int) -> dict[str, float]:
@@ -120,7 +83,7 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
     cfg = Config()
     cfg.run.out_dir = str(out_dir)
     cfg.run.n_threads = n_threads
-    table = features.build_frame_table(synthetic_raw(max(n_train, n_calls, 64)))
+    table = features.build_frame_table(synthetic_raw(max(n_train, n_calls, 64), imu_only_share=0.5))
     cfg.features.pad_len = features.pad_length(table.lengths, cfg.features.pad_percentile, cfg.features.min_pad_len)
     ok, why = kp.is_available(out_dir)
     if not ok:
@@ -149,20 +112,16 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
         t = time.perf_counter()
         member.predict_proba(one)
         (times_full if table.has_tof_thm[i] else times_imu).append(time.perf_counter() - t)
-    result["in_memory"] = {"all": _ms(times_full + times_imu), "full_sensor": _ms(times_full),
-                           "imu_only": _ms(times_imu)}
+    result["in_memory"] = {"all": latency_ms(times_full + times_imu), "full_sensor": latency_ms(times_full),
+                           "imu_only": latency_ms(times_imu)}
     member.predict_proba(table)  # traces the plain graph used for big batches
     t = time.perf_counter()
     member.predict_proba(table)
     result["in_memory_batch_seq_per_s"] = table.n_sequences / (time.perf_counter() - t)
 
     n_reload = n_reload_calls if n_reload_calls is not None else max(3, min(20, n_calls // 10))
-    times_reload = []
-    for one in singles[:n_reload]:
-        t = time.perf_counter()
-        kp.predict_proba_reload_per_call(bundle_dir, one, cfg)
-        times_reload.append(time.perf_counter() - t)
-    result["reload_per_call"] = _ms(times_reload)
+    times_reload = time_calls(lambda one: kp.predict_proba_reload_per_call(bundle_dir, one, cfg), singles[:n_reload])
+    result["reload_per_call"] = latency_ms(times_reload)
     result["speedup_p50"] = result["reload_per_call"]["p50_ms"] / result["in_memory"]["all"]["p50_ms"]
     (out_dir / "keras_bench.json").write_text(json.dumps(result, indent=2))
     return result

@@ -24,40 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import features  # noqa: E402
 import torch_pipeline as tp  # noqa: E402
 from config import Config  # noqa: E402
-from schema import TOF_COLS  # noqa: E402
-
-
-def synthetic_raw(n_sequences: int, seed: int = 0) -> Any:
-    """Raw rows with realistic lengths, IMU, thermopiles and ToF (with -1 and null conventions)."""
-    import polars as pl
-
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(59), 0.45, n_sequences).astype(int), 29, 300)
-    n = int(lengths.sum())
-    seq = np.repeat(np.arange(n_sequences), lengths)
-    counter = np.concatenate([np.arange(k) for k in lengths])
-    acc = np.array([0.0, 0.0, 9.81]) + rng.normal(0, 1.0, (n, 3))
-    quat = rng.normal(0, 0.05, (n, 4)) + np.array([1.0, 0, 0, 0])
-    quat /= np.linalg.norm(quat, axis=1, keepdims=True)
-    tof = rng.integers(-1, 255, (n, len(TOF_COLS))).astype(np.float32)
-    data: dict[str, Any] = {
-        "sequence_id": np.char.add("SEQ_", np.char.zfill(seq.astype(str), 6)),
-        "sequence_counter": counter,
-        "subject": np.char.add("SUBJ_", (seq % 10).astype(str)),
-        "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
-        "rot_w": quat[:, 0], "rot_x": quat[:, 1], "rot_y": quat[:, 2], "rot_z": quat[:, 3],
-    }
-    for j in range(5):
-        data[f"thm_{j + 1}"] = 28 + rng.normal(0, 1, n)
-    for j, c in enumerate(TOF_COLS):
-        data[c] = tof[:, j]
-    return pl.DataFrame(data)
-
-
-def _percentiles_ms(times_s: list[float]) -> dict[str, float]:
-    arr = np.asarray(times_s) * 1000.0
-    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
-            "mean_ms": float(arr.mean()), "n": int(len(arr))}
+from bench.common import latency_ms, synthetic_raw, time_calls  # noqa: E402
 
 
 def bench_training(table: features.FrameTable, cfg: Config, n_steps: int = 6, warmup: int = 2) -> dict[str, Any]:
@@ -130,19 +97,11 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
     singles = [table.select([int(i)]) for i in picks]  # one sequence per call, as the gateway serves them
     for s in singles[:5]:
         member.predict_proba(s)  # warm-up
-    in_memory = []
-    for s in singles:
-        t0 = time.perf_counter()
-        member.predict_proba(s)
-        in_memory.append(time.perf_counter() - t0)
+    in_memory = time_calls(member.predict_proba, singles)
     n_reload = n_reload_calls if n_reload_calls is not None else max(10, n_calls // 5)
-    reload = []
-    for s in singles[:n_reload]:
-        t0 = time.perf_counter()
-        tp.predict_proba_reload_per_call(bundle_dir, s, cfg)
-        reload.append(time.perf_counter() - t0)
-    result["predict_in_memory"] = _percentiles_ms(in_memory)
-    result["predict_reload_per_call"] = _percentiles_ms(reload)
+    reload = time_calls(lambda s: tp.predict_proba_reload_per_call(bundle_dir, s, cfg), singles[:n_reload])
+    result["predict_in_memory"] = latency_ms(in_memory)
+    result["predict_reload_per_call"] = latency_ms(reload)
     result["speedup_p50"] = result["predict_reload_per_call"]["p50_ms"] / result["predict_in_memory"]["p50_ms"]
     result["median_sequence_length"] = float(np.median(table.lengths[picks]))
 

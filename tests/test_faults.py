@@ -28,6 +28,17 @@ PY = sys.executable
 N_SEQ = 8
 
 
+def _kill_when(proc: subprocess.Popen, ready, timeout: float, what: str, why_dead=lambda: "") -> None:
+    """Poll until ``ready()``, then SIGKILL ``proc`` and check that the kill is what ended it."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the process died before {what}: {why_dead()}"
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+
+
 def _temp_leftovers(folder: Path) -> list[str]:
     # io_utils.atomic_path / atomic_dir name their temporaries ".<name>.<random>.tmp"
     return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp-" in p.name)
@@ -100,13 +111,8 @@ def test_killed_gateway_leaves_no_new_or_half_written_submission(test_files, ear
                                     out=str(out / "submission.parquet"))
     proc = subprocess.Popen([PY, "-c", script], cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-600:]
-            assert time.monotonic() < deadline, "the gateway never reached its 4th call"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
+        _kill_when(proc, marker.exists, 60, "the gateway's 4th call",
+                   lambda: proc.stderr.read().decode(errors="replace")[-600:])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -215,12 +221,7 @@ def test_killed_bundle_rebuild_leaves_the_old_bundle_whole(tmp_path):
     proc = subprocess.Popen([PY, "-c", _DIR_SCRIPT.format(root=str(ROOT), target=str(target), marker=str(marker))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "the writer never got going"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(30) == -signal.SIGKILL
+        _kill_when(proc, marker.exists, 60, "the bundle writer got going")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -264,13 +265,8 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
                               stderr=errs[1])
     try:
         log = killed / "logs" / "run.log"
-        deadline = time.monotonic() + 240
-        while not (log.exists() and "lgbm fold 0" in log.read_text(errors="replace")):
-            assert victim.poll() is None, (tmp_path / "killed.err").read_text(errors="replace")[-800:]
-            assert time.monotonic() < deadline, "fold 0 never finished"
-            time.sleep(0.02)
-        victim.send_signal(signal.SIGKILL)
-        assert victim.wait(30) == -signal.SIGKILL
+        _kill_when(victim, lambda: log.exists() and "lgbm fold 0" in log.read_text(errors="replace"), 240,
+                   "fold 0 finished", lambda: (tmp_path / "killed.err").read_text(errors="replace")[-800:])
         assert ref.wait(300) == 0, (tmp_path / "clean.err").read_text(errors="replace")[-800:]
     finally:
         for p in (ref, victim):
