@@ -18,7 +18,7 @@ import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold
 
 from io_utils import atomic_path, read_json, read_npy, write_json, write_npy
-from metric import GESTURES, score_components
+from metric import GESTURES, score_proba
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,7 @@ def fold_array(folds: pl.DataFrame, sequence_ids: np.ndarray) -> np.ndarray:
 
 def view_scores(y_true: np.ndarray, proba_full: np.ndarray, proba_imu: np.ndarray) -> dict[str, float]:
     """Competition score on the full view, the IMU-only view, and their mean (the test-like score)."""
-    truth = [GESTURES[i] for i in y_true]
-    full = score_components(truth, [GESTURES[i] for i in proba_full.argmax(1)])["score"]
-    imu = score_components(truth, [GESTURES[i] for i in proba_imu.argmax(1)])["score"]
+    full, imu = score_proba(y_true, proba_full), score_proba(y_true, proba_imu)
     return {"full": full, "imu_only": imu, "mean": 0.5 * (full + imu)}
 
 

@@ -28,7 +28,6 @@ from schema import DEMOGRAPHIC_FEATURES
 log = logging.getLogger(__name__)
 
 VIEWS = ("full", "imu_only")
-_GESTURE_SET = frozenset(GESTURES)
 
 
 class Member(Protocol):
@@ -119,13 +118,6 @@ def cross_fitted_blend(
         w, _ = fit(y[train], [p[train] for p in probas])
         blended[held] = blend([p[held] for p in probas], w)
     return blended
-
-
-def cross_fitted_score(
-    y: np.ndarray, probas: list[np.ndarray], fold_ids: np.ndarray, fit: Callable[..., tuple[np.ndarray, float]]
-) -> float:
-    """Blend score where each fold's weights were fitted on the other folds: an honest estimate."""
-    return score_proba(y, cross_fitted_blend(y, probas, fold_ids, fit))
 
 
 def apply_class_bias(proba: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -388,9 +380,7 @@ class Predictor:
                 log.warning("sequence %s: no usable demographics row; predicting without demographics "
                             "(further cases are only counted)", table.sequence_ids[0])
         self.stats.calls += 1
-        gesture = GESTURES[int(self.predict_proba_table(table)[0].argmax())]
-        assert gesture in _GESTURE_SET
-        return gesture
+        return GESTURES[int(self.predict_proba_table(table)[0].argmax())]
 
     def summary(self) -> dict[str, Any]:
         return {

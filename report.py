@@ -30,8 +30,8 @@ def _fmt(x: Any) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def _blended_oof(out: Path, weights: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """(y, blended full-view proba, fold ids) from the OOF files and the fitted full-view weights."""
+def _blended_oof(out: Path, weights: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(y, blended full-view proba) from the OOF files and the fitted full-view weights."""
     members = cv.available_members(out / "oof")
     if not members:
         return None
@@ -41,7 +41,7 @@ def _blended_oof(out: Path, weights: dict[str, Any] | None) -> tuple[np.ndarray,
         w = np.array([weights["views"]["full"]["weights"].get(m, 0.0) for m in members])
         if w.sum() <= 0:
             w = np.ones(len(oofs))
-    return oofs[0].y_true, blend([o.proba_full for o in oofs], w), oofs[0].fold_ids
+    return oofs[0].y_true, blend([o.proba_full for o in oofs], w)
 
 
 def _plots(out: Path, report_dir: Path, y: np.ndarray, proba: np.ndarray, summaries: dict[str, Any]) -> list[str]:
@@ -170,7 +170,7 @@ def write_report(out: str | Path) -> Path:
 
     blended = _blended_oof(out, weights)
     if blended is not None:
-        y, proba, _ = blended
+        y, proba = blended
         files = _plots(out, report_dir, y, proba, summaries)
         lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
         f1 = per_class_f1([GESTURES[i] for i in y], [GESTURES[i] for i in proba.argmax(1)])
