@@ -18,7 +18,7 @@ venv: $(VENV)/.installed
 # End to end on generated data: data -> features -> folds -> 3 members -> blend -> gateway -> score -> report.
 # The epoch counts below keep it to minutes on a 2-core CPU; drop them for full training.
 run: venv
-	DL_EPOCHS=$${DL_EPOCHS:-10} KERAS_MAX_EPOCHS=$${KERAS_MAX_EPOCHS:-10} \
+	TORCH_EPOCHS=$${TORCH_EPOCHS:-10} KERAS_MAX_EPOCHS=$${KERAS_MAX_EPOCHS:-10} \
 	$(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
 
 test: venv

@@ -118,7 +118,8 @@ def bench_features(data_dir: Path | None, n_subjects: int) -> dict[str, Any]:
 
 def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) -> dict[str, Any]:
     """Latency of the blend and of each member: in memory vs reload per call."""
-    import main
+    import ensemble
+    import members
     from bench.common import time_calls
     from config import load_config
     from features import build_frame_table
@@ -126,7 +127,7 @@ def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) 
     cfg = load_config(out_dir=str(bundle_root.parent), data_dir=str(data_dir))
     rss0 = _peak_rss_mb()
     t0 = time.perf_counter()
-    predictor = main.build_predictor(cfg, bundle_root)
+    predictor = ensemble.Predictor(cfg, bundle_root=bundle_root)
     startup = time.perf_counter() - t0
     test = pl.read_csv(data_dir / "test.csv")
     demo = pl.read_csv(data_dir / "test_demographics.csv")
@@ -151,11 +152,9 @@ def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) 
     tables = [build_frame_table(g, demo.filter(pl.col("subject") == g["subject"][0]), cfg.features) for g in groups]
     n_reload = min(len(tables), 10)
     for name, member in predictor.members.items():
-        mod = main.member_module(name)
+        pipeline = members.get(name)
         mem = time_calls(member.predict_proba, tables)
-        rel = []
-        if hasattr(mod, "predict_proba_reload_per_call"):
-            rel = time_calls(lambda t: mod.predict_proba_reload_per_call(bundle_root / name, t, cfg), tables[:n_reload])
+        rel = time_calls(lambda t: pipeline.predict_proba_reload_per_call(bundle_root / name, t, cfg), tables[:n_reload])
         m = {"in_memory_p50_ms": float(np.median(mem) * 1000), "in_memory_p95_ms": float(np.percentile(mem, 95) * 1000)}
         if rel:
             m["reload_per_call_p50_ms"] = float(np.median(rel) * 1000)

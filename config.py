@@ -3,10 +3,16 @@
 Every setting lives in one of the dataclasses below; nothing is read from the
 environment anywhere else. ``load_config()`` applies overrides:
 
-* hyper-parameters by ``<PREFIX><FIELD>`` (``LGBM_NUM_LEAVES``, ``DL_EPOCHS``,
-  ``KERAS_MAX_EPOCHS``, ``ENSEMBLE_W_TORCH``, ``CMI_SEED`` ...);
-* the original notebook's switches ``USE_LGBM/USE_TORCH/USE_KERAS`` and
-  ``LGBM_TRAIN/TORCH_TRAIN/KERAS_TRAIN``, plus ``STRICT``.
+* hyper-parameters by ``<PREFIX><FIELD>`` (``LGBM_NUM_LEAVES``, ``TORCH_EPOCHS``,
+  ``KERAS_MAX_EPOCHS``, ``CMI_SEED`` ...); a member's prefix is its section name
+  upper-cased (section ``torch`` -> ``TORCH_``);
+* for every member section (a ``MemberConfig``): the original notebook's
+  switches ``USE_<MEMBER>`` and ``<MEMBER>_TRAIN``, and its default blend weight
+  ``ENSEMBLE_W_<MEMBER>``, all derived from the section, plus ``STRICT``;
+* the older ``DL_*`` names of the torch section, kept as documented aliases.
+
+A new member adds one ``MemberConfig`` dataclass and one ``Config`` field; its
+prefix, switches and weight variable follow from them.
 
 A variable with one of our prefixes that names no field, or a value that does
 not parse as the field's type, raises ``ConfigError`` naming the variable.
@@ -61,11 +67,19 @@ class FeatureConfig:
 
 
 @dataclass
-class LGBMConfig:
+class MemberConfig:
+    """What every member section has: its switches and its default blend weight."""
+
+    use: bool = True  # USE_<MEMBER>: fitted into the blend and served
+    train: bool = True  # <MEMBER>_TRAIN: trained by `train` / the notebook
+    weight: float = 0.0  # ENSEMBLE_W_<MEMBER>: blend weight used only without a fitted weights.json
+
+
+@dataclass
+class LGBMConfig(MemberConfig):
     """LightGBM member (prefix ``LGBM_``)."""
 
-    use: bool = True
-    train: bool = True
+    weight: float = 0.20
     num_leaves: int = 15
     learning_rate: float = 0.07
     n_estimators: int = 400  # 18 trees a round: more rounds cost latency and bundle size for little gain
@@ -79,11 +93,10 @@ class LGBMConfig:
 
 
 @dataclass
-class DLConfig:
-    """PyTorch member (prefix ``DL_``)."""
+class TorchConfig(MemberConfig):
+    """PyTorch member (prefix ``TORCH_``; the older ``DL_`` prefix is an alias)."""
 
-    use: bool = True
-    train: bool = True
+    weight: float = 0.45
     epochs: int = 30
     batch_size: int = 64
     lr: float = 1e-3
@@ -104,12 +117,14 @@ class DLConfig:
     debug_epochs: int = 2
 
 
+DLConfig = TorchConfig  # the class's former name
+
+
 @dataclass
-class KerasConfig:
+class KerasConfig(MemberConfig):
     """Keras member (prefix ``KERAS_``)."""
 
-    use: bool = True
-    train: bool = True
+    weight: float = 0.35
     max_epochs: int = 40
     batch_size: int = 64
     lr: float = 1e-3
@@ -127,11 +142,8 @@ class KerasConfig:
 
 @dataclass
 class EnsembleConfig:
-    """Blending (prefix ``ENSEMBLE_``). The weights are defaults used only without a fitted weights.json."""
+    """Blending (prefix ``ENSEMBLE_``). Default member weights live in the member sections (``ENSEMBLE_W_<M>``)."""
 
-    w_lgbm: float = 0.20
-    w_torch: float = 0.45
-    w_keras: float = 0.35
     n_starts: int = 8
     random_search_draws: int = 4096
     # A class-bias calibration is kept only if it raises the cross-fitted OOF score by more than this.
@@ -143,9 +155,20 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     lgbm: LGBMConfig = field(default_factory=LGBMConfig)
-    torch: DLConfig = field(default_factory=DLConfig)
+    torch: TorchConfig = field(default_factory=TorchConfig)
     keras: KerasConfig = field(default_factory=KerasConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+
+    def member_names(self) -> list[str]:
+        """The member sections, in declaration order."""
+        return [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), MemberConfig)]
+
+    def member(self, name: str) -> MemberConfig:
+        """The config section of member ``name``."""
+        section = getattr(self, name, None)
+        if not isinstance(section, MemberConfig):
+            raise ConfigError(f"no config section for member {name!r}; member sections: {self.member_names()}")
+        return section
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -165,27 +188,41 @@ class Config:
                 os.unlink(tmp)
 
 
-# section attribute -> environment prefix
-PREFIXES: dict[str, str] = {
-    "run": "CMI_",
-    "features": "FEAT_",
-    "lgbm": "LGBM_",
-    "torch": "DL_",
-    "keras": "KERAS_",
-    "ensemble": "ENSEMBLE_",
-}
-# The original notebook's switch names.
-ALIASES: dict[str, tuple[str, str]] = {
-    "USE_LGBM": ("lgbm", "use"),
-    "USE_TORCH": ("torch", "use"),
-    "USE_KERAS": ("keras", "use"),
-    "LGBM_TRAIN": ("lgbm", "train"),
-    "TORCH_TRAIN": ("torch", "train"),
-    "KERAS_TRAIN": ("keras", "train"),
-    "STRICT": ("run", "strict"),
-}
-# Variables under our prefixes that belong to the libraries, not to us.
-FOREIGN: frozenset[str] = frozenset({"KERAS_HOME", "KERAS_BACKEND", "KERAS_NUM_THREADS"})
+# Sections that are not members, and their environment prefixes; a member's prefix is its name upper-cased.
+FIXED_PREFIXES: dict[str, str] = {"run": "CMI_", "features": "FEAT_", "ensemble": "ENSEMBLE_"}
+# Older prefixes that users' notebooks may still set: prefix -> section.
+LEGACY_PREFIXES: dict[str, str] = {"DL_": "torch"}
+STRICT_VARIABLE = "STRICT"
+
+
+def prefixes(cfg: Config) -> dict[str, str]:
+    """section -> environment prefix, for every section of ``cfg``."""
+    return {**FIXED_PREFIXES, **{m: f"{m.upper()}_" for m in cfg.member_names()}}
+
+
+def aliases(cfg: Config) -> dict[str, tuple[str, str]]:
+    """Whole variable names that set one field: the notebook switches, the weights, STRICT."""
+    out: dict[str, tuple[str, str]] = {STRICT_VARIABLE: ("run", "strict")}
+    for m in cfg.member_names():
+        out[f"USE_{m.upper()}"] = (m, "use")
+        out[f"{m.upper()}_TRAIN"] = (m, "train")
+        out[f"ENSEMBLE_W_{m.upper()}"] = (m, "weight")
+    return out
+
+
+# Variables under our prefixes that belong to the libraries, not to us (PyTorch reads many TORCH_* ones).
+FOREIGN: frozenset[str] = frozenset({
+    "KERAS_HOME", "KERAS_BACKEND", "KERAS_NUM_THREADS",
+    "TORCH_HOME", "TORCH_LOGS", "TORCH_CUDA_ARCH_LIST", "TORCH_EXTENSIONS_DIR", "TORCH_SHOW_CPP_STACKTRACES",
+    "TORCH_CPP_LOG_LEVEL", "TORCH_USE_CUDA_DSA", "TORCH_DISTRIBUTED_DEBUG", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+    "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_DISABLE_ADDR2LINE",
+})
+FOREIGN_PREFIXES: tuple[str, ...] = ("TORCH_NCCL_", "TORCH_COMPILE_", "TORCH_CUDNN_", "TORCH_BLAS_", "TORCH_CUDA_")
+
+
+def is_foreign(name: str) -> bool:
+    return name in FOREIGN or name.startswith(FOREIGN_PREFIXES)
+
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -230,14 +267,16 @@ def _field_types(section: Any) -> dict[str, Any]:
 
 def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
     """Apply every override found in ``env`` to ``cfg`` (in place) and return it."""
+    whole = aliases(cfg)
+    by_prefix = [(p, s) for s, p in prefixes(cfg).items()] + list(LEGACY_PREFIXES.items())
     for name, raw in sorted(env.items()):
-        if name in ALIASES:
-            section_name, field_name = ALIASES[name]
+        if name in whole:
+            section_name, field_name = whole[name]
         else:
-            matches = [(s, p) for s, p in PREFIXES.items() if name.startswith(p)]
-            if not matches or name in FOREIGN:
+            matches = [(s, p) for p, s in by_prefix if name.startswith(p)]
+            if not matches or is_foreign(name):
                 continue
-            section_name, prefix = matches[0]
+            section_name, prefix = max(matches, key=lambda m: len(m[1]))  # the most specific prefix
             field_name = name[len(prefix):].lower()
             section = getattr(cfg, section_name)
             if field_name not in _field_types(section):
@@ -260,24 +299,25 @@ def validate(cfg: Config) -> None:
         (0 < cfg.features.tail_fraction <= 1, "FEAT_TAIL_FRACTION must be in (0, 1]"),
         (cfg.features.dt > 0, "FEAT_DT must be positive"),
         (cfg.lgbm.learning_rate > 0, "LGBM_LEARNING_RATE must be positive"),
-        (cfg.torch.epochs >= 1 and cfg.torch.batch_size >= 1, "DL_EPOCHS and DL_BATCH_SIZE must be >= 1"),
-        (cfg.torch.grad_accum_steps >= 1, "DL_GRAD_ACCUM_STEPS must be >= 1"),
-        (0 <= cfg.torch.dropout < 1, "DL_DROPOUT must be in [0, 1)"),
-        (0 <= cfg.torch.modality_dropout <= 1, "DL_MODALITY_DROPOUT must be in [0, 1]"),
+        (cfg.torch.epochs >= 1 and cfg.torch.batch_size >= 1, "TORCH_EPOCHS and TORCH_BATCH_SIZE (DL_*) must be >= 1"),
+        (cfg.torch.grad_accum_steps >= 1, "TORCH_GRAD_ACCUM_STEPS (DL_*) must be >= 1"),
+        (0 <= cfg.torch.dropout < 1, "TORCH_DROPOUT (DL_DROPOUT) must be in [0, 1)"),
+        (0 <= cfg.torch.modality_dropout <= 1, "TORCH_MODALITY_DROPOUT (DL_*) must be in [0, 1]"),
         (cfg.keras.max_epochs >= 1 and cfg.keras.batch_size >= 1, "KERAS_MAX_EPOCHS and KERAS_BATCH_SIZE must be >= 1"),
         (0 <= cfg.keras.dropout < 1, "KERAS_DROPOUT must be in [0, 1)"),
         (0 <= cfg.keras.label_smoothing < 1, "KERAS_LABEL_SMOOTHING must be in [0, 1)"),
         (len(cfg.keras.imu_filters) == len(cfg.keras.imu_kernels), "KERAS_IMU_FILTERS and KERAS_IMU_KERNELS differ in length"),
-        (min(cfg.ensemble.w_lgbm, cfg.ensemble.w_torch, cfg.ensemble.w_keras) >= 0, "ENSEMBLE_W_* must be >= 0"),
     ]
+    checks += [(cfg.member(m).weight >= 0, f"ENSEMBLE_W_{m.upper()} must be >= 0") for m in cfg.member_names()]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
 
 
-def load_config(env: Mapping[str, str] | None = None, **run_overrides: Any) -> Config:
+def load_config(env: Mapping[str, str] | None = None, config_class: type[Config] | None = None,
+                **run_overrides: Any) -> Config:
     """The effective config: defaults, then environment overrides, then explicit run overrides (CLI)."""
-    cfg = apply_overrides(Config(), os.environ if env is None else env)
+    cfg = apply_overrides((config_class or Config)(), os.environ if env is None else env)
     for key, value in run_overrides.items():
         if value is None:
             continue
@@ -288,9 +328,24 @@ def load_config(env: Mapping[str, str] | None = None, **run_overrides: Any) -> C
     return cfg
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.json)."""
-    cfg = Config()
+# Fields of config.json files written before the weights moved into the member sections.
+_LEGACY_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
+    ("ensemble", "w_lgbm"): ("lgbm", "weight"),
+    ("ensemble", "w_torch"): ("torch", "weight"),
+    ("ensemble", "w_keras"): ("keras", "weight"),
+}
+
+
+def config_from_dict(data: Mapping[str, Any], config_class: type[Config] | None = None) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.json, older layouts included)."""
+    cfg = (config_class or Config)()
+    moved: dict[str, dict[str, Any]] = {}
+    for (sec, key), (new_sec, new_key) in _LEGACY_FIELDS.items():
+        if key in (data.get(sec) or {}):
+            moved.setdefault(new_sec, {})[new_key] = data[sec][key]
+    data = {s: {k: v for k, v in vals.items() if (s, k) not in _LEGACY_FIELDS} for s, vals in data.items()}
+    for sec, vals in moved.items():
+        data.setdefault(sec, {}).update(vals)
     for section_name, values in data.items():
         if not hasattr(cfg, section_name):
             raise ConfigError(f"unknown config section {section_name!r}")
@@ -307,6 +362,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 __all__ = [
-    "Config", "ConfigError", "RunConfig", "FeatureConfig", "LGBMConfig", "DLConfig", "KerasConfig",
+    "Config", "ConfigError", "RunConfig", "FeatureConfig", "MemberConfig", "LGBMConfig", "TorchConfig", "DLConfig",
+    "KerasConfig",
     "EnsembleConfig", "load_config", "apply_overrides", "config_from_dict", "parse_value",
 ]

@@ -1,8 +1,10 @@
 """Blending the members: weights fitted on OOF probabilities, and the serving ``Predictor``.
 
-The ensemble sees members through one small interface: a ``MemberSpec`` gives
-``load_member(bundle_dir, cfg)`` returning an object with
-``predict_proba(table) -> (n, 18)``. It knows nothing of LightGBM, torch or Keras.
+The ensemble sees members through the registry's small interface (``members.py``):
+each member has a ``name``, ``is_available()`` and ``load(bundle_dir, cfg)``
+returning an object with ``predict_proba(table) -> (n, 18)``. Its switch
+(``USE_<MEMBER>``) and default weight (``ENSEMBLE_W_<MEMBER>``) come from its
+config section. It knows nothing of LightGBM, torch or Keras.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+import members as members_registry
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof
 from features import FRAME_FEATURES, FrameTable, build_frame_table
@@ -36,15 +39,26 @@ class Member(Protocol):
     def predict_proba(self, table: FrameTable) -> np.ndarray: ...
 
 
+class MemberSource(Protocol):
+    """What the Predictor needs to reach one member (a registered ``MemberPipeline`` is one)."""
+
+    name: str
+
+    def is_available(self) -> tuple[bool, str]: ...
+
+    def load(self, bundle_dir: Path, cfg: Config) -> Member: ...
+
+
 @dataclass(frozen=True)
 class MemberSpec:
-    """How the ensemble reaches one member: its name and the three callables it needs."""
+    """A ``MemberSource`` made of plain callables (for members that are not pipelines, e.g. in tests)."""
 
     name: str
     load_member: Callable[[Path, Config], Member]
-    is_available: Callable[[], tuple[bool, str]]
-    enabled: Callable[[Config], bool]  # USE_<MEMBER>
-    default_weight: Callable[[Config], float]  # ENSEMBLE_W_<MEMBER>
+    is_available: Callable[[], tuple[bool, str]] = lambda: (True, "")
+
+    def load(self, bundle_dir: Path, cfg: Config) -> Member:
+        return self.load_member(bundle_dir, cfg)
 
 
 # --------------------------------------------------------------------------- weight fitting
@@ -250,15 +264,16 @@ class Predictor:
     method named ``predict`` (the server finds the endpoint by ``__name__``).
     """
 
-    def __init__(self, cfg: Config, specs: list[MemberSpec], bundle_root: str | Path | None = None,
-                 weights_path: str | Path | None = None) -> None:
+    def __init__(self, cfg: Config, specs: Sequence[MemberSource] | None = None,
+                 bundle_root: str | Path | None = None, weights_path: str | Path | None = None) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
         self.members: dict[str, Member] = {}
         self.missing: dict[str, str] = {}
+        specs = list(members_registry.importable()) if specs is None else list(specs)
         for spec in specs:
-            if not spec.enabled(cfg):
+            if not cfg.member(spec.name).use:
                 self.missing[spec.name] = "switched off (USE_%s=0)" % spec.name.upper()
                 continue
             ok, why = spec.is_available()
@@ -268,7 +283,7 @@ class Predictor:
             elif not bundle_dir.exists():
                 self.missing[spec.name] = f"no bundle at {bundle_dir}"
             else:
-                self.members[spec.name] = spec.load_member(bundle_dir, cfg)  # a corrupt bundle raises here
+                self.members[spec.name] = spec.load(bundle_dir, cfg)  # a corrupt bundle raises here
         for name, why in self.missing.items():
             log.warning("member %s not used: %s", name, why)
         if not self.members:
@@ -280,9 +295,9 @@ class Predictor:
         self.load_seconds = time.perf_counter() - t0
         log.info("Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights)
 
-    def _load_weights(self, specs: list[MemberSpec], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
+    def _load_weights(self, specs: list[MemberSource], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
         path = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
-        defaults = {s.name: s.default_weight(self.cfg) for s in specs}
+        defaults = {s.name: self.cfg.member(s.name).weight for s in specs}
         if path.exists():
             fitted = read_json(path)
             try:
@@ -392,17 +407,3 @@ class Predictor:
             "member_failures": dict(self.stats.member_failures),
             "unknown_demographics": self.stats.unknown_demographics,
         }
-
-
-def member_specs_from_modules(modules: Mapping[str, Any]) -> list[MemberSpec]:
-    """MemberSpecs for pipeline modules exposing MEMBER, load_member and is_available."""
-    specs = []
-    for name, mod in modules.items():
-        specs.append(MemberSpec(
-            name=name,
-            load_member=mod.load_member,
-            is_available=mod.is_available,
-            enabled=lambda cfg, n=name: getattr(cfg, n).use,
-            default_weight=lambda cfg, n=name: float(getattr(cfg.ensemble, f"w_{n}")),
-        ))
-    return specs

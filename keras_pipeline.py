@@ -1,10 +1,9 @@
 """Keras member: two-branch residual-SE CNN + BiLSTM/BiGRU + masked attention, and an IMU-only light model.
 
 TensorFlow/Keras are imported lazily (``_tf()``), never at module import, so the
-rest of the project works without them. Training follows the shared folds,
-writes its state under ``<out>/bundles/.keras_work/`` after every fold (so a
-killed run resumes and skips finished folds) and ends with the bundle
-``<out>/bundles/keras/`` written atomically plus OOF via ``cv.write_member_oof``.
+rest of the project works without them. The fold loop, resume, OOF and bundle
+writing come from the member scaffold (``member_base.MemberPipeline``); this
+module fills its hooks.
 
 Layout of the bundle::
 
@@ -16,30 +15,23 @@ Layout of the bundle::
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import logging
 import os
-import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import bundle
-import cv
 import features
-import io_utils
 from config import Config, RunConfig
+from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
 from metric import GESTURES, N_CLASSES, score_proba
 
 MEMBER = "keras"
 FORMAT = 1  # layout of this member's bundle (model inputs, metadata keys)
-WORK_DIR_NAME = ".keras_work"
-STATE_FILE = "keras_state.json"
 N_POOL = 2  # both branches halve time this many times so they can be concatenated
 # Tracing a training graph costs ~5-10 s on CPU; below this many optimizer steps (tiny debug/test
 # runs) eager execution finishes first. Real training is always far above it and runs as a graph.
@@ -335,22 +327,6 @@ def _channel_index() -> tuple[np.ndarray, np.ndarray]:
     return features.feature_index(features.IMU_FEATURES), features.feature_index(features.TOFTHM_FEATURES)
 
 
-def _fingerprint(table: Any, y: np.ndarray, fold_ids: np.ndarray, folds_hash: str, cfg: Config,
-                 pad_len: int) -> str:
-    """What must not change between a killed run and its resume (data, folds, settings)."""
-    h = hashlib.sha256()
-    h.update("\n".join(map(str, table.sequence_ids)).encode())
-    h.update(np.ascontiguousarray(y, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(fold_ids, dtype=np.int64).tobytes())
-    h.update(np.ascontiguousarray(table.lengths, dtype=np.int64).tobytes())
-    settings = {
-        "format": FORMAT, "folds_hash": folds_hash, "keras": asdict(cfg.keras), "features": asdict(cfg.features),
-        "seed": cfg.run.seed, "debug": cfg.run.debug, "feature_names": list(table.feature_names), "pad_len": pad_len,
-    }
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def _dataset(tf: Any, inputs: tuple[np.ndarray, ...], y: np.ndarray | None, batch: int,
              shuffle_seed: int | None) -> Any:
     """tf.data pipeline over precomputed arrays (features are never recomputed per batch)."""
@@ -418,15 +394,14 @@ def _save_model(model: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _train_one_fold(k: int, table: Any, imu_table: Any, y: np.ndarray, fold_ids: np.ndarray, pad_len: int,
-                    cfg: Config, work: Path) -> dict[str, Any]:
-    """Train fold k's two models, save them and the fold's OOF rows into ``work``; return its record."""
+def _train_fold(data: TrainingData, split: FoldSplit, pad_len: int, cfg: Config, work: Path) -> FoldResult:
+    """Train one fold's two models, save them into ``work``; return the fold's OOF rows and record."""
     tf = _tf(cfg.run.out_dir, cfg.run.n_threads)
     keras = _keras(cfg)
+    table, imu_table, y, k = data.table, data.imu_table, data.y, split.fold
     imu_idx, tof_idx = _channel_index()
-    tr = np.flatnonzero(fold_ids != k)
-    va = np.flatnonzero(fold_ids == k)
-    scaler = features.fit_scaler(table, tr)  # training fold only
+    tr, va = split.train, split.valid
+    scaler = fit_fold_scaler(data, split)  # training folds only
     x_tr, m_tr = features.pad_batch(table, tr, pad_len, scaler)
     x_va, m_va = features.pad_batch(table, va, pad_len, scaler)
     xi_tr, mi_tr = features.pad_batch(imu_table, tr, pad_len, scaler)
@@ -460,9 +435,7 @@ def _train_one_fold(k: int, table: Any, imu_table: Any, y: np.ndarray, fold_ids:
         twin = build(args)
         twin.set_weights(model.get_weights())
         _save_model(twin, work / f"fold{k}_{kind}.keras")
-    io_utils.write_npy(work / f"fold{k}_oof_full.npy", p_full.astype(np.float32))
-    io_utils.write_npy(work / f"fold{k}_oof_imu.npy", p_imu.astype(np.float32))
-    return {
+    record = {
         "scaler": scaler.to_dict(),
         "n_train": int(len(tr)),
         "n_valid": int(len(va)),
@@ -471,122 +444,62 @@ def _train_one_fold(k: int, table: Any, imu_table: Any, y: np.ndarray, fold_ids:
         "full": rec_full,
         "imu": rec_imu,
     }
+    log.info("keras: fold %d done: score full %.4f imu-only %.4f", k, record["score_full"], record["score_imu"])
+    return FoldResult(p_full, p_imu, record)
 
 
-# --------------------------------------------------------------------------- training entry point
+# --------------------------------------------------------------------------- the pipeline
 
 
-def train_member(table: Any, imu_table: Any, y: np.ndarray, fold_ids: np.ndarray, folds_hash: str, cfg: Config,
-                 out_dir: Path) -> dict:
-    """Cross-validated training on the shared folds; resumable; writes the bundle and OOF. Returns the OOF summary."""
-    _keras(cfg)  # raises with the reason when TensorFlow cannot be used
-    out_dir = Path(out_dir)
-    y = np.asarray(y, dtype=np.int64)
-    fold_ids = np.asarray(fold_ids, dtype=np.int64)
-    n = table.n_sequences
-    if imu_table.n_sequences != n or not np.array_equal(imu_table.sequence_ids, table.sequence_ids):
-        raise ValueError("keras: imu_table must hold the same sequences as table, in the same order")
-    if len(y) != n or len(fold_ids) != n:
-        raise ValueError(f"keras: {n} sequences but {len(y)} labels and {len(fold_ids)} fold ids")
-    if tuple(table.feature_names) != tuple(features.FRAME_FEATURES):
-        raise ValueError("keras: table.feature_names differ from features.FRAME_FEATURES")
-    folds = sorted(int(f) for f in np.unique(fold_ids))
+class KerasPipeline(MemberPipeline):
+    """Per fold a two-branch full model and an IMU-only light model, as ``.keras`` files."""
 
-    # one pad length for every fold: the resume state is keyed on it
-    pad_len = features.resolve_pad_len(table.lengths, cfg.features)
-    fp = _fingerprint(table, y, fold_ids, folds_hash, cfg, pad_len)
-    work = out_dir / "bundles" / WORK_DIR_NAME
-    state_path = work / STATE_FILE
-    state = _load_state(state_path, fp)
-    if state is None:
-        if work.exists():
-            shutil.rmtree(work)
-        state = {"fingerprint": fp, "folds_hash": folds_hash, "pad_len": pad_len, "folds": {}}
-        work.mkdir(parents=True, exist_ok=True)
-        io_utils.write_json(state_path, state)
+    name = MEMBER
+    packages = _PACKAGES
+    bundle_format = FORMAT
 
-    for k in folds:
-        if str(k) in state["folds"] and _fold_files_present(work, k):
-            log.info("keras: fold %d already finished (state %s): skipped", k, state_path)
-            continue
-        log.info("keras: training fold %d/%d (pad_len %d, %d epochs max)", k + 1, len(folds), pad_len, _epochs(cfg))
-        state["folds"][str(k)] = _train_one_fold(k, table, imu_table, y, fold_ids, pad_len, cfg, work)
-        io_utils.write_json(state_path, state)  # last: the fold counts as done only once its files exist
-        rec = state["folds"][str(k)]
-        log.info("keras: fold %d done: score full %.4f imu-only %.4f", k, rec["score_full"], rec["score_imu"])
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
 
-    # Assemble the OOF matrices from the per-fold rows.
-    oof_full = np.zeros((n, N_CLASSES), dtype=np.float32)
-    oof_imu = np.zeros((n, N_CLASSES), dtype=np.float32)
-    for k in folds:
-        va = np.flatnonzero(fold_ids == k)
-        oof_full[va] = io_utils.read_npy(work / f"fold{k}_oof_full.npy")
-        oof_imu[va] = io_utils.read_npy(work / f"fold{k}_oof_imu.npy")
-    cv_full, cv_imu = float(score_proba(y, oof_full)), float(score_proba(y, oof_imu))
+    def prepare(self, data: TrainingData, cfg: Config) -> int:
+        _keras(cfg)  # raises with the reason when TensorFlow cannot be used
+        # One pad length for every fold: the model's input shape is fixed per bundle.
+        return features.resolve_pad_len(data.table.lengths, cfg.features)
 
-    scalers = {k: state["folds"][str(k)]["scaler"] for k in folds}
-    records = {k: {kk: v for kk, v in state["folds"][str(k)].items() if kk != "scaler"} for k in folds}
-    write_bundle(out_dir / "bundles" / MEMBER, {k: work / f"fold{k}_full.keras" for k in folds},
-                 {k: work / f"fold{k}_imu.keras" for k in folds}, scalers, pad_len, cfg, folds_hash,
-                 {"full": cv_full, "imu_only": cv_imu, "mean": 0.5 * (cv_full + cv_imu)}, records)
+    def fingerprint_settings(self, pad_len: int, cfg: Config) -> dict[str, Any]:
+        return {"pad_len": int(pad_len)}
 
-    summary = cv.write_member_oof(out_dir / "oof", MEMBER, table.sequence_ids, y, fold_ids, oof_full, oof_imu,
-                                  folds_hash, extra={"pad_len": pad_len, "epochs": _epochs(cfg)})
-    shutil.rmtree(work, ignore_errors=True)  # bundle and OOF are written: the work folder is spent
-    log.info("keras: CV full %.4f, imu-only %.4f; bundle %s", cv_full, cv_imu, out_dir / "bundles" / MEMBER)
-    return summary
+    def fold_files(self, fold: int) -> list[str]:
+        return [f"fold{fold}_full.keras", f"fold{fold}_imu.keras"]
 
+    def fit_fold(self, pad_len: int, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
+        log.info("keras: training fold %d/%d (pad_len %d, %d epochs max)", split.fold + 1, len(data.folds), pad_len,
+                 _epochs(cfg))
+        return _train_fold(data, split, pad_len, cfg, work)
 
-def write_bundle(bundle_dir: Path, full_files: dict[int, Path], imu_files: dict[int, Path],
-                 scalers: dict[int, dict], pad_len: int, cfg: Config, folds_hash: str,
-                 cv_score: dict[str, float] | None = None, fold_records: dict[int, dict] | None = None) -> None:
-    """Write the bundle atomically: per fold the two .keras files, metadata.json and config.json."""
-    folds = sorted(full_files)
-    imu_idx, tof_idx = _channel_index()
-    args = model_args(cfg, len(imu_idx), len(tof_idx), pad_len)
-    extra = {
-        "keras_format": FORMAT,
-        "folds": folds,
-        "pad_len": int(pad_len),
-        "pad_side": "left",
-        "imu_features": list(features.IMU_FEATURES),
-        "tofthm_features": list(features.TOFTHM_FEATURES),
-        "scalers": {str(k): scalers[k] for k in folds},  # the training-fold statistics, as used in training
-        "model_args": args,
-        "light_model_args": light_args(args),
-        "cv_score": cv_score or {},
-        "fold_records": {str(k): v for k, v in (fold_records or {}).items()},
-        "epochs": _epochs(cfg),
-        "seed": cfg.run.seed,
-    }
-    meta = bundle.bundle_metadata(MEMBER, features.FRAME_FEATURES, folds_hash, extra, packages=_PACKAGES)
-    with io_utils.atomic_dir(bundle_dir) as tmp:
-        for k in folds:
-            shutil.copy2(full_files[k], tmp / f"fold{k}_full.keras")
-            shutil.copy2(imu_files[k], tmp / f"fold{k}_imu.keras")
-        cfg.save(tmp / "config.json")
-        bundle.write_metadata(tmp, meta)
+    def summary_extra(self, pad_len: int, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {"pad_len": pad_len, "epochs": _epochs(cfg)}
 
+    def bundle_extra(self, pad_len: int, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        imu_idx, tof_idx = _channel_index()
+        args = model_args(cfg, len(imu_idx), len(tof_idx), pad_len)
+        return {
+            "keras_format": FORMAT,
+            "pad_len": int(pad_len),
+            "pad_side": "left",
+            "imu_features": list(features.IMU_FEATURES),
+            "tofthm_features": list(features.TOFTHM_FEATURES),
+            "scalers": {str(k): r["scaler"] for k, r in records.items()},  # the statistics used in training
+            "model_args": args,
+            "light_model_args": light_args(args),
+            "epochs": _epochs(cfg),
+        }
 
-def _fold_files_present(work: Path, k: int) -> bool:
-    names = (f"fold{k}_full.keras", f"fold{k}_imu.keras", f"fold{k}_oof_full.npy", f"fold{k}_oof_imu.npy")
-    return all((work / nm).exists() for nm in names)
+    def load(self, bundle_dir: Path, cfg: Config) -> KerasMember:
+        return load_member(bundle_dir, cfg)
 
-
-def _load_state(path: Path, fingerprint: str) -> dict | None:
-    """The saved state when it belongs to this exact run (data, folds, config), else None (logged)."""
-    if not path.exists():
-        return None
-    try:
-        state = io_utils.read_json(path)
-    except ValueError as e:
-        log.warning("keras: unreadable training state (%s): starting over", e)
-        return None
-    if state.get("fingerprint") != fingerprint:
-        log.warning("keras: training state %s was made with other data/folds/config: starting over", path)
-        return None
-    log.info("keras: resuming from %s (finished folds: %s)", path, sorted(state.get("folds", {}), key=int))
-    return state
+    def predict_proba_reload_per_call(self, bundle_dir: Path, table: Any, cfg: Config) -> np.ndarray:
+        return predict_proba_reload_per_call(bundle_dir, table, cfg)
 
 
 # --------------------------------------------------------------------------- inference
@@ -725,9 +638,7 @@ class KerasMember:
 def load_member(bundle_dir: Path, cfg: Config) -> KerasMember:
     """Check the bundle's metadata against the code, load every fold's two models once, compile inference."""
     bundle_dir = Path(bundle_dir)
-    meta = bundle.read_metadata(bundle_dir, MEMBER, features.FRAME_FEATURES)
-    files = [f"fold{k}_{kind}.keras" for k in meta.get("folds", []) for kind in ("full", "imu")]
-    meta = bundle.read_metadata(bundle_dir, MEMBER, features.FRAME_FEATURES, required_files=files)
+    meta = KerasPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES)
     problems = []
     if meta.get("keras_format") != FORMAT:
         problems.append(f"keras bundle format {meta.get('keras_format')!r}, code expects {FORMAT}")
@@ -778,6 +689,6 @@ def predict_proba_reload_per_call(bundle_dir: Path, table: Any, cfg: Config) -> 
 
 
 __all__ = [
-    "MEMBER", "KerasMember", "is_available", "train_member", "load_member", "predict_proba_reload_per_call",
-    "build_full_model", "build_imu_model", "model_args", "light_args", "write_bundle",
+    "MEMBER", "KerasMember", "KerasPipeline", "is_available", "load_member", "predict_proba_reload_per_call",
+    "build_full_model", "build_imu_model", "model_args", "light_args",
 ]

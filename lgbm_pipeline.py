@@ -13,18 +13,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import bundle
-import cv
 import features
 import io_utils
 from config import Config
+from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData
 from metric import GESTURES, N_CLASSES, score_proba
 
 try:
@@ -285,90 +285,93 @@ class LGBMMember:
         return _routed_proba(use_imu, X_full, X_imu, full, imu)
 
 
-# ---- training -------------------------------------------------------------------------------
-def train_member(table: features.FrameTable, imu_table: features.FrameTable, y: np.ndarray, fold_ids: np.ndarray,
-                 folds_hash: str, cfg: Config, out_dir: Path) -> dict:
-    """Train both views on every fold, write OOF (full and IMU-only views) and the bundle; return the OOF summary."""
-    _require_lightgbm()
-    out_dir = Path(out_dir)
-    y = _as_labels(y, table.n_sequences, "y")
-    fold_ids = np.asarray(fold_ids)
-    if fold_ids.shape != (table.n_sequences,):
-        raise ValueError(f"fold_ids has shape {fold_ids.shape}, expected ({table.n_sequences},)")
-    if not np.array_equal(np.asarray(imu_table.sequence_ids), np.asarray(table.sequence_ids)):
-        raise ValueError("imu_table must hold the same sequences as table, in the same order")
+# ---- the pipeline: training hooks and loading ------------------------------------------------
+@dataclass
+class _Context:
+    """Aggregates of both views, computed once for every fold."""
 
-    X_full, names_full = _aggregates(table, cfg, imu_only=False)
-    X_imu, names_imu = _aggregates(imu_table, cfg, imu_only=True)
-    params = params_from_config(cfg)
-    seed = cfg.run.seed
-    use_imu_full_view = ~np.asarray(table.has_tof_thm, dtype=bool)
+    X_full: np.ndarray
+    X_imu: np.ndarray
+    names_full: list[str]
+    names_imu: list[str]
+    params: dict[str, Any]
+    use_imu_full_view: np.ndarray  # sequences without thm/tof, which serving routes to the IMU model
 
-    n = table.n_sequences
-    oof_full = np.zeros((n, N_CLASSES), dtype=np.float64)
-    oof_imu = np.zeros((n, N_CLASSES), dtype=np.float64)
-    models: dict[str, list[LGBMSequenceClassifier]] = {"full": [], "imu": []}
-    model_meta: list[dict[str, Any]] = []
-    folds = sorted(int(k) for k in np.unique(fold_ids))
-    for k in folds:
-        t0 = time.perf_counter()
-        tr, va = np.flatnonzero(fold_ids != k), np.flatnonzero(fold_ids == k)
-        full = LGBMSequenceClassifier(params, seed).fit(X_full[tr], y[tr], X_full[va], y[va], names_full)
-        imu = LGBMSequenceClassifier(params, seed).fit(X_imu[tr], y[tr], X_imu[va], y[va], names_imu)
-        models["full"].append(full)
-        models["imu"].append(imu)
+
+class LGBMPipeline(MemberPipeline):
+    """Two boosters per fold (full view, IMU-only view), LightGBM text files in the bundle."""
+
+    name = MEMBER
+    packages = ("lightgbm",)
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def prepare(self, data: TrainingData, cfg: Config) -> _Context:
+        _require_lightgbm()
+        X_full, names_full = _aggregates(data.table, cfg, imu_only=False)
+        X_imu, names_imu = _aggregates(data.imu_table, cfg, imu_only=True)
+        return _Context(X_full, X_imu, names_full, names_imu, params_from_config(cfg),
+                        ~np.asarray(data.table.has_tof_thm, dtype=bool))
+
+    def feature_names(self, ctx: _Context | None, cfg: Config) -> list[str]:
+        return current_feature_names(cfg)[0]
+
+    def fold_files(self, fold: int) -> list[str]:
+        return [f"fold{fold}_{view}.txt" for view in VIEWS]
+
+    def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
+        tr, va, k, y = split.train, split.valid, split.fold, data.y
+        seed = cfg.run.seed
+        full = LGBMSequenceClassifier(ctx.params, seed).fit(ctx.X_full[tr], y[tr], ctx.X_full[va], y[va], ctx.names_full)
+        imu = LGBMSequenceClassifier(ctx.params, seed).fit(ctx.X_imu[tr], y[tr], ctx.X_imu[va], y[va], ctx.names_imu)
         # Full view routed exactly as predict_proba routes, so the OOF is what serving would answer.
         # For a sequence without thm/tof, its imu_table aggregates equal its table aggregates.
-        route = use_imu_full_view[va]
-        oof_full[va] = _routed_proba(route, X_full[va][~route], X_imu[va][route], [full], [imu])
-        oof_imu[va] = imu.predict_proba(X_imu[va])
-        s_full, s_imu = score_proba(y[va], oof_full[va]), score_proba(y[va], oof_imu[va])
+        route = ctx.use_imu_full_view[va]
+        p_full = _routed_proba(route, ctx.X_full[va][~route], ctx.X_imu[va][route], [full], [imu])
+        p_imu = imu.predict_proba(ctx.X_imu[va])
+        s_full, s_imu = score_proba(y[va], p_full), score_proba(y[va], p_imu)
+        models = []
         for view, model, score in (("full", full, s_full), ("imu", imu, s_imu)):
-            model_meta.append({
-                "fold": k, "view": view, "file": f"fold{k}_{view}.txt",
-                "present_classes": model.present_classes_.tolist(), "best_iteration": model.best_iteration_,
-                "val_score": score,
-            })
-        log.info("%s fold %d: full %.4f imu %.4f | best iteration full %d imu %d | %d train / %d val | %.1fs",
-                 MEMBER, k, s_full, s_imu, full.best_iteration_, imu.best_iteration_, len(tr), len(va),
-                 time.perf_counter() - t0)
+            model.save_model(work / f"fold{k}_{view}.txt")
+            io_utils.write_npy(work / f"fold{k}_{view}_importance.npy",
+                               np.stack([model.gain_importance(), model.split_importance()]))
+            models.append({"fold": k, "view": view, "file": f"fold{k}_{view}.txt",
+                           "present_classes": model.present_classes_.tolist(),
+                           "best_iteration": model.best_iteration_, "val_score": score})
+        log.info("%s fold %d: full %.4f imu %.4f | best iteration full %d imu %d | %d train / %d val",
+                 MEMBER, k, s_full, s_imu, full.best_iteration_, imu.best_iteration_, len(tr), len(va))
+        return FoldResult(p_full, p_imu, {"models": models})
 
-    summary = cv.write_member_oof(out_dir / "oof", MEMBER, table.sequence_ids, y, fold_ids, oof_full, oof_imu,
-                                  folds_hash, extra={"best_iterations": {m["file"]: m["best_iteration"] for m in model_meta}})
+    def summary_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {"best_iterations": {m["file"]: m["best_iteration"] for r in records.values() for m in r["models"]}}
 
-    extra = {
-        "feature_names_imu": names_imu,
-        "feature_config": dataclasses.asdict(cfg.features),
-        "folds": folds,
-        "models": model_meta,
-        "params": params,
-        "seed": seed,
-        "lightgbm_version": lgb.__version__,
-        "cv": summary,
-    }
-    with io_utils.atomic_dir(out_dir / "bundles" / MEMBER) as tmp:
-        for view in VIEWS:
-            for k, model in zip(folds, models[view]):
-                model.save_model(tmp / f"fold{k}_{view}.txt")
-        _write_importance(tmp / "importance_full.csv", names_full, models["full"])
-        _write_importance(tmp / "importance_imu.csv", names_imu, models["imu"])
-        bundle.write_metadata(tmp, bundle.bundle_metadata(MEMBER, names_full, folds_hash, extra, packages=("lightgbm",)))
-        cfg.save(tmp / "config.json")
-    log.info("%s bundle written to %s", MEMBER, out_dir / "bundles" / MEMBER)
-    return summary
+    def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {
+            "feature_names_imu": ctx.names_imu,
+            "feature_config": dataclasses.asdict(cfg.features),
+            "models": [m for k in sorted(records) for m in records[k]["models"]],
+            "params": ctx.params,
+            "lightgbm_version": lgb.__version__,
+        }
+
+    def write_extra_files(self, bundle_tmp: Path, ctx: _Context, records: dict[int, dict], work: Path) -> None:
+        for view, names in (("full", ctx.names_full), ("imu", ctx.names_imu)):
+            imp = np.stack([io_utils.read_npy(work / f"fold{k}_{view}_importance.npy") for k in sorted(records)])
+            _write_importance(bundle_tmp / f"importance_{view}.csv", names, imp[:, 0], imp[:, 1])
+
+    def load(self, bundle_dir: Path, cfg: Config) -> LGBMMember:
+        return load_member(bundle_dir, cfg)
 
 
-def _write_importance(path: Path, names: Sequence[str], models: Sequence[LGBMSequenceClassifier]) -> None:
-    """Gain importance averaged over folds, most important first (for the report)."""
-    gain = np.stack([m.gain_importance() for m in models])
-    split = np.stack([m.split_importance() for m in models])
+def _write_importance(path: Path, names: Sequence[str], gain: np.ndarray, split: np.ndarray) -> None:
+    """Gain importance averaged over folds (rows of ``gain``/``split``), most important first (for the report)."""
     order = np.argsort(-gain.mean(axis=0), kind="stable")
     lines = ["feature,gain_mean,gain_std,split_mean"]
     lines += [f"{names[i]},{gain[:, i].mean():.6g},{gain[:, i].std():.6g},{split[:, i].mean():.6g}" for i in order]
     io_utils.write_text(path, "\n".join(lines) + "\n")
 
 
-# ---- loading --------------------------------------------------------------------------------
 def current_feature_names(cfg: Config) -> tuple[list[str], list[str]]:
     """The aggregate names this code produces: (full view, IMU view)."""
     return list(features.aggregate_feature_names(imu_only=False)), list(features.aggregate_feature_names(imu_only=True))
@@ -431,6 +434,6 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
 
 
 __all__ = [
-    "MEMBER", "LGBMSequenceClassifier", "LGBMMember", "is_available", "params_from_config",
-    "train_member", "load_member", "current_feature_names",
+    "MEMBER", "LGBMSequenceClassifier", "LGBMMember", "LGBMPipeline", "is_available", "params_from_config",
+    "load_member", "current_feature_names",
 ]

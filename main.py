@@ -9,15 +9,14 @@
     python main.py export-notebook --out FILE
 
 Settings come from config.py (environment overrides such as LGBM_TRAIN=0,
-DL_EPOCHS=10, KERAS_MAX_EPOCHS=20); this is the only module that knows which
-members exist.
+TORCH_EPOCHS=10, KERAS_MAX_EPOCHS=20); the members come from the registry in
+members.py. Nothing imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -25,25 +24,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# The members, in blend order. A new member is one new *_pipeline.py and one line here.
-MEMBER_MODULES: dict[str, str] = {
-    "lgbm": "lgbm_pipeline",
-    "torch": "torch_pipeline",
-    "keras": "keras_pipeline",
-}
+import members
+
+if TYPE_CHECKING:
+    from config import Config
+    from ensemble import Predictor
 
 log = logging.getLogger("cmi")
 KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_COMPETITION_DIR = KAGGLE_INPUT / "cmi-detect-behavior-with-sensor-data"
-
-
-def member_module(name: str) -> ModuleType:
-    if name not in MEMBER_MODULES:
-        raise SystemExit(f"unknown member {name!r}; known: {', '.join(MEMBER_MODULES)}")
-    return importlib.import_module(MEMBER_MODULES[name])
 
 
 def setup_logging(out_dir: Path | None, verbose: bool = False) -> None:
@@ -98,15 +89,11 @@ def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None) 
     return out
 
 
-def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, Any]:
-    import numpy as np
-
-    import cv
+def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = False) -> dict[str, Any]:
+    """Train ``names`` on the shared folds (skipping complete bundles unless ``force``), then fit the blend."""
     import data
     import ensemble
-    from features import build_frame_table, drop_tof_thm
-    from io_utils import read_json, write_json
-    from metric import GESTURES
+    from member_base import training_data
 
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,40 +101,30 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
     with timer.stage("load train data"):
         train = data.load_train(cfg.run.data_dir)
     with timer.stage("frame features"):
-        table = build_frame_table(train.rows, train.demographics, cfg.features)
-        imu_table = build_frame_table(drop_tof_thm(train.rows), train.demographics, cfg.features)
-    labels = train.labels  # sorted by sequence_id, like the tables
-    if not np.array_equal(labels["sequence_id"].to_numpy().astype(str), table.sequence_ids):
-        raise RuntimeError("label and feature tables disagree on the sequence order")
-    index = {g: i for i, g in enumerate(GESTURES)}
-    y = np.array([index[g] for g in labels["gesture"].to_list()], dtype=np.int64)
-    folds = cv.load_or_make_folds(out / "folds.csv", table.sequence_ids, table.subjects,
-                                  labels["gesture"].to_numpy(), cfg.run.n_folds, cfg.run.seed)
-    fold_ids = cv.fold_array(folds, table.sequence_ids)
-    fhash = cv.folds_hash(folds)
+        td = training_data(train.rows, train.demographics, train.labels, cfg, out / "folds.csv")
     summaries: dict[str, Any] = {}
-    for name in members:
-        mod = member_module(name)
-        ok, why = mod.is_available()
+    for name in names:
+        try:
+            pipeline = members.get(name)
+        except ImportError as e:
+            log.warning("member %s cannot be imported, not trained: %s", name, e)
+            continue
+        ok, why = pipeline.is_available()
         if not ok:
             log.warning("member %s unavailable, not trained: %s", name, why)
             continue
         with timer.stage(f"train {name}"):
-            t0 = time.perf_counter()
-            mod.train_member(table, imu_table, y, fold_ids, fhash, cfg, out)
-            seconds = time.perf_counter() - t0
-        # Wall time and throughput (training sequences seen per second, all folds) go into the member's summary.
-        summary_path = out / "oof" / f"{name}_summary.json"
-        summary = read_json(summary_path)
-        summary["train_seconds"] = seconds
-        summary["train_sequences_per_s"] = table.n_sequences * (cfg.run.n_folds - 1) / max(seconds, 1e-9)
-        write_json(summary_path, summary)
-        summaries[name] = summary
-    present = [m for m in MEMBER_MODULES if (out / "oof" / f"{m}_summary.json").exists()]
-    if present:
+            summaries[name] = pipeline.train(td, cfg, out, force=force)
+    # The blend that is scored is the blend that is served: USE_<MEMBER>=0 keeps a member out of both.
+    present = [m for m in members.names() if (out / "oof" / f"{m}_summary.json").exists()]
+    unused = [m for m in present if not cfg.member(m).use]
+    if unused:
+        log.info("not blended (USE_*=0): %s", ", ".join(unused))
+    blended = [m for m in present if cfg.member(m).use]
+    if blended:
         with timer.stage("fit blend weights"):
-            weights = ensemble.fit_ensemble(out / "oof", present, cfg)
-            weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in present}
+            weights = ensemble.fit_ensemble(out / "oof", blended, cfg)
+            weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in blended}
             ensemble.save_weights(out / "ensemble" / "weights.json", weights)
     return summaries
 
@@ -161,22 +138,14 @@ def _bundle_identity(bundle_dir: Path) -> dict[str, Any]:
     return {"path": str(bundle_dir), "created": meta.get("created"), "folds_hash": meta.get("folds_hash")}
 
 
-def build_predictor(cfg: Any, bundle_dir: Path | None = None) -> Any:
+def build_predictor(cfg: Config, bundle_dir: Path | None = None) -> Predictor:
+    """Every registered member's bundle under ``bundle_dir``, blended with ``<bundle_dir>/../ensemble/weights.json``."""
     import ensemble
 
-    modules = {}
-    for name, module_name in MEMBER_MODULES.items():
-        try:
-            modules[name] = importlib.import_module(module_name)
-        except ImportError as e:  # e.g. torch absent from a slim environment
-            log.warning("member %s cannot be imported: %s", name, e)
-    specs = ensemble.member_specs_from_modules(modules)
-    root = bundle_dir or cfg.run.resolved_bundle_dir()
-    weights = root.parent / "ensemble" / "weights.json"
-    return ensemble.Predictor(cfg, specs, bundle_root=root, weights_path=weights)
+    return ensemble.Predictor(cfg, bundle_root=bundle_dir or cfg.run.resolved_bundle_dir())
 
 
-def stage_serve(cfg: Any, timer: StageTimer, bundle_dir: Path | None = None) -> dict[str, Any]:
+def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) -> dict[str, Any]:
     import inference_server
 
     out = Path(cfg.run.out_dir)
@@ -236,7 +205,7 @@ def score_submission(submission: Path, solution: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- commands
 
 
-def make_config(args: argparse.Namespace) -> Any:
+def make_config(args: argparse.Namespace) -> Config:
     from config import load_config
 
     overrides = {
@@ -249,14 +218,28 @@ def make_config(args: argparse.Namespace) -> Any:
     return load_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
 
 
-def parse_members(text: str | None, cfg: Any) -> list[str]:
+def parse_members(text: str | None, cfg: Config) -> list[str]:
+    """``--members`` as given, else every member whose switches ask for training (``<M>_TRAIN`` and ``USE_<M>``)."""
     if text:
         names = [m.strip() for m in text.split(",") if m.strip()]
-        unknown = [m for m in names if m not in MEMBER_MODULES]
-        if unknown:
-            raise SystemExit(f"unknown member(s) {unknown}; known: {', '.join(MEMBER_MODULES)}")
+        try:
+            members.check(names)
+        except members.UnknownMemberError as e:
+            raise SystemExit(str(e)) from None
         return names
-    return [m for m in MEMBER_MODULES if getattr(cfg, m).train]
+    return default_training_members(cfg)
+
+
+def default_training_members(cfg: Config) -> list[str]:
+    chosen = []
+    for m in members.names():
+        section = cfg.member(m)
+        if section.train and not section.use:
+            log.info("member %s: %s_TRAIN=1 but USE_%s=0: not trained (name it in --members to train it anyway)",
+                     m, m.upper(), m.upper())
+        elif section.train:
+            chosen.append(m)
+    return chosen
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
@@ -269,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(cfg.run.out_dir)
     setup_logging(out, args.verbose)
     timer = StageTimer(out / "timings.json")
-    stage_train(cfg, parse_members(args.members, cfg), timer)
+    stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -298,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     args.data_dir = str(data_dir)
     cfg = make_config(args)
     t0 = time.perf_counter()
-    stage_train(cfg, parse_members(args.members, cfg), timer)
+    stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force)
     stage_serve(cfg, timer)
     timer.record("train + serve total", time.perf_counter() - t0)
     import report
@@ -341,9 +324,9 @@ def kaggle_main() -> None:
     if os.getenv("KAGGLE_IS_COMPETITION_RERUN"):
         log.info("competition re-run: no training, loading bundles from %s", cfg.run.resolved_bundle_dir())
     else:
-        members = [m for m in MEMBER_MODULES if getattr(cfg, m).train]
-        if members:
-            stage_train(cfg, members, timer)
+        names = default_training_members(cfg)
+        if names:
+            stage_train(cfg, names, timer)
     stage_serve(cfg, timer)
 
 
@@ -367,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train members on the shared folds and fit the blend")
     common(t)
     t.add_argument("--debug", action="store_true", help="tiny epochs/rounds: every stage in minutes")
-    t.add_argument("--members", help="comma-separated subset of " + ",".join(MEMBER_MODULES))
+    t.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
+    t.add_argument("--force", action="store_true", help="retrain members whose bundle is already complete")
     t.add_argument("--seed", type=int, default=None)
     t.set_defaults(func=cmd_train)
 
@@ -380,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--subjects", type=int, default=12, help="generated train subjects (default 12: minutes on a 2-core CPU)")
     r.add_argument("--debug", action="store_true")
-    r.add_argument("--members", help="comma-separated subset of " + ",".join(MEMBER_MODULES))
+    r.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
+    r.add_argument("--force", action="store_true", help="retrain members whose bundle is already complete")
     r.add_argument("--seed", type=int, default=None)
     r.set_defaults(func=cmd_run)
 

@@ -11,15 +11,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import members
 from io_utils import write_text
 
 ROOT = Path(__file__).resolve().parent
 # Everything predict() and training need; benchmarks, the exporter and tests stay out.
-MODULES: tuple[str, ...] = (
+CORE_MODULES: tuple[str, ...] = (
     "config.py", "metric.py", "schema.py", "io_utils.py", "features.py", "data.py", "synth.py", "cv.py",
-    "bundle.py", "lgbm_pipeline.py", "torch_pipeline.py", "keras_pipeline.py", "ensemble.py",
-    "inference_server.py", "report.py", "main.py",
+    "bundle.py", "members.py", "member_base.py",
 )
+SERVING_MODULES: tuple[str, ...] = ("ensemble.py", "inference_server.py", "report.py", "main.py")
+
+
+def modules() -> tuple[str, ...]:
+    """The modules the notebook carries: the core, every registered member's pipeline, then serving."""
+    pipelines = tuple(f"{members.module_name(m)}.py" for m in members.names())
+    return CORE_MODULES + pipelines + SERVING_MODULES
 
 FLAGS_CELL = '''# Switches (the original notebook's names). Edit here, or set them in the environment before this cell.
 import os
@@ -53,7 +60,7 @@ def build_notebook(src_dir: str = "/kaggle/working/cmi_src") -> dict:
         _cell(FLAGS_CELL),
         _cell(f"from pathlib import Path\nSRC_DIR = {src_dir!r}\nPath(SRC_DIR).mkdir(parents=True, exist_ok=True)\n"),
     ]
-    for name in MODULES:
+    for name in modules():
         text = (ROOT / name).read_text()
         cells.append(_cell(f"# {name}\n(Path(SRC_DIR) / {name!r}).write_text({text!r})\n"))
     cells.append(_cell(RUN_CELL))

@@ -29,11 +29,11 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import bundle
-import cv
 import features
 import io_utils
 import metric
 from config import Config
+from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
 
 MEMBER = "torch"
 PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
@@ -305,7 +305,7 @@ def predict_arrays(
 
 
 @dataclass
-class FoldResult:
+class EpochChoice:
     state_dict: OrderedDict[str, torch.Tensor]
     best_epoch: int
     best_score: float
@@ -322,7 +322,7 @@ def train_fold(
     model_args: dict[str, Any],
     cfg: Config,
     device: torch.device,
-) -> FoldResult:
+) -> EpochChoice:
     """Train one fold; keep the epoch with the best mean of full-view and IMU-only validation scores."""
     t = cfg.torch
     seed = cfg.run.seed + fold
@@ -349,7 +349,7 @@ def train_fold(
     y_val = val.y.numpy()
     if device.type == "cuda":
         train = train.to(device)
-    best: FoldResult | None = None
+    best: EpochChoice | None = None
     for epoch in range(1, n_epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -383,108 +383,107 @@ def train_fold(
             optimizer.param_groups[0]["lr"], time.perf_counter() - started,
         )
         if best is None or score > best.best_score:
-            best = FoldResult(unwrap_state_dict(model), epoch, score, s_full, s_imu, p_full, p_imu)
+            best = EpochChoice(unwrap_state_dict(model), epoch, score, s_full, s_imu, p_full, p_imu)
     assert best is not None  # n_epochs >= 1
     log.info("torch fold %d: best epoch %d, score %.4f", fold, best.best_epoch, best.best_score)
     return best
 
 
-def write_bundle(
-    bundle_dir: Path,
-    state_dicts: Mapping[int, Mapping[str, torch.Tensor]],
-    scalers: Mapping[int, features.ScalerStats],
-    pad_lens: Mapping[int, int],
-    model_args: dict[str, Any],
-    feature_names: tuple[str, ...],
-    folds_hash: str,
-    cfg: Config,
-    extra: dict[str, Any] | None = None,
-) -> Path:
-    """Write the whole bundle under a temporary name and swap it in (a reader never sees half of it)."""
-    folds = sorted(state_dicts)
-    meta_extra: dict[str, Any] = {
-        "model_args": model_args,
-        "folds": folds,
-        "fold_files": {str(k): f"fold{k}.pt" for k in folds},
-        "pad_len": {str(k): int(pad_lens[k]) for k in folds},
-        "pad_side": PAD_SIDE,
-        "scalers": {str(k): scalers[k].to_dict() for k in folds},
-        "torch_version": torch.__version__,
-    }
-    meta_extra.update(extra or {})
-    meta = bundle.bundle_metadata(MEMBER, feature_names, folds_hash, meta_extra, packages=("torch",))
-    with io_utils.atomic_dir(bundle_dir) as tmp:
-        for k in folds:
-            torch.save(strip_module_prefix(state_dicts[k]), tmp / f"fold{k}.pt")
-        cfg.save(tmp / "config.json")
-        bundle.write_metadata(tmp, meta)
-    return bundle_dir
+def save_checkpoint(path: Path, model_args: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
+    """A fold's checkpoint carries its constructor arguments beside the weights (tensors and plain values only)."""
+    with io_utils.atomic_path(path) as tmp:
+        torch.save({"model_args": dict(model_args), "state_dict": strip_module_prefix(state_dict)}, tmp)
 
 
-def train_member(
-    table: features.FrameTable,
-    imu_table: features.FrameTable,
-    y: np.ndarray,
-    fold_ids: np.ndarray,
-    folds_hash: str,
-    cfg: Config,
-    out_dir: Path,
-) -> dict:
-    """Train every fold, write OOF (full and IMU-only views) and the bundle; return the OOF summary."""
-    out_dir = Path(out_dir)
-    y = np.asarray(y, dtype=np.int64)
-    fold_ids = np.asarray(fold_ids)
-    n = table.n_sequences
-    if not (len(y) == len(fold_ids) == n == imu_table.n_sequences):
-        raise ValueError(
-            f"length mismatch: table {n}, imu_table {imu_table.n_sequences}, y {len(y)}, fold_ids {len(fold_ids)}"
-        )
-    if not np.array_equal(table.sequence_ids, imu_table.sequence_ids):
-        raise ValueError("imu_table must hold the same sequences as table, in the same order")
-    if tuple(table.feature_names) != tuple(imu_table.feature_names):
-        raise ValueError("table and imu_table have different feature orders")
-    device = select_device(cfg)
-    model_args = model_args_from_config(len(table.feature_names), cfg)
-    log.info("torch member: %d sequences, %d channels, device %s, %d epochs", n, len(table.feature_names),
-             device, epochs_for(cfg))
+def load_checkpoint(path: Path, device: torch.device, fallback_args: dict[str, Any]) -> nn.Module:
+    """Rebuild a fold's network from its checkpoint (``weights_only``: a bundle is data, never code).
 
-    oof_full = np.zeros((n, metric.N_CLASSES), dtype=np.float32)
-    oof_imu = np.zeros((n, metric.N_CLASSES), dtype=np.float32)
-    state_dicts: dict[int, OrderedDict[str, torch.Tensor]] = {}
-    scalers: dict[int, features.ScalerStats] = {}
-    pad_lens: dict[int, int] = {}
-    fold_info: dict[str, dict[str, Any]] = {}
-    for fold in sorted(int(f) for f in np.unique(fold_ids)):
-        val_idx = np.flatnonzero(fold_ids == fold)
-        train_idx = np.flatnonzero(fold_ids != fold)
-        scaler = features.fit_scaler(table, train_idx)  # training fold only
-        pad_len = features.resolve_pad_len(table.lengths[train_idx], cfg.features)
-        train_arr = build_fold_arrays(table, imu_table, train_idx, y, pad_len, scaler)
-        val_arr = build_fold_arrays(table, imu_table, val_idx, y, pad_len, scaler)
-        result = train_fold(fold, train_arr, val_arr, model_args, cfg, device)
-        oof_full[val_idx] = result.proba_full
-        oof_imu[val_idx] = result.proba_imu
-        state_dicts[fold] = result.state_dict
-        scalers[fold] = scaler
-        pad_lens[fold] = pad_len
-        fold_info[str(fold)] = {
+    Bundles written before checkpoints carried their arguments hold a bare state dict;
+    those take the arguments from ``metadata.json`` (``fallback_args``).
+    """
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file raises many kinds of error)
+        raise bundle.BundleError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and "model_args" in obj:
+        args, state = dict(obj["model_args"]), obj["state_dict"]
+    else:
+        args, state = dict(fallback_args), obj
+    if args.get("n_channels") != len(features.FRAME_FEATURES):
+        raise bundle.BundleError(f"{path}: model expects {args.get('n_channels')} channels, "
+                                 f"features give {len(features.FRAME_FEATURES)}")
+    model = TimeSeriesNet(**args)
+    try:
+        model.load_state_dict(strip_module_prefix(state))
+    except RuntimeError as e:
+        raise bundle.BundleError(f"{path}: weights do not fit the model {args}: {e}") from None
+    return model.to(device).eval()
+
+
+@dataclass
+class _Context:
+    device: torch.device
+    model_args: dict[str, Any]
+
+
+class TorchPipeline(MemberPipeline):
+    """``TimeSeriesNet`` per fold; one checkpoint per fold in the bundle."""
+
+    name = MEMBER
+    packages = ("torch",)
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def prepare(self, data: TrainingData, cfg: Config) -> _Context:
+        device = select_device(cfg)
+        model_args = model_args_from_config(len(data.table.feature_names), cfg)
+        log.info("torch member: %d sequences, %d channels, device %s, %d epochs", data.n_sequences,
+                 len(data.table.feature_names), device, epochs_for(cfg))
+        return _Context(device, model_args)
+
+    def fold_files(self, fold: int) -> list[str]:
+        return [f"fold{fold}.pt"]
+
+    def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
+        scaler = fit_fold_scaler(data, split)  # training folds only
+        pad_len = features.resolve_pad_len(data.table.lengths[split.train], cfg.features)
+        train_arr = build_fold_arrays(data.table, data.imu_table, split.train, data.y, pad_len, scaler)
+        val_arr = build_fold_arrays(data.table, data.imu_table, split.valid, data.y, pad_len, scaler)
+        result = train_fold(split.fold, train_arr, val_arr, ctx.model_args, cfg, ctx.device)
+        save_checkpoint(work / f"fold{split.fold}.pt", ctx.model_args, result.state_dict)
+        record = {
             "best_epoch": result.best_epoch,
             "score_full": result.score_full,
             "score_imu": result.score_imu,
             "score_mean": result.best_score,
+            "pad_len": int(pad_len),
+            "scaler": scaler.to_dict(),
         }
-        del train_arr, val_arr
+        return FoldResult(result.proba_full, result.proba_imu, record)
 
-    summary = cv.write_member_oof(
-        out_dir / "oof", MEMBER, table.sequence_ids, y, fold_ids, oof_full, oof_imu, folds_hash,
-        extra={"epochs": epochs_for(cfg), "folds": fold_info},
-    )
-    write_bundle(
-        out_dir / "bundles" / MEMBER, state_dicts, scalers, pad_lens, model_args, tuple(table.feature_names),
-        folds_hash, cfg, extra={"best_epoch": {k: v["best_epoch"] for k, v in fold_info.items()},
-                                "fold_scores": fold_info, "cv_summary": summary},
-    )
-    return summary
+    def summary_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {"epochs": epochs_for(cfg), "folds": {str(k): _scores(r) for k, r in records.items()}}
+
+    def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        folds = sorted(records)
+        return {
+            "model_args": ctx.model_args,
+            "fold_files": {str(k): f"fold{k}.pt" for k in folds},
+            "pad_len": {str(k): int(records[k]["pad_len"]) for k in folds},
+            "pad_side": PAD_SIDE,
+            "scalers": {str(k): records[k]["scaler"] for k in folds},  # the statistics used in training
+            "torch_version": torch.__version__,
+            "best_epoch": {str(k): records[k]["best_epoch"] for k in folds},
+            "fold_scores": {str(k): _scores(records[k]) for k in folds},
+        }
+
+    def load(self, bundle_dir: Path, cfg: Config) -> TorchMember:
+        return load_member(bundle_dir, cfg)
+
+
+def _scores(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in ("best_epoch", "score_full", "score_imu", "score_mean")}
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -547,45 +546,22 @@ class TorchMember:
 def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
     """Read and check the bundle, build every fold's model once (eval mode, on the device)."""
     bundle_dir = Path(bundle_dir)
-    meta = bundle.read_metadata(bundle_dir, MEMBER, features.FRAME_FEATURES)
-    if meta.get("pad_side", PAD_SIDE) != PAD_SIDE:
-        raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: pad_side {meta.get('pad_side')!r}, "
-                                 f"this code pads on the {PAD_SIDE!r}")
+    meta = TorchPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
     if meta.get("torch_version") != torch.__version__:
         log.warning("torch bundle %s was written by torch %s, running torch %s",
                     bundle_dir, meta.get("torch_version"), torch.__version__)
     device = select_device(cfg)
-    model_args = dict(meta["model_args"])
-    if model_args.get("n_channels") != len(features.FRAME_FEATURES):
-        raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: model expects {model_args.get('n_channels')} "
-                                 f"channels, features give {len(features.FRAME_FEATURES)}")
     models, scalers, pad_lens = [], [], []
     for fold in meta["folds"]:
-        path = bundle_dir / meta["fold_files"][str(fold)]
-        if not path.exists():
-            raise bundle.BundleError(f"{bundle_dir}: missing fold file {path.name}")
-        model = TimeSeriesNet(**model_args)
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-            model.load_state_dict(strip_module_prefix(state))
-        except RuntimeError as e:
-            raise bundle.BundleError(f"{path}: weights do not fit the model {model_args}: {e}") from None
-        models.append(model.to(device).eval())
+        models.append(load_checkpoint(bundle_dir / meta["fold_files"][str(fold)], device, meta["model_args"]))
         scalers.append(features.ScalerStats.from_dict(meta["scalers"][str(fold)]))
         pad_lens.append(int(meta["pad_len"][str(fold)]))
-    if not models:
-        raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: no folds listed")
     return TorchMember(models, scalers, pad_lens, tuple(meta["feature_names"]), device,
                        amp_enabled(device, cfg), meta)
 
 
-def predict_proba_reload_per_call(bundle_dir: Path, table: features.FrameTable, cfg: Config) -> np.ndarray:
-    """The original notebook's design (every fold reloaded from disk per call); for the benchmark only."""
-    return load_member(bundle_dir, cfg).predict_proba(table)
-
-
 __all__ = [
-    "MEMBER", "PAD_SIDE", "TimeSeriesNet", "TorchMember", "is_available", "train_member", "load_member",
-    "predict_proba_reload_per_call", "select_device", "autocast_context", "amp_enabled", "strip_module_prefix",
-    "unwrap_state_dict", "augment_batch", "build_fold_arrays", "write_bundle", "model_args_from_config",
+    "MEMBER", "PAD_SIDE", "TimeSeriesNet", "TorchMember", "TorchPipeline", "is_available", "load_member",
+    "select_device", "autocast_context", "amp_enabled", "strip_module_prefix", "unwrap_state_dict", "augment_batch",
+    "build_fold_arrays", "model_args_from_config", "save_checkpoint", "load_checkpoint",
 ]

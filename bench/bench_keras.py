@@ -1,7 +1,7 @@
 """Keras member benchmark: CPU training throughput, and prediction latency with every fold kept in memory
 (compiled fold-averaging tf.function) versus loading every .keras file in each call (the original design).
 
-Run: ``python bench/bench_keras.py --out /tmp/bench_keras [--folds 5] [--calls 200] [--threads 2]``.
+Run from the repository root: ``python -m bench.bench_keras --out /tmp/bench_keras [--folds 5] [--calls 200] [--threads 2]``.
 ``main.py bench`` calls ``run_benchmark``. Models have the default ``KerasConfig`` sizes
 (128/256/256 IMU filters, 64/128 ToF filters, 128 RNN units), randomly initialised:
 latency and throughput do not depend on the weights. Data are random raw rows with the
@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import features  # noqa: E402
-import keras_pipeline as kp  # noqa: E402
-from config import Config  # noqa: E402
-from metric import N_CLASSES  # noqa: E402
-from bench.common import latency_ms, synthetic_raw, time_calls  # noqa: E402
+import features
+import keras_pipeline as kp
+from bench.common import latency_ms, synthetic_raw, time_calls
+from config import Config
+from metric import N_CLASSES
 
 
 def _train_throughput(cfg: Config, table: Any, n_train: int) -> dict[str, float]:
@@ -65,14 +62,13 @@ def _make_bundle(cfg: Config, table: Any, bundle_dir: Path, n_folds: int) -> Non
     args = kp.model_args(cfg, len(imu_idx), len(tof_idx), cfg.features.pad_len)
     work = bundle_dir.parent / ".bench_models"
     work.mkdir(parents=True, exist_ok=True)
-    full_files, imu_files, scalers = {}, {}, {}
+    records = {}
     for k in range(n_folds):
         keras.utils.set_random_seed(k)
-        kp.build_full_model(args).save(work / f"f{k}.keras")
-        kp.build_imu_model(args).save(work / f"i{k}.keras")
-        full_files[k], imu_files[k] = work / f"f{k}.keras", work / f"i{k}.keras"
-        scalers[k] = features.fit_scaler(table, np.arange(k, table.n_sequences, n_folds)).to_dict()
-    kp.write_bundle(bundle_dir, full_files, imu_files, scalers, cfg.features.pad_len, cfg, "bench")
+        kp.build_full_model(args).save(work / f"fold{k}_full.keras")
+        kp.build_imu_model(args).save(work / f"fold{k}_imu.keras")
+        records[k] = {"scaler": features.fit_scaler(table, np.arange(k, table.n_sequences, n_folds)).to_dict()}
+    kp.KerasPipeline().write_bundle(bundle_dir, work, cfg.features.pad_len, "bench", records, cfg, "bench", {})
 
 
 def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads: int = 2,

@@ -1,7 +1,7 @@
 """Torch member benchmark: CPU training throughput, and prediction latency with every fold kept in memory
 versus the original notebook's design (every fold reloaded from disk in each call).
 
-Run: ``python bench/bench_torch.py --out /tmp/bench_torch [--folds 5] [--calls 200] [--threads 1]``.
+Run from the repository root: ``python -m bench.bench_torch --out /tmp/bench_torch [--folds 5] [--calls 200] [--threads 1]``.
 ``main.py bench`` calls ``run_benchmark``. The data are synthetic raw rows with
 the competition's lengths (median ~59, p95 ~127) turned into frame features by
 ``features.build_frame_table``; models are the default ``TimeSeriesNet``
@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import features  # noqa: E402
-import torch_pipeline as tp  # noqa: E402
-from config import Config  # noqa: E402
-from bench.common import latency_ms, synthetic_raw, time_calls  # noqa: E402
+import features
+import torch_pipeline as tp
+from config import Config
+from bench.common import latency_ms, synthetic_raw, time_calls
 
 
 def bench_training(table: features.FrameTable, cfg: Config, n_steps: int = 6, warmup: int = 2) -> dict[str, Any]:
@@ -78,18 +75,25 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
     }
     result["training"] = bench_training(table, cfg, n_steps=train_steps)
 
-    # A bundle of n_folds default-size networks, written exactly as train_member writes it.
+    # A bundle of n_folds default-size networks, written by the scaffold's own bundle writer.
     torch.manual_seed(0)
     pad_len = features.pad_length(table.lengths, cfg.features.pad_percentile, cfg.features.min_pad_len)
     args = tp.model_args_from_config(len(table.feature_names), cfg)
-    states = {k: tp.TimeSeriesNet(**args).state_dict() for k in range(n_folds)}
-    scalers = {k: features.fit_scaler(table, np.arange(k, table.n_sequences, n_folds)) for k in range(n_folds)}
+    pipeline = tp.TorchPipeline()
+    work = out_dir / "bundles" / ".bench_work"
+    work.mkdir(parents=True, exist_ok=True)
+    records = {}
+    for k in range(n_folds):
+        tp.save_checkpoint(work / f"fold{k}.pt", args, tp.TimeSeriesNet(**args).state_dict())
+        scaler = features.fit_scaler(table, np.arange(k, table.n_sequences, n_folds))
+        records[k] = {"pad_len": pad_len, "scaler": scaler.to_dict(), "best_epoch": 0,
+                      "score_full": 0.0, "score_imu": 0.0, "score_mean": 0.0}
     bundle_dir = out_dir / "bundles" / tp.MEMBER
-    tp.write_bundle(bundle_dir, states, scalers, {k: pad_len for k in range(n_folds)}, args,
-                    tuple(table.feature_names), "bench", cfg)
+    pipeline.write_bundle(bundle_dir, work, tp._Context(torch.device("cpu"), args), "bench", records, cfg,
+                          "bench", {})
 
     t0 = time.perf_counter()
-    member = tp.load_member(bundle_dir, cfg)
+    member = pipeline.load(bundle_dir, cfg)
     result["load_member_s"] = time.perf_counter() - t0
 
     rng = np.random.default_rng(1)
@@ -99,7 +103,7 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
         member.predict_proba(s)  # warm-up
     in_memory = time_calls(member.predict_proba, singles)
     n_reload = n_reload_calls if n_reload_calls is not None else max(10, n_calls // 5)
-    reload = time_calls(lambda s: tp.predict_proba_reload_per_call(bundle_dir, s, cfg), singles[:n_reload])
+    reload = time_calls(lambda s: pipeline.predict_proba_reload_per_call(bundle_dir, s, cfg), singles[:n_reload])
     result["predict_in_memory"] = latency_ms(in_memory)
     result["predict_reload_per_call"] = latency_ms(reload)
     result["speedup_p50"] = result["predict_reload_per_call"]["p50_ms"] / result["predict_in_memory"]["p50_ms"]

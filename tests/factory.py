@@ -59,3 +59,75 @@ def demographics(subjects: list[str], handedness: int = 1) -> pl.DataFrame:
         "handedness": [handedness] * k, "height_cm": [170.0] * k, "shoulder_to_wrist_cm": [52.0] * k,
         "elbow_to_wrist_cm": [26.0] * k,
     })
+
+
+def labelled_rows(n_subjects: int = 3, classes: tuple[int, ...] = tuple(range(6)), reps: int = 3, seed: int = 0,
+                  imu_only_every: int = 0, min_len: int = 30, max_len: int = 50) -> pl.DataFrame:
+    """Train-layout rows (every column of train.csv) whose gesture is plain in every sensor group.
+
+    Each class shakes one accelerometer axis at its own frequency (learnable from the IMU alone), and
+    warms the thermopiles and moves the ToF distances in proportion to its index (learnable from
+    thm/tof). Sequence ids sort in generation order; with ``imu_only_every=k`` every k-th sequence has
+    no thm/tof at all, as half the hidden test has.
+    """
+    from metric import GESTURES
+    from schema import BEHAVIORS, ORIENTATIONS, SENSOR_COLS, TRAIN_COLUMNS
+
+    rng = np.random.default_rng(seed)
+    cols: dict[str, list] = {c: [] for c in TRAIN_COLUMNS if c not in SENSOR_COLS}
+    blocks: list[np.ndarray] = []
+    k = 0
+    for s in range(n_subjects):
+        for c_pos, c in enumerate(classes):
+            for _ in range(reps):
+                n = int(rng.integers(min_len, max_len))
+                seq = f"SEQ_{k:06d}"
+                t = np.arange(n) * 0.1
+                acc = rng.normal(0.0, 0.2, (n, 3))
+                acc[:, c_pos % 3] += 4.0 * np.sin(2 * np.pi * (0.5 + 0.25 * c_pos) * t)
+                acc[:, 2] += 9.81
+                quat = np.column_stack([np.ones(n), rng.normal(0, 0.05, (n, 3))])
+                quat /= np.linalg.norm(quat, axis=1, keepdims=True)
+                thm = 28.0 + 0.8 * c_pos + rng.normal(0, 0.2, (n, len(THM_COLS)))
+                tof = 40.0 + 12.0 * c_pos + rng.normal(0, 3.0, (n, len(TOF_COLS)))
+                tof[rng.random(tof.shape) < 0.1] = -1.0
+                if imu_only_every and k % imu_only_every == 0:
+                    thm[:], tof[:] = np.nan, np.nan
+                blocks.append(np.column_stack([acc, quat, thm, tof]))
+                cols["row_id"] += [f"{seq}_{i}" for i in range(n)]
+                cols["sequence_type"] += ["Target" if c < 8 else "Non-Target"] * n
+                cols["sequence_id"] += [seq] * n
+                cols["sequence_counter"] += list(range(n))
+                cols["subject"] += [f"SUBJ_{s:06d}"] * n
+                cols["orientation"] += [ORIENTATIONS[0]] * n
+                cols["behavior"] += [BEHAVIORS[-1]] * n
+                cols["phase"] += ["Gesture"] * n
+                cols["gesture"] += [GESTURES[c]] * n
+                k += 1
+    sensors = np.concatenate(blocks).astype(np.float32)
+    frame = pl.DataFrame({**cols, **{name: sensors[:, j] for j, name in enumerate(SENSOR_COLS)}})
+    return frame.with_columns(pl.col(list(SENSOR_COLS)).fill_nan(None)).select(TRAIN_COLUMNS)
+
+
+def labels_of(raw: pl.DataFrame, sequence_ids: np.ndarray) -> np.ndarray:
+    """Class index of each of ``sequence_ids`` from the rows' gesture column."""
+    from metric import GESTURES
+
+    per_seq = dict(raw.select("sequence_id", "gesture").unique().iter_rows())
+    return np.array([GESTURES.index(per_seq[s]) for s in sequence_ids], dtype=np.int64)
+
+
+def training_data(raw: pl.DataFrame, n_folds: int = 2, demographics: pl.DataFrame | None = None,
+                  cfg: object = None, seed: int = 42):
+    """``member_base.TrainingData`` for ``raw``: both views, labels, subject-grouped stratified folds."""
+    import cv
+    import features
+    from config import Config
+    from member_base import TrainingData
+
+    feat_cfg = (cfg or Config()).features
+    table = features.build_frame_table(raw, demographics, feat_cfg)
+    imu_table = features.build_frame_table(features.drop_tof_thm(raw), demographics, feat_cfg)
+    y = labels_of(raw, table.sequence_ids)
+    folds = cv.make_folds(table.sequence_ids, table.subjects, y, n_folds, seed)
+    return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))

@@ -7,7 +7,7 @@ from config import Config, ConfigError, apply_overrides, config_from_dict, load_
 
 def test_defaults_match_spec():
     cfg = Config()
-    assert (cfg.ensemble.w_lgbm, cfg.ensemble.w_torch, cfg.ensemble.w_keras) == (0.20, 0.45, 0.35)
+    assert (cfg.lgbm.weight, cfg.torch.weight, cfg.keras.weight) == (0.20, 0.45, 0.35)
     assert (cfg.torch.epochs, cfg.torch.batch_size, cfg.torch.lr, cfg.torch.weight_decay) == (30, 64, 1e-3, 1e-2)
     assert cfg.keras.label_smoothing == 0.1 and cfg.torch.label_smoothing == 0.05
 
@@ -18,7 +18,7 @@ def test_overrides_and_notebook_switches():
                        "KERAS_HOME": "/tmp/k", "PATH": "/bin"})
     assert cfg.keras.max_epochs == 7 and cfg.keras.lr == 3e-4
     assert cfg.torch.use is False and cfg.lgbm.train is False
-    assert cfg.ensemble.w_keras == 0.5 and cfg.run.seed == 9
+    assert cfg.keras.weight == 0.5 and cfg.run.seed == 9
     assert cfg.keras.imu_filters == (8, 16, 32)
 
 
@@ -49,3 +49,22 @@ def test_save_and_reload_round_trip(tmp_path):
     data["torch"]["epochz"] = 1
     with pytest.raises(ConfigError, match="torch.epochz"):
         config_from_dict(data)
+
+
+def test_torch_section_is_named_after_the_member_and_dl_names_are_aliases():
+    cfg = load_config({"TORCH_EPOCHS": "5", "DL_BATCH_SIZE": "16", "DL_TRAIN": "0", "TORCH_HOME": "/tmp/th",
+                       "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"})
+    assert (cfg.torch.epochs, cfg.torch.batch_size, cfg.torch.train) == (5, 16, False)
+    with pytest.raises(ConfigError, match="TORCH_EPOCHZ"):
+        load_config({"TORCH_EPOCHZ": "5"})
+    with pytest.raises(ConfigError, match="ENSEMBLE_W_XGB"):
+        load_config({"ENSEMBLE_W_XGB": "0.5"})
+
+
+def test_config_json_of_the_earlier_layout_still_reads(tmp_path):
+    data = Config().to_dict()
+    for section in ("lgbm", "torch", "keras"):
+        data[section].pop("weight")
+    data["ensemble"].update(w_lgbm=0.1, w_torch=0.6, w_keras=0.3)
+    cfg = config_from_dict(data)
+    assert (cfg.lgbm.weight, cfg.torch.weight, cfg.keras.weight) == (0.1, 0.6, 0.3)

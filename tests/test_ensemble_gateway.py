@@ -36,10 +36,7 @@ def _specs(tmp_path: Path, members: dict[str, FakeMember]) -> list[ensemble.Memb
     for name in members:
         (tmp_path / "bundles" / name).mkdir(parents=True, exist_ok=True)
     return [
-        ensemble.MemberSpec(name=n, load_member=lambda d, c, m=m: m, is_available=lambda: (True, ""),
-                            enabled=lambda c, n=n: getattr(c, n).use,
-                            default_weight=lambda c, n=n: getattr(c.ensemble, f"w_{n}"))
-        for n, m in members.items()
+        ensemble.MemberSpec(name=n, load_member=lambda d, c, m=m: m) for n, m in members.items()
     ]
 
 

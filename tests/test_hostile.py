@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
 
 def _specs():
     # lgbm only: importing the torch/keras modules would cost seconds and add nothing here
-    return ensemble.member_specs_from_modules({"lgbm": lgbm_pipeline})
+    return [lgbm_pipeline.LGBMPipeline()]
 
 
 def _predictor(trained, bundle_root=None):
@@ -526,7 +526,7 @@ _LOAD_SCRIPT = textwrap.dedent("""
     import bundle, config, ensemble, lgbm_pipeline
     cfg = config.load_config({{"CMI_N_THREADS": "1"}}, debug=True)
     try:
-        ensemble.Predictor(cfg, ensemble.member_specs_from_modules({{"lgbm": lgbm_pipeline}}), bundle_root={b!r})
+        ensemble.Predictor(cfg, [lgbm_pipeline.LGBMPipeline()], bundle_root={b!r})
         print("LOADED")
     except bundle.BundleError as e:
         print("BUNDLE_ERROR", e)

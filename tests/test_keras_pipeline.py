@@ -7,66 +7,23 @@ well under a minute and a half on one CPU core.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 
+import features
+import keras_pipeline as kp
+from config import Config
+from member_base import TrainingData
+from metric import GESTURES, N_CLASSES
+from tests.factory import labelled_rows, labels_of
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import features  # noqa: E402
-import keras_pipeline as kp  # noqa: E402
-from config import Config  # noqa: E402
-from metric import GESTURES, N_CLASSES  # noqa: E402
-from schema import THM_COLS, TOF_COLS  # noqa: E402
-
 N_FOLDS = 2
-
-
-# --------------------------------------------------------------------------- tiny data
-
-
-def make_raw(n_subjects: int = 4, per_subject: int = 9, seed: int = 0, imu_only_every: int = 4) -> tuple[pl.DataFrame, np.ndarray]:
-    """Small competition-layout frame: random-walk IMU with a class-dependent wiggle, thm/tof on most sequences."""
-    rng = np.random.default_rng(seed)
-    parts, labels = [], []
-    n = 0
-    for s in range(n_subjects):
-        for j in range(per_subject):
-            cls = (s * per_subject + j) % N_CLASSES
-            length = int(rng.integers(20, 50))
-            t = np.arange(length)
-            acc = rng.normal(0, 0.3, (length, 3)) + np.array([0.0, 0.0, 9.81])
-            acc[:, 0] += np.sin(t * (0.2 + 0.05 * cls)) * 2.0  # something learnable
-            q = rng.normal(0, 0.05, (length, 4)) + np.array([1.0, 0, 0, 0])
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            q[q[:, 0] < 0] *= -1
-            cols: dict[str, object] = {
-                "sequence_id": [f"SEQ_{n:05d}"] * length,
-                "sequence_counter": t.astype(np.int64),
-                "subject": [f"SUBJ_{s:03d}"] * length,
-                "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
-                "rot_w": q[:, 0], "rot_x": q[:, 1], "rot_y": q[:, 2], "rot_z": q[:, 3],
-            }
-            has_tof = (n % imu_only_every) != 0
-            thm = rng.normal(30, 1, (length, len(THM_COLS))) if has_tof else np.full((length, len(THM_COLS)), np.nan)
-            tof = rng.integers(-1, 255, (length, len(TOF_COLS))).astype(float) if has_tof else np.full(
-                (length, len(TOF_COLS)), np.nan)
-            for i, c in enumerate(THM_COLS):
-                cols[c] = thm[:, i]
-            for i, c in enumerate(TOF_COLS):
-                cols[c] = tof[:, i]
-            parts.append(pl.DataFrame(cols).with_columns(
-                pl.col([*THM_COLS, *TOF_COLS]).fill_nan(None).cast(pl.Float32)))
-            labels.append(cls)
-            n += 1
-    return pl.concat(parts), np.array(labels, dtype=np.int64)
 
 
 def tiny_cfg(out_dir: Path) -> Config:
@@ -85,9 +42,10 @@ def tiny_cfg(out_dir: Path) -> Config:
 
 @pytest.fixture(scope="module")
 def data() -> dict:
-    raw, y = make_raw()
+    raw = labelled_rows(n_subjects=4, classes=(0, 3, 9), reps=3, seed=0, imu_only_every=4, min_len=20, max_len=50)
     table = features.build_frame_table(raw)
     imu_table = features.build_frame_table(features.drop_tof_thm(raw))
+    y = labels_of(raw, table.sequence_ids)
     subj = table.subjects
     fold_ids = (np.searchsorted(np.unique(subj), subj) % N_FOLDS).astype(np.int64)  # grouped by subject
     return {"raw": raw, "table": table, "imu_table": imu_table, "y": y, "fold_ids": fold_ids}
@@ -98,7 +56,8 @@ def trained(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     pytest.importorskip("tensorflow")
     out = tmp_path_factory.mktemp("keras_full")
     cfg = tiny_cfg(out)
-    summary = kp.train_member(data["table"], data["imu_table"], data["y"], data["fold_ids"], "fh_a", cfg, out)
+    td = TrainingData(data["table"], data["imu_table"], data["y"], data["fold_ids"], "fh_a")
+    summary = kp.KerasPipeline().train(td, cfg, out)
     return {"out": out, "cfg": cfg, "summary": summary}
 
 
@@ -127,7 +86,7 @@ def test_train_writes_bundle_and_oof(trained: dict, data: dict) -> None:
     imu = np.load(out / "oof" / "oof_keras_imu_proba.npy")
     assert full.shape == imu.shape == (data["table"].n_sequences, N_CLASSES)
     np.testing.assert_allclose(full.sum(1), 1.0, atol=1e-4)
-    assert not (out / "bundles" / kp.WORK_DIR_NAME).exists()  # work folder removed once bundle + OOF exist
+    assert not (out / "bundles" / f".{kp.MEMBER}_work").exists()  # work folder removed once bundle + OOF exist
     assert trained["summary"]["member"] == "keras"
 
 
@@ -150,7 +109,7 @@ def test_save_load_round_trip_identical(trained: dict, data: dict, member) -> No
     p1 = member.predict_proba(table)
     p2 = member.predict_proba(table)
     np.testing.assert_array_equal(p1, p2)
-    p3 = kp.predict_proba_reload_per_call(trained["out"] / "bundles" / "keras", table, trained["cfg"])
+    p3 = kp.KerasPipeline().predict_proba_reload_per_call(trained["out"] / "bundles" / "keras", table, trained["cfg"])
     np.testing.assert_allclose(p1, p3, atol=1e-5)
     assert p1.shape == (table.n_sequences, N_CLASSES)
     # One sequence at a time (the serving path) gives the batch answer.
@@ -189,9 +148,6 @@ def test_bundle_mismatch_is_refused(trained: dict, tmp_path: Path) -> None:
     (b / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(bundle.BundleError, match="format"):
         kp.load_member(b, trained["cfg"])
-    (b / "fold1_imu.keras").unlink()
-    with pytest.raises(bundle.BundleError, match="fold1_imu.keras"):
-        kp.load_member(b, trained["cfg"])
 
 
 def test_fit_runs_as_graph_above_the_eager_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -209,64 +165,6 @@ def test_fit_runs_as_graph_above_the_eager_threshold(tmp_path: Path, monkeypatch
     y = np.arange(20) % N_CLASSES
     rec = kp._fit(keras, tf, model, (x, m), y, (x[:8], m[:8]), y[:8], cfg, 0, "graph test")
     assert rec["eager"] is False and rec["epochs_run"] == 1 and np.isfinite(rec["best_val_loss"])
-
-
-def test_resume_after_crash_matches_uninterrupted(trained: dict, data: dict, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
-    pytest.importorskip("tensorflow")
-    cfg = tiny_cfg(tmp_path)
-    real = kp._train_one_fold
-    trained_folds: list[int] = []
-
-    def crash_on_fold_1(k: int, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if k == 1:
-            raise KeyboardInterrupt("simulated kill during fold 1")
-        trained_folds.append(k)
-        return real(k, *args, **kwargs)
-
-    args = (data["table"], data["imu_table"], data["y"], data["fold_ids"], "fh_a", cfg, tmp_path)
-    monkeypatch.setattr(kp, "_train_one_fold", crash_on_fold_1)
-    with pytest.raises(KeyboardInterrupt):
-        kp.train_member(*args)
-    state = json.loads((tmp_path / "bundles" / kp.WORK_DIR_NAME / kp.STATE_FILE).read_text())
-    assert sorted(state["folds"]) == ["0"]
-    assert not (tmp_path / "bundles" / "keras").exists()
-
-    def record(k: int, *a, **kw):  # type: ignore[no-untyped-def]
-        trained_folds.append(k)
-        return real(k, *a, **kw)
-
-    monkeypatch.setattr(kp, "_train_one_fold", record)
-    with caplog.at_level(logging.INFO, logger="keras_pipeline"):
-        kp.train_member(*args)
-    assert trained_folds == [0, 1]  # fold 0 once (before the crash), fold 1 once (after)
-    assert "fold 0 already finished" in caplog.text
-    ref = trained["out"] / "oof"
-    for name in ("oof_keras_proba.npy", "oof_keras_imu_proba.npy"):
-        # Same seeds per fold; TF on CPU with fixed threads reproduces training bit for bit here.
-        np.testing.assert_array_equal(np.load(tmp_path / "oof" / name), np.load(ref / name))
-
-
-def test_state_of_other_folds_is_discarded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    path = tmp_path / kp.STATE_FILE
-    path.write_text(json.dumps({"fingerprint": "old", "folds": {"0": {}}}))
-    with caplog.at_level(logging.WARNING, logger="keras_pipeline"):
-        assert kp._load_state(path, "new") is None
-    assert "starting over" in caplog.text
-    assert kp._load_state(path, "old") == {"fingerprint": "old", "folds": {"0": {}}}
-
-
-def test_fingerprint_changes_with_folds_and_config(data: dict, tmp_path: Path) -> None:
-    cfg = tiny_cfg(tmp_path)
-    t, y, f = data["table"], data["y"], data["fold_ids"]
-    base = kp._fingerprint(t, y, f, "fh_a", cfg, 32)
-    assert kp._fingerprint(t, y, f, "fh_b", cfg, 32) != base
-    assert kp._fingerprint(t, y, 1 - f, "fh_a", cfg, 32) != base
-    cfg2 = tiny_cfg(tmp_path)
-    cfg2.keras.lr = 5e-4
-    assert kp._fingerprint(t, y, f, "fh_a", cfg2, 32) != base
-    assert kp._fingerprint(t, y, f, "fh_a", tiny_cfg(tmp_path), 32) == base
 
 
 # --------------------------------------------------------------------------- custom layers
@@ -332,15 +230,16 @@ def test_models_build_with_pooled_mask(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- without TensorFlow
 
 
-def test_is_available_false_without_tensorflow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_is_available_false_without_tensorflow(data: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     monkeypatch.setattr(kp, "_TF", None)
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` raise ImportError
     for out_dir in (None, tmp_path):  # the cheap check, and the real import
         ok, why = kp.is_available(out_dir)
         assert ok is False and "tensorflow" in why.lower(), why
-    with pytest.raises(RuntimeError, match="unavailable"):
-        kp.train_member(None, None, np.zeros(0), np.zeros(0), "h", Config(), tmp_path)
+    td = TrainingData(data["table"], data["imu_table"], data["y"], data["fold_ids"], "h")
+    with pytest.raises(RuntimeError, match="cannot be trained.*TensorFlow"):
+        kp.KerasPipeline().train(td, Config(), tmp_path)
 
 
 def test_module_imports_without_tensorflow(tmp_path: Path) -> None:

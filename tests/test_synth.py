@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,9 @@ import polars as pl
 import pytest
 from scipy.spatial.transform import Rotation
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import schema  # noqa: E402
-import synth  # noqa: E402
-from metric import GESTURES, TARGET_GESTURES  # noqa: E402
+import schema
+import synth
+from metric import GESTURES, TARGET_GESTURES
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmi"
 THM = list(schema.THM_COLS)

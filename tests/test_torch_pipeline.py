@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,45 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bundle  # noqa: E402
-import features  # noqa: E402
-import metric  # noqa: E402
-import torch_pipeline as tp  # noqa: E402
-from config import Config  # noqa: E402
+import bundle
+import features
+import metric
+import torch_pipeline as tp
+from config import Config
+from member_base import TrainingData
+from tests.factory import labelled_rows, labels_of
 
 torch.set_num_threads(1)
 
 CLASSES = (0, 1, 8)  # two target gestures and one non-target: the metric sees both kinds
-
-
-def make_raw(n_per_class: int, n_subjects: int, seed: int, imu_only_share: float = 0.0) -> tuple[pl.DataFrame, np.ndarray]:
-    """Raw competition-like rows whose class is plain in the accelerometer (and in the thermopiles)."""
-    rng = np.random.default_rng(seed)
-    frames, labels = [], []
-    k = 0
-    for c_pos, c in enumerate(CLASSES):
-        for _ in range(n_per_class):
-            n = int(rng.integers(20, 60))
-            t = np.arange(n) * 0.1
-            acc = np.tile([0.0, 0.0, 9.81], (n, 1)) + rng.normal(0, 0.2, (n, 3))
-            acc[:, c_pos] += 4.0 * np.sin(2 * np.pi * 1.5 * t)  # each class shakes a different axis
-            thm = 28.0 + 2.0 * c_pos + rng.normal(0, 0.1, (n, 5))
-            imu_only = rng.random() < imu_only_share
-            data = {
-                "sequence_id": [f"SEQ_{k:05d}"] * n,
-                "sequence_counter": np.arange(n),
-                "subject": [f"SUBJ_{k % n_subjects:03d}"] * n,
-                "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
-                "rot_w": np.ones(n), "rot_x": np.zeros(n), "rot_y": np.zeros(n), "rot_z": np.zeros(n),
-            }
-            for j in range(5):
-                data[f"thm_{j + 1}"] = [None] * n if imu_only else thm[:, j]
-            frames.append(pl.DataFrame(data, schema_overrides={f"thm_{j + 1}": pl.Float64 for j in range(5)}))
-            labels.append(c)
-            k += 1
-    return pl.concat(frames), np.asarray(labels, dtype=np.int64)
 
 
 def tiny_cfg(tmp: Path | None = None, epochs: int = 30) -> Config:
@@ -152,11 +123,10 @@ def test_real_values_do_change_logits():
 
 @pytest.fixture(scope="module")
 def tables() -> tuple[features.FrameTable, features.FrameTable, np.ndarray, pl.DataFrame]:
-    raw, y = make_raw(n_per_class=30, n_subjects=4, seed=1)
+    raw = labelled_rows(n_subjects=4, classes=CLASSES, reps=8, seed=1, min_len=20, max_len=60)
     table = features.build_frame_table(raw)
     imu_table = features.build_frame_table(features.drop_tof_thm(raw))
-    order = np.argsort([f"SEQ_{k:05d}" for k in range(len(y))])  # tables are sorted by sequence id
-    return table, imu_table, y[order], raw
+    return table, imu_table, labels_of(raw, table.sequence_ids), raw
 
 
 def test_fold_arrays_keep_the_tail_and_scale_both_views(tables):
@@ -215,7 +185,7 @@ def trained(tables, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch_out")
     cfg = tiny_cfg(out)
     fold_ids = np.array([int(s[-1]) % 2 for s in table.subjects])  # subject-grouped, 2 folds
-    summary = tp.train_member(table, imu_table, y, fold_ids, "hash123", cfg, out)
+    summary = tp.TorchPipeline().train(TrainingData(table, imu_table, y, fold_ids, "hash123"), cfg, out)
     return {"summary": summary, "out": out, "cfg": cfg, "fold_ids": fold_ids, "table": table,
             "imu_table": imu_table, "y": y, "raw": raw}
 
@@ -243,8 +213,9 @@ def test_oof_files_have_the_right_shapes(trained):
 def test_bundle_layout_and_metadata(trained):
     bdir = trained["out"] / "bundles" / "torch"
     assert {p.name for p in bdir.iterdir()} == {"fold0.pt", "fold1.pt", "metadata.json", "config.json"}
-    state = torch.load(bdir / "fold0.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in state)
+    checkpoint = torch.load(bdir / "fold0.pt", weights_only=True)
+    assert checkpoint["model_args"]["conv1"] == 16  # the checkpoint carries its constructor arguments
+    assert not any(k.startswith("module.") for k in checkpoint["state_dict"])
     meta = json.loads((bdir / "metadata.json").read_text())
     assert meta["feature_names"] == list(features.FRAME_FEATURES)
     assert meta["classes"] == list(metric.GESTURES)
@@ -280,13 +251,14 @@ def test_predict_one_sequence_equals_batch_and_reload(trained):
     np.testing.assert_allclose(batch.sum(axis=1), 1.0, atol=1e-5)
     for i in (0, 5, table.n_sequences - 1):
         np.testing.assert_allclose(member.predict_proba(table.select([i]))[0], batch[i], atol=1e-5)
-    np.testing.assert_allclose(tp.predict_proba_reload_per_call(bdir, table, trained["cfg"]), batch, atol=1e-6)
+    reloaded = tp.TorchPipeline().predict_proba_reload_per_call(bdir, table, trained["cfg"])
+    np.testing.assert_allclose(reloaded, batch, atol=1e-6)
 
 
 def test_imu_only_test_sequences_take_the_imu_only_view(trained):
     """A test sequence without thm/tof gives the same as the IMU-only view of training (not the full view)."""
     raw = trained["raw"]
-    first = raw.filter(pl.col("sequence_id") == "SEQ_00000")
+    first = raw.filter(pl.col("sequence_id") == trained["table"].sequence_ids[0])
     member = tp.load_member(trained["out"] / "bundles" / "torch", trained["cfg"])
     t_imu = features.build_frame_table(features.drop_tof_thm(first))
     assert not t_imu.has_tof_thm[0]
@@ -296,45 +268,21 @@ def test_imu_only_test_sequences_take_the_imu_only_view(trained):
                            atol=1e-6)
 
 
-def _tampered_copy(trained, tmp_path: Path, edit) -> Path:
+def test_checkpoint_that_does_not_fit_its_arguments_is_a_bundle_error(trained, tmp_path):
     src = trained["out"] / "bundles" / "torch"
-    dst = tmp_path / "torch"
-    dst.mkdir()
-    for p in src.iterdir():
-        (dst / p.name).write_bytes(p.read_bytes())
-    meta = json.loads((dst / "metadata.json").read_text())
-    edit(meta)
-    (dst / "metadata.json").write_text(json.dumps(meta))
-    return dst
-
-
-def test_feature_order_mismatch_names_the_difference(trained, tmp_path):
-    def swap(meta):
-        meta["feature_names"][0], meta["feature_names"][1] = meta["feature_names"][1], meta["feature_names"][0]
-    with pytest.raises(bundle.BundleError, match="feature_names.*position 0.*acc_y"):
-        tp.load_member(_tampered_copy(trained, tmp_path, swap), trained["cfg"])
-
-
-def test_class_list_mismatch_names_the_difference(trained, tmp_path):
-    def rename(meta):
-        meta["classes"][3] = "Eyelash - pull"
-    with pytest.raises(bundle.BundleError, match="classes.*position 3.*Eyelash - pull"):
-        tp.load_member(_tampered_copy(trained, tmp_path, rename), trained["cfg"])
-
-
-def test_missing_fold_file_and_wrong_shapes_are_bundle_errors(trained, tmp_path):
-    def bigger(meta):
-        meta["model_args"]["rnn_hidden"] = 24
+    checkpoint = torch.load(src / "fold0.pt", weights_only=True)
+    checkpoint["model_args"]["rnn_hidden"] = 24
+    torch.save(checkpoint, tmp_path / "fold0.pt")
     with pytest.raises(bundle.BundleError, match="do not fit"):
-        tp.load_member(_tampered_copy(trained, tmp_path, bigger), trained["cfg"])
-    dst = tmp_path / "second"
-    dst.mkdir()
+        tp.load_checkpoint(tmp_path / "fold0.pt", torch.device("cpu"), {})
+
+
+def test_bare_state_dict_of_older_bundles_loads_with_metadata_arguments(trained, tmp_path):
     src = trained["out"] / "bundles" / "torch"
-    for p in src.iterdir():
-        if p.name != "fold1.pt":
-            (dst / p.name).write_bytes(p.read_bytes())
-    with pytest.raises(bundle.BundleError, match="fold1.pt"):
-        tp.load_member(dst, trained["cfg"])
+    checkpoint = torch.load(src / "fold0.pt", weights_only=True)
+    torch.save(checkpoint["state_dict"], tmp_path / "old.pt")  # the layout before checkpoints carried arguments
+    model = tp.load_checkpoint(tmp_path / "old.pt", torch.device("cpu"), checkpoint["model_args"])
+    assert model.lstm.hidden_size == checkpoint["model_args"]["rnn_hidden"]
 
 
 def test_predict_rejects_a_table_with_other_features(trained):
@@ -406,7 +354,7 @@ def test_training_is_seeded_and_debug_uses_debug_epochs(tables, tmp_path):
     for name in ("a", "b"):
         cfg = tiny_cfg(tmp_path / name, epochs=50)
         cfg.run.debug, cfg.torch.debug_epochs = True, 2
-        summary = tp.train_member(sub, sub_imu, sub_y, fold_ids, "h", cfg, tmp_path / name)
+        summary = tp.TorchPipeline().train(TrainingData(sub, sub_imu, sub_y, fold_ids, "h"), cfg, tmp_path / name)
         assert summary["epochs"] == 2
         runs.append(np.load(tmp_path / name / "oof" / "oof_torch_proba.npy"))
         meta = json.loads((tmp_path / name / "bundles" / "torch" / "metadata.json").read_text())

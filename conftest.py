@@ -1,1 +1,0 @@
-"""pytest: the repository root is the package root (flat modules)."""

@@ -1,0 +1,366 @@
+"""The member scaffold: what every member does, written once.
+
+A member is a ``MemberPipeline`` subclass in its own ``*_pipeline.py``. Its
+public entry ``train()`` is a template method (aeon's ``fit`` / ``_fit``): it
+checks the inputs, skips a member whose bundle is complete for exactly these
+data, folds and settings, resumes at the first unfinished fold after a crash,
+drives the fold loop, assembles the OOF matrices of both views (full sensors
+and IMU-only), writes them with ``cv.write_member_oof``, and writes the bundle
+atomically. The member fills small hooks:
+
+* ``prepare(data, cfg)``: per-run work shared by the folds (e.g. aggregates);
+* ``fit_fold(ctx, data, split, cfg, work)``: train one fold, write its model
+  files into ``work`` and return its OOF rows for both views;
+* ``fold_files(fold)``: the files ``fit_fold`` wrote that the bundle keeps;
+* ``bundle_extra`` / ``summary_extra`` / ``write_extra_files``: what the
+  member adds to ``metadata.json``, the OOF summary and the bundle;
+* ``load(bundle_dir, cfg)``: the loaded member, an object with
+  ``predict_proba(table) -> (n, 18)``.
+
+Work files live in ``<out>/bundles/.<member>_work/`` with a ``state.json``
+keyed on a fingerprint of everything that shapes the result; the bundle's
+``metadata.json`` carries the same fingerprint, which is how a complete bundle
+is recognised and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+import bundle
+import cv
+import io_utils
+from config import Config
+from features import FRAME_FEATURES, FrameTable, ScalerStats, build_frame_table, drop_tof_thm, fit_scaler
+from metric import GESTURES, N_CLASSES
+
+log = logging.getLogger(__name__)
+
+SCAFFOLD_FORMAT = 1  # layout of the work folder and the fingerprint
+STATE_FILE = "state.json"
+
+
+class LoadedMember(Protocol):
+    """What the ensemble needs of a loaded member."""
+
+    classes_: tuple[str, ...] | list[str]
+
+    def predict_proba(self, table: FrameTable) -> np.ndarray: ...
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Everything a member trains on: both views of the frame table, labels and the shared folds.
+
+    Checked once on construction, so no member has to repeat the checks.
+    """
+
+    table: FrameTable
+    imu_table: FrameTable  # the same sequences with every thm/tof value removed
+    y: np.ndarray  # (n,) int64 indices into metric.GESTURES
+    fold_ids: np.ndarray  # (n,) int64
+    folds_hash: str
+
+    def __post_init__(self) -> None:
+        n = self.table.n_sequences
+        y, fold_ids = np.asarray(self.y), np.asarray(self.fold_ids)
+        if not (len(y) == len(fold_ids) == n == self.imu_table.n_sequences):
+            raise ValueError(f"length mismatch: table {n}, imu_table {self.imu_table.n_sequences}, "
+                             f"y {len(y)}, fold_ids {len(fold_ids)}")
+        if not np.array_equal(np.asarray(self.table.sequence_ids), np.asarray(self.imu_table.sequence_ids)):
+            raise ValueError("imu_table must hold the same sequences as table, in the same order")
+        if tuple(self.table.feature_names) != tuple(self.imu_table.feature_names):
+            raise ValueError("table and imu_table have different feature orders")
+        if tuple(self.table.feature_names) != tuple(FRAME_FEATURES):
+            raise ValueError(bundle.diff_list("table.feature_names", list(self.table.feature_names),
+                                              list(FRAME_FEATURES)))
+        if not np.array_equal(self.table.lengths, self.imu_table.lengths):
+            raise ValueError("table and imu_table disagree on sequence lengths: they must hold the same rows")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"y must hold integer class indices into metric.GESTURES, got dtype {y.dtype}")
+        if n and (y.min() < 0 or y.max() >= N_CLASSES):
+            raise ValueError(f"y holds class indices outside 0..{N_CLASSES - 1}")
+        if len(np.unique(fold_ids)) < 2:
+            raise ValueError(f"fold_ids hold {len(np.unique(fold_ids))} fold(s); cross-validation needs at least 2")
+        object.__setattr__(self, "y", y.astype(np.int64))
+        object.__setattr__(self, "fold_ids", fold_ids.astype(np.int64))
+
+    @property
+    def n_sequences(self) -> int:
+        return self.table.n_sequences
+
+    @property
+    def folds(self) -> list[int]:
+        return sorted(int(k) for k in np.unique(self.fold_ids))
+
+    def split(self, fold: int) -> FoldSplit:
+        return FoldSplit(fold, np.flatnonzero(self.fold_ids != fold), np.flatnonzero(self.fold_ids == fold))
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    fold: int
+    train: np.ndarray  # sequence positions
+    valid: np.ndarray
+
+
+@dataclass
+class FoldResult:
+    """What ``fit_fold`` returns: OOF rows of the validation fold for both views, and a JSON-able record."""
+
+    proba_full: np.ndarray  # (n_valid, 18), routed exactly as the loaded member routes
+    proba_imu: np.ndarray  # (n_valid, 18), the same sequences with thm/tof removed
+    record: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- the scaffold
+
+
+class MemberPipeline(ABC):
+    """One member: training hooks, bundle layout and loading. Subclasses fill the hooks."""
+
+    name: ClassVar[str]
+    packages: ClassVar[tuple[str, ...]] = ()  # library versions recorded in the bundle
+    bundle_format: ClassVar[int] = 1  # this member's own layout inside the bundle
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def is_available(self) -> tuple[bool, str]:
+        """(False, reason) when the member's framework cannot be used here."""
+        return True, "no extra dependencies"
+
+    def prepare(self, data: TrainingData, cfg: Config) -> Any:
+        """Per-run work shared by every fold; its result is handed to the other hooks."""
+        return None
+
+    @abstractmethod
+    def fit_fold(self, ctx: Any, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
+        """Train one fold, write ``fold_files(split.fold)`` into ``work``, return the fold's OOF rows."""
+
+    @abstractmethod
+    def fold_files(self, fold: int) -> list[str]:
+        """Names of the files ``fit_fold`` writes into the work folder and the bundle keeps."""
+
+    def feature_names(self, ctx: Any, cfg: Config) -> list[str]:
+        """The input feature order recorded in (and checked against) the bundle."""
+        return list(FRAME_FEATURES)
+
+    def fingerprint_settings(self, ctx: Any, cfg: Config) -> dict[str, Any]:
+        """Settings that shape the trained result beyond the member's own section (override to add)."""
+        return {}
+
+    def bundle_extra(self, ctx: Any, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {}
+
+    def summary_extra(self, ctx: Any, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {}
+
+    def write_extra_files(self, bundle_tmp: Path, ctx: Any, records: dict[int, dict], work: Path) -> None:
+        """Further files of the bundle (e.g. importances), written into the bundle's temporary folder."""
+
+    @abstractmethod
+    def load(self, bundle_dir: Path, cfg: Config) -> LoadedMember:
+        """Read and check the bundle, build every fold's model once."""
+
+    def predict_proba_reload_per_call(self, bundle_dir: Path, table: FrameTable, cfg: Config) -> np.ndarray:
+        """The original notebook's design (every fold reloaded from disk per call): for benchmarks."""
+        return self.load(bundle_dir, cfg).predict_proba(table)
+
+    # ---- the template --------------------------------------------------------------------
+    def train(self, data: TrainingData, cfg: Config, out_dir: str | Path, force: bool = False) -> dict[str, Any]:
+        """Train every fold (resuming, or skipping a complete bundle), write OOF and the bundle; return the summary."""
+        ok, why = self.is_available()
+        if not ok:
+            raise RuntimeError(f"the {self.name} member cannot be trained: {why}")
+        out_dir = Path(out_dir)
+        bundle_dir = out_dir / "bundles" / self.name
+        oof_dir = out_dir / "oof"
+        t_start = time.perf_counter()
+        ctx = self.prepare(data, cfg)
+        fp = self.fingerprint(ctx, data, cfg)
+        if not force:
+            summary = self._complete_summary(bundle_dir, oof_dir, fp, data)
+            if summary is not None:
+                log.info("%s: bundle %s is complete for these data, folds and settings: skipped "
+                         "(train --force retrains)", self.name, bundle_dir)
+                return summary
+        work = out_dir / "bundles" / f".{self.name}_work"
+        state = self._load_state(work, fp)
+        if state is None:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            state = {"fingerprint": fp, "folds": {}}
+            io_utils.write_json(work / STATE_FILE, state)
+        prepare_s = time.perf_counter() - t_start
+        for k in data.folds:
+            if str(k) in state["folds"] and self._fold_done(work, k):
+                log.info("%s: fold %d already finished (%s): skipped", self.name, k, work / STATE_FILE)
+                continue
+            t0 = time.perf_counter()
+            split = data.split(k)
+            result = self.fit_fold(ctx, data, split, cfg, work)
+            for view, p in (("full", result.proba_full), ("imu", result.proba_imu)):
+                if p.shape != (len(split.valid), N_CLASSES):
+                    raise ValueError(f"{self.name} fold {k}: {view} OOF rows have shape {p.shape}, "
+                                     f"expected ({len(split.valid)}, {N_CLASSES})")
+                io_utils.write_npy(work / f"fold{k}_oof_{view}.npy", np.asarray(p, dtype=np.float32))
+            state["folds"][str(k)] = {**result.record, "seconds": time.perf_counter() - t0}
+            io_utils.write_json(work / STATE_FILE, state)  # last: the fold counts as done once its files exist
+        records = {k: state["folds"][str(k)] for k in data.folds}
+
+        n = data.n_sequences
+        oof_full = np.zeros((n, N_CLASSES), dtype=np.float32)
+        oof_imu = np.zeros((n, N_CLASSES), dtype=np.float32)
+        for k in data.folds:
+            va = data.split(k).valid
+            oof_full[va] = io_utils.read_npy(work / f"fold{k}_oof_full.npy")
+            oof_imu[va] = io_utils.read_npy(work / f"fold{k}_oof_imu.npy")
+        train_s = prepare_s + sum(float(r.get("seconds", 0.0)) for r in records.values())
+        extra = {
+            **self.summary_extra(ctx, records, cfg),
+            "train_seconds": train_s,
+            # training sequences seen per second, all folds
+            "train_sequences_per_s": n * (len(data.folds) - 1) / max(train_s, 1e-9),
+        }
+        summary = cv.write_member_oof(oof_dir, self.name, data.table.sequence_ids, data.y, data.fold_ids,
+                                      oof_full, oof_imu, data.folds_hash, extra=extra)
+        self.write_bundle(bundle_dir, work, ctx, data.folds_hash, records, cfg, fp, summary)
+        shutil.rmtree(work, ignore_errors=True)  # bundle and OOF are written: the work folder is spent
+        return io_utils.read_json(oof_dir / f"{self.name}_summary.json")  # as a skipped run returns it
+
+    # ---- fingerprint, state, completeness -------------------------------------------------
+    def fingerprint(self, ctx: Any, data: TrainingData, cfg: Config) -> str:
+        """What must not change between a killed run and its resume, or a bundle and a skip."""
+        h = hashlib.sha256()
+        h.update("\n".join(map(str, data.table.sequence_ids)).encode())
+        for arr in (data.y, data.fold_ids, data.table.lengths):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        section = dataclasses.asdict(cfg.member(self.name))
+        for key in ("use", "train", "weight"):  # switches and the blend weight do not change what is trained
+            section.pop(key, None)
+        settings = {
+            "scaffold": SCAFFOLD_FORMAT, "member": self.name, "bundle_format": self.bundle_format,
+            "folds_hash": data.folds_hash, "section": section, "features": dataclasses.asdict(cfg.features),
+            "seed": cfg.run.seed, "debug": cfg.run.debug, "feature_names": self.feature_names(ctx, cfg),
+            **self.fingerprint_settings(ctx, cfg),
+        }
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+    def _load_state(self, work: Path, fingerprint: str) -> dict | None:
+        """The saved state when it belongs to this exact run, else None (logged)."""
+        path = work / STATE_FILE
+        if not path.exists():
+            return None
+        try:
+            state = io_utils.read_json(path)
+        except ValueError as e:
+            log.warning("%s: unreadable training state (%s): starting over", self.name, e)
+            return None
+        if state.get("fingerprint") != fingerprint:
+            log.warning("%s: training state %s was made with other data/folds/config: starting over", self.name, path)
+            return None
+        log.info("%s: resuming from %s (finished folds: %s)", self.name, path,
+                 sorted(state.get("folds", {}), key=int))
+        return state
+
+    def _fold_done(self, work: Path, k: int) -> bool:
+        names = [*self.fold_files(k), f"fold{k}_oof_full.npy", f"fold{k}_oof_imu.npy"]
+        return all((work / nm).is_file() for nm in names)
+
+    def _complete_summary(self, bundle_dir: Path, oof_dir: Path, fp: str, data: TrainingData) -> dict | None:
+        """The OOF summary when bundle and OOF files are complete for fingerprint ``fp``, else None (logged why)."""
+        if not (bundle_dir / bundle.METADATA_FILE).exists():
+            return None
+        try:
+            meta = bundle.read_metadata(bundle_dir, self.name)  # checks every sealed file's digest
+            if meta.get("fingerprint") != fp:
+                log.info("%s: the bundle in %s was trained on other data, folds or settings: retraining",
+                         self.name, bundle_dir)
+                return None
+            oof = cv.read_member_oof(oof_dir, self.name)
+        except (bundle.BundleError, cv.FoldsError, FileNotFoundError, ValueError) as e:
+            log.info("%s: bundle or OOF incomplete (%s): retraining", self.name, e)
+            return None
+        if not np.array_equal(oof.sequence_ids, np.asarray(data.table.sequence_ids).astype(str)):
+            return None
+        return oof.summary
+
+    def write_bundle(self, bundle_dir: Path, work: Path, ctx: Any, folds_hash: str, records: dict[int, dict],
+                     cfg: Config, fp: str, summary: dict[str, Any]) -> None:
+        """Copy the fold files of ``records``' folds from ``work``, write config and metadata under a temporary
+        name, then swap the bundle in (a reader never sees half of it)."""
+        folds = sorted(records)
+        extra = {
+            "bundle_format": self.bundle_format,
+            "fingerprint": fp,
+            "folds": folds,
+            "seed": cfg.run.seed,
+            "fold_records": {str(k): r for k, r in records.items()},
+            "cv_summary": summary,
+            **self.bundle_extra(ctx, records, cfg),
+        }
+        meta = bundle.bundle_metadata(self.name, self.feature_names(ctx, cfg), folds_hash, extra,
+                                      packages=self.packages)
+        with io_utils.atomic_dir(bundle_dir) as tmp:
+            for k in folds:
+                for name in self.fold_files(k):
+                    shutil.copy2(work / name, tmp / name)
+            self.write_extra_files(tmp, ctx, records, work)
+            cfg.save(tmp / "config.json")
+            bundle.write_metadata(tmp, meta)
+        log.info("%s: bundle written to %s", self.name, bundle_dir)
+
+    # ---- loading helpers -----------------------------------------------------------------
+    def read_bundle(self, bundle_dir: Path, feature_names: list[str] | tuple[str, ...] | None = None,
+                    pad_side: str | None = None) -> dict[str, Any]:
+        """metadata.json checked against the code (classes, features, sealed files, fold files, pad side)."""
+        bundle_dir = Path(bundle_dir)
+        meta = bundle.read_metadata(bundle_dir, self.name, feature_names)
+        folds = meta.get("folds")
+        if not folds:
+            raise bundle.BundleError(f"{bundle_dir / bundle.METADATA_FILE}: no folds listed")
+        missing = [f for k in folds for f in self.fold_files(int(k)) if not (bundle_dir / f).is_file()]
+        if missing:
+            raise bundle.BundleError(f"{self.name} bundle {bundle_dir}: missing fold file(s) "
+                                     + ", ".join(str(bundle_dir / f) for f in missing))
+        if pad_side is not None and meta.get("pad_side", pad_side) != pad_side:
+            raise bundle.BundleError(f"{bundle_dir / bundle.METADATA_FILE}: pad_side {meta.get('pad_side')!r}, "
+                                     f"this code pads on the {pad_side!r}")
+        return meta
+
+
+def fit_fold_scaler(data: TrainingData, split: FoldSplit) -> ScalerStats:
+    """Scaler statistics of the training folds only (never the fold being scored)."""
+    return fit_scaler(data.table, split.train)
+
+
+def training_data(rows: Any, demographics: Any, labels: Any, cfg: Config, folds_path: Path) -> TrainingData:
+    """Both views of the frame table, labels and the shared folds (computed once, then reused from ``folds_path``).
+
+    ``rows``/``demographics``/``labels`` are ``data.load_train``'s frames; labels are sorted by sequence_id,
+    like the frame tables.
+    """
+    table = build_frame_table(rows, demographics, cfg.features)
+    imu_table = build_frame_table(drop_tof_thm(rows), demographics, cfg.features)
+    if not np.array_equal(labels["sequence_id"].to_numpy().astype(str), table.sequence_ids):
+        raise RuntimeError("label and feature tables disagree on the sequence order")
+    index = {g: i for i, g in enumerate(GESTURES)}  # data.load_train has checked every label is one of them
+    y = np.array([index[g] for g in labels["gesture"].to_list()], dtype=np.int64)
+    folds = cv.load_or_make_folds(folds_path, table.sequence_ids, table.subjects, labels["gesture"].to_numpy(),
+                                  cfg.run.n_folds, cfg.run.seed)
+    return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))
