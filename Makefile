@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= outputs
 
-.PHONY: run test venv bench clean
+.PHONY: run test venv bench clean format
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,11 +21,18 @@ run: venv
 	TORCH_EPOCHS=$${TORCH_EPOCHS:-10} KERAS_MAX_EPOCHS=$${KERAS_MAX_EPOCHS:-10} \
 	$(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
 
+# Lint and format checks first (seconds), then the whole suite; `$(BIN)/python -m pytest -m "not slow"` is the quick loop.
 test: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
 	$(BIN)/python main.py bench --out $(OUT)/bench
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(OUT) .pytest_cache

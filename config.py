@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import tempfile
 import typing
@@ -31,6 +32,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -68,11 +72,21 @@ class FeatureConfig:
 
 @dataclass
 class MemberConfig:
-    """What every member section has: its switches and its default blend weight."""
+    """What every member section has: its switches, where its bundle is read from, its default blend weight.
+
+    None of these fields changes what is trained (``SWITCH_FIELDS``), so none is part of a bundle's fingerprint.
+    """
 
     use: bool = True  # USE_<MEMBER>: fitted into the blend and served
     train: bool = True  # <MEMBER>_TRAIN: trained by `train` / the notebook
     weight: float = 0.0  # ENSEMBLE_W_<MEMBER>: blend weight used only without a fitted weights.json
+    bundle_path: str = ""  # <MEMBER>_BUNDLE_PATH: read this member's bundle here instead of <bundle dir>/<member>
+    folds_in_memory: bool = True  # LOAD_<MEMBER>_FOLDS_IN_MEMORY=0: low-memory mode, every call reloads each fold
+    fail_if_missing: bool = False  # FAIL_IF_<MEMBER>_MISSING=1: a missing/unusable bundle stops start-up
+    skip_if_trained: bool = True  # <MEMBER>_EARLY_EXIT_IF_BEST_EXISTS: `train` skips a complete bundle
+
+
+SWITCH_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MemberConfig))
 
 
 @dataclass
@@ -201,13 +215,70 @@ def prefixes(cfg: Config) -> dict[str, str]:
 
 
 def aliases(cfg: Config) -> dict[str, tuple[str, str]]:
-    """Whole variable names that set one field: the notebook switches, the weights, STRICT."""
+    """Whole variable names that set one field: the original notebooks' switches, the weights, STRICT."""
     out: dict[str, tuple[str, str]] = {STRICT_VARIABLE: ("run", "strict")}
     for m in cfg.member_names():
-        out[f"USE_{m.upper()}"] = (m, "use")
-        out[f"{m.upper()}_TRAIN"] = (m, "train")
-        out[f"ENSEMBLE_W_{m.upper()}"] = (m, "weight")
+        up = m.upper()
+        out[f"USE_{up}"] = (m, "use")
+        out[f"{up}_TRAIN"] = (m, "train")
+        out[f"ENSEMBLE_W_{up}"] = (m, "weight")
+        out[f"LOAD_{up}_FOLDS_IN_MEMORY"] = (m, "folds_in_memory")
+        out[f"FAIL_IF_{up}_MISSING"] = (m, "fail_if_missing")
+        out[f"{up}_EARLY_EXIT_IF_BEST_EXISTS"] = (m, "skip_if_trained")
     return out
+
+
+# Variables of the original notebooks that our design replaces: accepted, mapped, and logged when set.
+MAPPED_NOTE: dict[str, str] = {
+    "EARLY_EXIT_IF_BEST_EXISTS": "the member scaffold's skip-if-trained (a complete bundle for the same data, "
+                                 "folds and settings is not retrained; `train --force` overrides)",
+    "FOLDS_IN_MEMORY": "0 = every predict() call reloads each fold from disk (slow; the benchmarks measure it)",
+}
+ENSEMBLE_WEIGHTS_VARIABLE = "ENSEMBLE_WEIGHTS"  # "member:weight,...": every member's weight at once
+# Prefixes and suffixes users of the notebooks try: an unknown name under them is an error, never ignored.
+WATCHED_PREFIXES: tuple[str, ...] = ("USE_", "LOAD_", "FAIL_IF_")
+WATCHED_SUFFIXES: tuple[str, ...] = ("_TRAIN",)
+
+
+def canonical_variables(cfg: Config) -> dict[str, tuple[str, str]]:
+    """The one variable name of every setting (the ``DL_*`` aliases aside): name -> (section, field)."""
+    out = dict(aliases(cfg))
+    taken = set(out.values())
+    for section, prefix in prefixes(cfg).items():
+        for f in _field_types(getattr(cfg, section)):
+            if (section, f) not in taken:
+                out[prefix + f.upper()] = (section, f)
+    return out
+
+
+def known_variables(cfg: Config) -> list[str]:
+    """Every environment variable that sets something, for error messages and the README check."""
+    return sorted({*canonical_variables(cfg), ENSEMBLE_WEIGHTS_VARIABLE})
+
+
+def _closest(name: str, cfg: Config) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, known_variables(cfg), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def parse_member_weights(name: str, raw: str, cfg: Config) -> dict[str, float]:
+    """``"lgbm:0.4,torch:0.6"`` -> weights renormalised to sum 1; members not named get 0."""
+    weights: dict[str, float] = {}
+    for part in (p.strip() for p in raw.split(",") if p.strip()):
+        member, sep, value = part.partition(":")
+        member = member.strip().lower()
+        if not sep:
+            raise ConfigError(f"environment variable {name}={raw!r}: {part!r} is not member:weight")
+        if member not in cfg.member_names():
+            raise ConfigError(f"environment variable {name}: unknown member {member!r}; members: "
+                              f"{', '.join(cfg.member_names())}")
+        weights[member] = parse_value(name, value, float)
+    if not weights or sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise ConfigError(f"environment variable {name}={raw!r}: needs non-negative weights with a positive sum")
+    total = sum(weights.values())
+    return {m: weights.get(m, 0.0) / total for m in cfg.member_names()}
 
 
 # Variables under our prefixes that belong to the libraries, not to us (PyTorch reads many TORCH_* ones).
@@ -269,22 +340,45 @@ def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
     """Apply every override found in ``env`` to ``cfg`` (in place) and return it."""
     whole = aliases(cfg)
     by_prefix = [(p, s) for s, p in prefixes(cfg).items()] + list(LEGACY_PREFIXES.items())
+    legacy = {p for p in LEGACY_PREFIXES}
     for name, raw in sorted(env.items()):
+        if name == ENSEMBLE_WEIGHTS_VARIABLE:
+            continue  # applied last, over every member at once
         if name in whole:
             section_name, field_name = whole[name]
+            note = next((v for k, v in MAPPED_NOTE.items() if name.endswith(k)), None)
+            if note:
+                log.info("%s=%s is mapped to %s.%s: %s", name, raw, section_name, field_name, note)
         else:
             matches = [(s, p) for p, s in by_prefix if name.startswith(p)]
-            if not matches or is_foreign(name):
+            if is_foreign(name):
+                continue
+            if not matches:
+                if name.startswith(WATCHED_PREFIXES) or name.endswith(WATCHED_SUFFIXES):
+                    raise ConfigError(f"unknown environment variable {name}{_closest(name, cfg)}")
                 continue
             section_name, prefix = max(matches, key=lambda m: len(m[1]))  # the most specific prefix
             field_name = name[len(prefix):].lower()
             section = getattr(cfg, section_name)
             if field_name not in _field_types(section):
                 known = ", ".join(prefix + f.upper() for f in _field_types(section))
-                raise ConfigError(f"unknown environment variable {name}; known {prefix}* variables: {known}")
+                raise ConfigError(f"unknown environment variable {name}{_closest(name, cfg)} "
+                                  f"(known {prefix}* variables: {known})")
+            canonical = next((v for v, target in whole.items() if target == (section_name, field_name)), None)
+            if canonical and canonical != name and not (prefix in legacy and canonical == f"TORCH_{field_name.upper()}"):
+                raise ConfigError(f"{name}: this setting's variable is {canonical}")
+            if prefix in legacy:
+                log.info("%s is the older name of %s%s", name, section_name.upper() + "_", field_name.upper())
         section = getattr(cfg, section_name)
         typ = _field_types(section)[field_name]
         setattr(section, field_name, parse_value(name, raw, typ))
+    if ENSEMBLE_WEIGHTS_VARIABLE in env:
+        single = [n for n in env if n.startswith("ENSEMBLE_W_")]
+        if single:
+            raise ConfigError(f"{ENSEMBLE_WEIGHTS_VARIABLE} and {', '.join(sorted(single))} both set blend weights: "
+                              "set one or the other")
+        for m, w in parse_member_weights(ENSEMBLE_WEIGHTS_VARIABLE, env[ENSEMBLE_WEIGHTS_VARIABLE], cfg).items():
+            cfg.member(m).weight = w
     validate(cfg)
     return cfg
 

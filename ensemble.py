@@ -250,6 +250,21 @@ class PredictorError(RuntimeError):
     pass
 
 
+class ReloadingMember:
+    """The low-memory mode of the original notebooks: nothing kept between calls, every fold reloaded per call."""
+
+    classes_ = GESTURES
+
+    def __init__(self, source: MemberSource, bundle_dir: Path, cfg: Config) -> None:
+        self.source, self.bundle_dir, self.cfg = source, bundle_dir, cfg
+
+    def predict_proba(self, table: FrameTable) -> np.ndarray:
+        reload = getattr(self.source, "predict_proba_reload_per_call", None)
+        if reload is not None:
+            return reload(self.bundle_dir, table, self.cfg)
+        return self.source.load(self.bundle_dir, self.cfg).predict_proba(table)
+
+
 @dataclass
 class PredictorStats:
     calls: int = 0
@@ -271,20 +286,38 @@ class Predictor:
         self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
         self.members: dict[str, Member] = {}
         self.missing: dict[str, str] = {}
-        specs = list(members_registry.importable()) if specs is None else list(specs)
-        for spec in specs:
-            if not cfg.member(spec.name).use:
+        sources: list[MemberSource] = []
+        if specs is None:  # every registered member; one that cannot be imported counts as missing
+            for name in members_registry.names():
+                try:
+                    sources.append(members_registry.get(name))
+                except ImportError as e:
+                    self.missing[name] = f"cannot be imported: {e}"
+        else:
+            sources = list(specs)
+        for spec in sources:
+            section = cfg.member(spec.name)
+            if not section.use:
                 self.missing[spec.name] = "switched off (USE_%s=0)" % spec.name.upper()
                 continue
             ok, why = spec.is_available()
-            bundle_dir = self.bundle_root / spec.name
+            bundle_dir = Path(section.bundle_path) if section.bundle_path else self.bundle_root / spec.name
             if not ok:
                 self.missing[spec.name] = why
             elif not bundle_dir.exists():
                 self.missing[spec.name] = f"no bundle at {bundle_dir}"
             else:
-                self.members[spec.name] = spec.load(bundle_dir, cfg)  # a corrupt bundle raises here
+                member = spec.load(bundle_dir, cfg)  # a corrupt bundle raises here, at start-up
+                if not section.folds_in_memory:
+                    log.warning("member %s: LOAD_%s_FOLDS_IN_MEMORY=0: every predict() call reloads each fold "
+                                "from %s (low memory, much slower per call; see the benchmarks)", spec.name,
+                                spec.name.upper(), bundle_dir)
+                    member = ReloadingMember(spec, bundle_dir, cfg)
+                self.members[spec.name] = member
         for name, why in self.missing.items():
+            if cfg.member(name).fail_if_missing and cfg.member(name).use:
+                raise PredictorError(f"member {name} is required (FAIL_IF_{name.upper()}_MISSING=1) but not "
+                                     f"usable: {why}")
             log.warning("member %s not used: %s", name, why)
         if not self.members:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")

@@ -41,7 +41,7 @@ import numpy as np
 import bundle
 import cv
 import io_utils
-from config import Config
+from config import SWITCH_FIELDS, Config
 from features import FRAME_FEATURES, FrameTable, ScalerStats, build_frame_table, drop_tof_thm, fit_scaler
 from metric import GESTURES, N_CLASSES
 
@@ -191,7 +191,10 @@ class MemberPipeline(ABC):
         t_start = time.perf_counter()
         ctx = self.prepare(data, cfg)
         fp = self.fingerprint(ctx, data, cfg)
-        if not force:
+        if not force and not cfg.member(self.name).skip_if_trained:
+            log.info("%s: skip-if-trained is off (%s_EARLY_EXIT_IF_BEST_EXISTS=0): retraining", self.name,
+                     self.name.upper())
+        elif not force:
             summary = self._complete_summary(bundle_dir, oof_dir, fp, data)
             if summary is not None:
                 log.info("%s: bundle %s is complete for these data, folds and settings: skipped "
@@ -250,7 +253,7 @@ class MemberPipeline(ABC):
         for arr in (data.y, data.fold_ids, data.table.lengths):
             h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         section = dataclasses.asdict(cfg.member(self.name))
-        for key in ("use", "train", "weight"):  # switches and the blend weight do not change what is trained
+        for key in SWITCH_FIELDS:  # switches, bundle location and blend weight do not change what is trained
             section.pop(key, None)
         settings = {
             "scaffold": SCAFFOLD_FORMAT, "member": self.name, "bundle_format": self.bundle_format,

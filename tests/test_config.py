@@ -68,3 +68,84 @@ def test_config_json_of_the_earlier_layout_still_reads(tmp_path):
     data["ensemble"].update(w_lgbm=0.1, w_torch=0.6, w_keras=0.3)
     cfg = config_from_dict(data)
     assert (cfg.lgbm.weight, cfg.torch.weight, cfg.keras.weight) == (0.1, 0.6, 0.3)
+
+
+def _readme_settings() -> dict[str, str]:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Settings"):text.index("## Output folder")]
+    return dict(re.findall(r"^\| `([A-Z0-9_]+)` \| `([^`]*)` \|", section, flags=re.M))
+
+
+def _changed_value(value):
+    if isinstance(value, bool):
+        return "0" if value else "1"
+    if isinstance(value, int):
+        return str(value + 3)
+    if isinstance(value, float):
+        return str(round(value * 0.5 + 0.01, 4))
+    if isinstance(value, tuple):
+        return ",".join(str(v + 1) for v in value)
+    return "/tmp/changed"
+
+
+def test_readme_settings_table_lists_every_variable_with_its_default_and_each_sets_its_field():
+    import dataclasses
+
+    from config import canonical_variables
+
+    table = _readme_settings()
+    canonical = canonical_variables(Config())
+    assert set(table) == set(canonical), (set(canonical) - set(table), set(table) - set(canonical))
+    base = Config()
+    for name, (section, field) in canonical.items():
+        default = getattr(getattr(base, section), field)
+        shown = {True: "1", False: "0"}.get(default, None) if isinstance(default, bool) else (
+            ",".join(map(str, default)) if isinstance(default, tuple) else ('""' if default == "" else str(default)))
+        assert table[name] == shown, (name, table[name], shown)
+        raw = _changed_value(default)
+        if name == "CMI_N_FOLDS":
+            raw = "7"
+        if name.startswith("FEAT_PAD_PERCENTILE"):
+            raw = "90"
+        cfg = apply_overrides(Config(), {name: raw})
+        changed = [(s, f.name) for s in dataclasses.asdict(cfg) for f in dataclasses.fields(getattr(cfg, s))
+                   if getattr(getattr(cfg, s), f.name) != getattr(getattr(base, s), f.name)]
+        assert changed == [(section, field)], (name, changed)
+
+
+def test_notebook_switches_of_the_original_notebooks(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="config"):
+        cfg = load_config({"KERAS_BUNDLE_PATH": "/kaggle/input/x/keras", "TORCH_BUNDLE_PATH": "/kaggle/input/x/t",
+                           "LOAD_TORCH_FOLDS_IN_MEMORY": "0", "LOAD_KERAS_FOLDS_IN_MEMORY": "0",
+                           "FAIL_IF_TORCH_MISSING": "1", "KERAS_EARLY_EXIT_IF_BEST_EXISTS": "0", "TORCH_EPOCHS": "5"})
+    assert cfg.keras.bundle_path == "/kaggle/input/x/keras" and cfg.torch.bundle_path == "/kaggle/input/x/t"
+    assert cfg.torch.folds_in_memory is False and cfg.keras.folds_in_memory is False
+    assert cfg.torch.fail_if_missing is True and cfg.keras.skip_if_trained is False and cfg.torch.epochs == 5
+    assert "KERAS_EARLY_EXIT_IF_BEST_EXISTS=0 is mapped to keras.skip_if_trained" in caplog.text
+    assert "LOAD_TORCH_FOLDS_IN_MEMORY=0 is mapped" in caplog.text
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TORCH_TRAINN": "1"}, "TORCH_TRAINN; did you mean TORCH_TRAIN"),
+    ({"USE_TORCHH": "1"}, "USE_TORCHH; did you mean USE_TORCH"),
+    ({"LOAD_KERAS_FOLDS_IN_MEMROY": "0"}, "did you mean LOAD_KERAS_FOLDS_IN_MEMORY"),
+    ({"FAIL_IF_KERAS_MISING": "1"}, "did you mean FAIL_IF_KERAS_MISSING"),
+    ({"XGB_TRAIN": "1"}, "unknown environment variable XGB_TRAIN"),
+    ({"TORCH_USE": "0"}, "this setting's variable is USE_TORCH"),
+    ({"ENSEMBLE_WEIGHTS": "lgbm:0.4,xgb:0.6"}, "unknown member 'xgb'"),
+    ({"ENSEMBLE_WEIGHTS": "lgbm=0.4"}, "not member:weight"),
+    ({"ENSEMBLE_WEIGHTS": "lgbm:1", "ENSEMBLE_W_TORCH": "0.3"}, "set one or the other"),
+])
+def test_mistyped_switches_raise_naming_the_closest_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(env)
+
+
+def test_ensemble_weights_renormalised_and_unnamed_members_get_zero():
+    cfg = load_config({"ENSEMBLE_WEIGHTS": "lgbm:0.4, torch:1.2"})
+    assert (cfg.lgbm.weight, cfg.torch.weight, cfg.keras.weight) == pytest.approx((0.25, 0.75, 0.0))

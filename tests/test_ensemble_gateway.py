@@ -209,3 +209,35 @@ def test_malformed_weights_file_is_named(tmp_path):
     (tmp_path / "ensemble" / "weights.json").write_text('{"views": {"full": {}}}')
     with pytest.raises(ensemble.PredictorError, match="weights.json is not a weights file"):
         ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": FakeMember(0)}), bundle_root=tmp_path / "bundles")
+
+
+def test_member_bundle_path_low_memory_mode_and_fail_if_missing(tmp_path, caplog):
+    """The original notebooks' switches: <M>_BUNDLE_PATH, LOAD_<M>_FOLDS_IN_MEMORY=0, FAIL_IF_<M>_MISSING=1."""
+    loads: list[Path] = []
+
+    def loader(cls):
+        def load(bundle_dir, cfg):
+            loads.append(Path(bundle_dir))
+            return FakeMember(cls)
+        return load
+
+    elsewhere = tmp_path / "attached" / "torch_bundle"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "bundles" / "lgbm").mkdir(parents=True)
+    specs = [ensemble.MemberSpec("lgbm", loader(0)), ensemble.MemberSpec("torch", loader(5))]
+    cfg = load_config({"TORCH_BUNDLE_PATH": str(elsewhere), "LOAD_TORCH_FOLDS_IN_MEMORY": "0",
+                       "ENSEMBLE_W_LGBM": "0.1", "ENSEMBLE_W_TORCH": "0.9"}, out_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        pred = ensemble.Predictor(cfg, specs, bundle_root=tmp_path / "bundles")
+    assert "LOAD_TORCH_FOLDS_IN_MEMORY=0" in caplog.text
+    assert loads[:2] == [tmp_path / "bundles" / "lgbm", elsewhere]  # checked once at start-up
+    assert set(loads[2:]) == {elsewhere}  # then reloaded by each warm-up call
+    assert isinstance(pred.members["torch"], ensemble.ReloadingMember)
+    n_before = len(loads)
+    assert pred.predict(make_sequence("SEQ_000001", 10), None) == GESTURES[5]
+    assert loads[n_before:] == [elsewhere]  # the low-memory member reloaded its bundle inside the call
+    missing = load_config({"FAIL_IF_KERAS_MISSING": "1"}, out_dir=str(tmp_path))
+    specs.append(ensemble.MemberSpec("keras", loader(3)))
+    with pytest.raises(ensemble.PredictorError, match="keras is required.*FAIL_IF_KERAS_MISSING.*no bundle"):
+        ensemble.Predictor(missing, specs, bundle_root=tmp_path / "bundles")
+    ensemble.Predictor(load_config({}, out_dir=str(tmp_path)), specs, bundle_root=tmp_path / "bundles")  # logged

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import features
+import keras_model as km
 import keras_pipeline as kp
 from config import Config
 from member_base import TrainingData
@@ -175,7 +176,7 @@ def test_attention_layer_serialisation_and_mask(tmp_path: Path) -> None:
     kp._tf(tmp_path, 1)
     import keras
 
-    layers = kp._custom_layers()
+    layers = km._custom_layers()
     Att = layers["MaskedTemporalAttention"]
     att = Att(units=5, name="att")
     rng = np.random.default_rng(0)
@@ -232,7 +233,7 @@ def test_models_build_with_pooled_mask(tmp_path: Path) -> None:
 
 def test_is_available_false_without_tensorflow(data: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
-    monkeypatch.setattr(kp, "_TF", None)
+    monkeypatch.setattr(km, "_TF", None)
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # makes `import tensorflow` raise ImportError
     for out_dir in (None, tmp_path):  # the cheap check, and the real import
         ok, why = kp.is_available(out_dir)

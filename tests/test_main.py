@@ -136,3 +136,25 @@ def test_member_registry_is_the_one_place():
     assert not hasattr(main, "MEMBER_MODULES")
     for name in members.names():  # the exported notebook carries every registered pipeline
         assert f"{members.module_name(name)}.py" in notebook_export.modules()
+
+
+def test_exported_notebook_first_cell_shows_the_original_switches(monkeypatch):
+    import re
+
+    from config import load_config
+
+    first = notebook_export.notebook_code(_write_notebook(notebook_export))[0]
+    for name in ("USE_TORCH", "TORCH_TRAIN", "USE_KERAS", "KERAS_TRAIN", "ENSEMBLE_WEIGHTS", "TORCH_BUNDLE_PATH",
+                 "KERAS_BUNDLE_PATH", "LOAD_TORCH_FOLDS_IN_MEMORY", "LOAD_KERAS_FOLDS_IN_MEMORY",
+                 "FAIL_IF_TORCH_MISSING", "KERAS_EARLY_EXIT_IF_BEST_EXISTS"):
+        assert f'"{name}"' in first, name
+    # Every switch it proposes, uncommented, is accepted by the config.
+    env = dict(re.findall(r'"([A-Z_]+)": "([^"]*)"', first))
+    cfg = load_config(env)
+    assert cfg.torch.folds_in_memory is False and cfg.torch.fail_if_missing is True
+
+
+def _write_notebook(module):
+    import tempfile
+
+    return module.export_notebook(Path(tempfile.mkdtemp()) / "nb.ipynb")

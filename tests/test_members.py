@@ -301,3 +301,21 @@ def test_test_member_blends_with_a_registered_one(trained, data, tmp_path):
     cfg.centroid.use = False
     pred = ensemble.Predictor(cfg, members.importable(["lgbm", TEST_MEMBER]), bundle_root=tmp_path / "bundles")
     assert list(pred.members) == ["lgbm"] and "USE_CENTROID=0" in pred.missing[TEST_MEMBER]
+
+
+@pytest.mark.parametrize("name", ["lgbm", TEST_MEMBER])
+def test_early_exit_switch_off_retrains(name, trained, data, monkeypatch, caplog):
+    """<M>_EARLY_EXIT_IF_BEST_EXISTS=0 (the original Keras notebook's switch) turns skip-if-trained off."""
+    t = trained(name)
+    pipeline = t["pipeline"]
+    calls: list[int] = []
+    real = type(pipeline).fit_fold
+    monkeypatch.setattr(type(pipeline), "fit_fold",
+                        lambda self, ctx, td, split, cfg, work: calls.append(split.fold) or real(
+                            self, ctx, td, split, cfg, work))
+    cfg = load_config({**{"CMI_N_THREADS": "1", "CMI_SEED": "3", "CMI_DEBUG": "1", "CMI_N_FOLDS": "2"}, **TINY[name],
+                       f"{name.upper()}_EARLY_EXIT_IF_BEST_EXISTS": "0"}, config_class=ConfigWithCentroid,
+                      out_dir=str(t["out"]))
+    with caplog.at_level(logging.INFO, logger="member_base"):
+        pipeline.train(data["td"], cfg, t["out"])
+    assert calls == [0, 1] and "skip-if-trained is off" in caplog.text
