@@ -65,7 +65,7 @@ def labelled_rows(n_subjects: int = 3, classes: tuple[int, ...] = tuple(range(6)
                   imu_only_every: int = 0, min_len: int = 30, max_len: int = 50) -> pl.DataFrame:
     """Train-layout rows (every column of train.csv) whose gesture is plain in every sensor group.
 
-    Each class shakes one accelerometer axis at its own frequency (learnable from the IMU alone), and
+    Each class shakes an accelerometer axis (learnable from the IMU), and
     warms the thermopiles and moves the ToF distances in proportion to its index (learnable from
     thm/tof). Sequence ids sort in generation order; with ``imu_only_every=k`` every k-th sequence has
     no thm/tof at all, as half the hidden test has.
@@ -84,9 +84,11 @@ def labelled_rows(n_subjects: int = 3, classes: tuple[int, ...] = tuple(range(6)
                 seq = f"SEQ_{k:06d}"
                 t = np.arange(n) * 0.1
                 acc = rng.normal(0.0, 0.2, (n, 3))
-                acc[:, c_pos % 3] += 4.0 * np.sin(2 * np.pi * (0.5 + 0.25 * c_pos) * t)
+                acc[:, c_pos % 3] += 4.0 * np.sin(2 * np.pi * 1.5 * t)
                 acc[:, 2] += 9.81
-                quat = np.column_stack([np.ones(n), rng.normal(0, 0.05, (n, 3))])
+                # a slow, smooth wobble: per-step quaternion noise would read as huge angular velocities
+                turn = 0.05 * np.column_stack([np.sin(t), np.cos(0.7 * t), np.zeros(n)])
+                quat = np.column_stack([np.ones(n), turn + rng.normal(0, 0.002, (n, 3))])
                 quat /= np.linalg.norm(quat, axis=1, keepdims=True)
                 thm = 28.0 + 0.8 * c_pos + rng.normal(0, 0.2, (n, len(THM_COLS)))
                 tof = 40.0 + 12.0 * c_pos + rng.normal(0, 3.0, (n, len(TOF_COLS)))
@@ -131,3 +133,36 @@ def training_data(raw: pl.DataFrame, n_folds: int = 2, demographics: pl.DataFram
     y = labels_of(raw, table.sequence_ids)
     folds = cv.make_folds(table.sequence_ids, table.subjects, y, n_folds, seed)
     return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))
+
+
+def imu_separable_rows(classes: tuple[int, ...] = (0, 1, 8), n_per_class: int = 30, n_subjects: int = 4,
+                       seed: int = 1) -> pl.DataFrame:
+    """Minimal rows (IMU + thermopiles, no ToF, identity rotation) whose class is plain in the accelerometer.
+
+    Each class shakes its own axis at 1.5 Hz; the thermopiles warm with the class too. Small networks learn
+    it from the IMU alone in a few epochs, which is what the networks' learning tests need.
+    """
+    from metric import GESTURES
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    k = 0
+    for c_pos, c in enumerate(classes):
+        for _ in range(n_per_class):
+            n = int(rng.integers(20, 60))
+            t = np.arange(n) * 0.1
+            acc = np.tile([0.0, 0.0, 9.81], (n, 1)) + rng.normal(0, 0.2, (n, 3))
+            acc[:, c_pos % 3] += 4.0 * np.sin(2 * np.pi * 1.5 * t)
+            thm = 28.0 + 2.0 * c_pos + rng.normal(0, 0.1, (n, len(THM_COLS)))
+            data = {
+                "sequence_id": [f"SEQ_{k:05d}"] * n,
+                "sequence_counter": np.arange(n),
+                "subject": [f"SUBJ_{k % n_subjects:03d}"] * n,
+                "gesture": [GESTURES[c]] * n,
+                "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
+                "rot_w": np.ones(n), "rot_x": np.zeros(n), "rot_y": np.zeros(n), "rot_z": np.zeros(n),
+            }
+            data.update({col: thm[:, j] for j, col in enumerate(THM_COLS)})
+            frames.append(pl.DataFrame(data))
+            k += 1
+    return pl.concat(frames)

@@ -23,6 +23,7 @@ from member_base import TrainingData
 from metric import GESTURES, N_CLASSES
 from tests.factory import labelled_rows, labels_of
 
+pytestmark = pytest.mark.slow  # TensorFlow start-up and graph building: seconds per test
 ROOT = Path(__file__).resolve().parents[1]
 N_FOLDS = 2
 

@@ -13,6 +13,8 @@ import main
 import notebook_export
 from metric import GESTURES
 
+pytestmark = pytest.mark.slow  # subprocesses running the CLI and the exported notebook end to end
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"CMI_N_FOLDS": "3", "TORCH_TRAIN": "0", "KERAS_TRAIN": "0", "USE_TORCH": "0", "USE_KERAS": "0",
          "CMI_N_THREADS": "1"}

@@ -39,7 +39,8 @@ TINY: dict[str, dict[str, str]] = {
               "KERAS_DEBUG_EPOCHS": "1", "KERAS_BATCH_SIZE": "16", "FEAT_PAD_LEN": "32"},
     TEST_MEMBER: {},
 }
-ALL = [*members.names(), TEST_MEMBER]
+# Keras costs TensorFlow's start-up and graph building: part of `make test`, not of the quick loop.
+ALL = [pytest.param(n, marks=pytest.mark.slow) if n == "keras" else n for n in [*members.names(), TEST_MEMBER]]
 
 
 @pytest.fixture(autouse=True)

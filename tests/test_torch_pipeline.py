@@ -19,7 +19,7 @@ import metric
 import torch_pipeline as tp
 from config import Config
 from member_base import TrainingData
-from tests.factory import labelled_rows, labels_of
+from tests.factory import imu_separable_rows, labels_of
 
 torch.set_num_threads(1)
 
@@ -123,7 +123,7 @@ def test_real_values_do_change_logits():
 
 @pytest.fixture(scope="module")
 def tables() -> tuple[features.FrameTable, features.FrameTable, np.ndarray, pl.DataFrame]:
-    raw = labelled_rows(n_subjects=4, classes=CLASSES, reps=8, seed=1, min_len=20, max_len=60)
+    raw = imu_separable_rows(CLASSES, n_per_class=30, n_subjects=4, seed=1)
     table = features.build_frame_table(raw)
     imu_table = features.build_frame_table(features.drop_tof_thm(raw))
     return table, imu_table, labels_of(raw, table.sequence_ids), raw
