@@ -90,10 +90,13 @@ class StageTimer:
 # --------------------------------------------------------------------------- stages
 
 
-def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None) -> Path:
+def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None, rotated_test_subjects: int = 0,
+                rotated_train_subjects: int | None = None) -> Path:
     import synth
 
-    paths = synth.write_dataset(out, n_subjects=subjects, seed=seed, n_test_subjects=test_subjects)
+    paths = synth.write_dataset(out, n_subjects=subjects, seed=seed, n_test_subjects=test_subjects,
+                                n_rotated_test_subjects=rotated_test_subjects,
+                                n_rotated_train_subjects=rotated_train_subjects)
     log.info("generated data in %s: %s", out, ", ".join(p.name for p in paths.values()))
     return out
 
@@ -115,7 +118,12 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
         train = data.load_train(cfg.run.data_dir)
     with timer.stage("frame features"):
         table = build_frame_table(train.rows, train.demographics, cfg.features)
-        imu_table = build_frame_table(drop_tof_thm(train.rows), train.demographics, cfg.features)
+        import wear  # subjects wearing the device upside down are found and rotated back before training
+
+        rows, corrected = wear.prepare_training_rows(train.rows, train.demographics, table, cfg, out / "ensemble")
+        if corrected:
+            table = build_frame_table(rows, train.demographics, cfg.features)
+        imu_table = build_frame_table(drop_tof_thm(rows), train.demographics, cfg.features)
     labels = train.labels  # sorted by sequence_id, like the tables
     if not np.array_equal(labels["sequence_id"].to_numpy().astype(str), table.sequence_ids):
         raise RuntimeError("label and feature tables disagree on the sequence order")
@@ -149,6 +157,10 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
             weights = ensemble.fit_ensemble(out / "oof", present, cfg)
             weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in present}
             ensemble.save_weights(out / "ensemble" / "weights.json", weights)
+        with timer.stage("subject post-processing"):
+            import subject_pp
+
+            subject_pp.fit_and_evaluate(out, table, labels, y, fold_ids, cfg)
     return summaries
 
 
@@ -192,6 +204,10 @@ def stage_serve(cfg: Any, timer: StageTimer, bundle_dir: Path | None = None) -> 
         info["latency"] = result.latency_summary()
         info["submission"] = str(result.submission_path)
         info.update(score_submission(result.submission_path, Path(cfg.run.data_dir) / "test_solution.csv"))
+        import wear
+
+        info["wear_truth"] = wear.score_against_truth(predictor.wear.rotated_subjects(), cfg.run.data_dir,
+                                                      result.submission_path)
     from io_utils import write_json
 
     write_json(out / "serve.json", info)
@@ -261,7 +277,8 @@ def parse_members(text: str | None, cfg: Any) -> list[str]:
 
 def cmd_synth(args: argparse.Namespace) -> None:
     setup_logging(None)
-    stage_synth(Path(args.out), args.subjects, args.seed, args.test_subjects)
+    stage_synth(Path(args.out), args.subjects, args.seed, args.test_subjects, args.rotated_test_subjects,
+                args.rotated_train_subjects)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -362,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, default=81)
     s.add_argument("--test-subjects", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rotated-test-subjects", type=int, default=0,
+                   help="test subjects wearing the device rotated 180 degrees about z (default 0)")
+    s.add_argument("--rotated-train-subjects", type=int, default=None,
+                   help="train subjects wearing it so (default: 2 when --subjects >= 40, else 0)")
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="train members on the shared folds and fit the blend")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 # Everything predict() and training need; benchmarks, the exporter and tests stay out.
 MODULES: tuple[str, ...] = (
     "config.py", "metric.py", "schema.py", "io_utils.py", "features.py", "data.py", "synth.py", "cv.py",
-    "bundle.py", "lgbm_pipeline.py", "torch_pipeline.py", "keras_pipeline.py", "ensemble.py",
+    "bundle.py", "wear.py", "subject_pp.py", "lgbm_pipeline.py", "torch_pipeline.py", "keras_pipeline.py", "ensemble.py",
     "inference_server.py", "report.py", "main.py",
 )
 

@@ -99,3 +99,41 @@ def test_detector_finds_the_rotated_generated_subjects(generated):
     assert len(det.state) == 2
     off = wear.WearDetector(None)
     assert off.observe("SUBJ_X", table.select([0])) is False  # switched off / no model: never rotated
+
+
+class _AccMember:
+    """Records the mean acc_x of every table it is asked about (to see whether rows were corrected)."""
+
+    classes_ = tuple(range(18))
+
+    def __init__(self) -> None:
+        self.seen: dict[str, float] = {}
+
+    def predict_proba(self, table):
+        for i, s in enumerate(table.sequence_ids):
+            self.seen[str(s)] = float(table.sequence(i)[:, FRAME_FEATURES.index("acc_x")].mean())
+        return np.full((table.n_sequences, 18), 1 / 18)
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_predictor_corrects_a_rotated_subject_once_detected(generated, tmp_path, switch):
+    import ensemble
+    from io_utils import write_json
+
+    ds = generated
+    cfg = load_config({"ENSEMBLE_WEAR_DETECT": switch}, out_dir=str(tmp_path))
+    info, _ = wear.fit_wear(build_frame_table(ds.train, ds.train_demographics, cfg.features), cfg)
+    write_json(tmp_path / "ensemble" / wear.WEAR_FILE, info)
+    (tmp_path / "bundles" / "lgbm").mkdir(parents=True)
+    member = _AccMember()
+    spec = ensemble.MemberSpec("lgbm", lambda d, c: member, lambda: (True, ""), lambda c: True, lambda c: 1.0)
+    pred = ensemble.Predictor(cfg, [spec], bundle_root=tmp_path / "bundles")
+    who = ds.rotated_subjects["test"][0]
+    seqs = ds.test.filter(pl.col("subject") == who).partition_by("sequence_id", maintain_order=True)[:25]
+    for seq in seqs:
+        pred.predict(seq, ds.test_demographics.filter(pl.col("subject") == who))
+    assert pred.summary()["wear"]["rotated_subjects"] == ([who] if switch == "1" else [])
+    last = seqs[-1]
+    raw_x = float(build_frame_table(last, ds.test_demographics, cfg.features).values[:, FRAME_FEATURES.index("acc_x")].mean())
+    seen = member.seen[last["sequence_id"][0]]
+    assert seen == pytest.approx(-raw_x if switch == "1" else raw_x, abs=1e-3)  # the member saw corrected rows
