@@ -214,7 +214,9 @@ def slot_log_proba(protocol: Protocol, gesture_proba: np.ndarray, orient_proba: 
 
 @dataclass
 class _SubjectState:
-    rows: list[np.ndarray] = field(default_factory=list)  # log P(slot) of the subject's sequences, in arrival order
+    # log P(slot) of the subject's sequences by sequence id, in arrival order; a repeated id replaces its row
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
+    calls: int = 0
     warned_over: bool = False
     warned_history: bool = False
 
@@ -231,17 +233,24 @@ class SubjectAssigner:
         self.state: dict[str, _SubjectState] = {}
         self.n_over_capacity = 0
 
-    def answer(self, subject: str, slot_logp: np.ndarray) -> int:
-        """Gesture index for the subject's newest sequence, given its (n_slots,) log P(slot)."""
+    def answer(self, subject: str, slot_logp: np.ndarray, sequence_id: str | None = None) -> int:
+        """Gesture index for the subject's newest sequence, given its (n_slots,) log P(slot).
+
+        A ``sequence_id`` seen before (a retried call) replaces that sequence's row instead of
+        taking a second slot; without an id every call is a new sequence.
+        """
         st = self.state.setdefault(subject, _SubjectState())
-        st.rows.append(np.asarray(slot_logp, np.float64))
+        st.calls += 1
+        key = sequence_id if sequence_id is not None else f"#call{st.calls}"
+        st.rows.pop(key, None)  # the current sequence is always the last row
+        st.rows[key] = np.asarray(slot_logp, np.float64)
         if len(st.rows) > self.max_history:  # bounded memory and cost: the oldest sequence is forgotten
-            st.rows.pop(0)
+            st.rows.pop(next(iter(st.rows)))
             if not st.warned_history:
                 st.warned_history = True
                 log.warning("subject %s: more than %d sequences; the oldest are forgotten by the assignment",
                             subject, self.max_history)
-        L = np.stack(st.rows)
+        L = np.stack(list(st.rows.values()))
         cols = self.col_slot
         if len(L) > len(cols):  # more sequences than slots: relax every capacity by the same factor
             k = -(-len(L) // len(cols))
@@ -317,7 +326,8 @@ class SubjectPostProcessor:
             return plain
         t0 = time.perf_counter()
         op = self.orientation.predict_proba(table) if self.orientation is not None else None
-        out = self.assigner.answer(subject, slot_log_proba(self.protocol, np.asarray(proba)[None, :], op)[0])
+        out = self.assigner.answer(subject, slot_log_proba(self.protocol, np.asarray(proba)[None, :], op)[0],
+                                   str(table.sequence_ids[0]))
         self.seconds += time.perf_counter() - t0
         return out
 

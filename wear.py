@@ -264,9 +264,16 @@ def prepare_training_rows(rows: pl.DataFrame, demographics: pl.DataFrame, table:
 
 @dataclass
 class _SubjectEvidence:
-    n: int = 0
-    log_odds: float = 0.0
+    per_sequence: dict[str, float] = field(default_factory=dict)  # a retried sequence id counts once
     rotated: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.per_sequence)
+
+    @property
+    def log_odds(self) -> float:
+        return float(sum(self.per_sequence.values()))
 
 
 @dataclass
@@ -311,8 +318,8 @@ class WearDetector:
         if not self.enabled or not subject or self.detector is None:
             return False
         ev = self.state.setdefault(subject, _SubjectEvidence())
-        ev.n += 1
-        ev.log_odds += float(self.detector.log_odds(detector_features(table, self.tail_fraction))[0])
+        lo = float(self.detector.log_odds(detector_features(table, self.tail_fraction))[0])
+        ev.per_sequence[str(table.sequence_ids[0])] = lo
         if not ev.rotated and ev.n >= self.min_sequences and ev.log_odds > self.threshold:
             ev.rotated = True
             log.info("subject %s taken as wearing the device rotated 180 degrees (evidence %.1f after %d sequences): "

@@ -191,3 +191,12 @@ def test_predictor_without_a_subject_answers_argmax(tmp_path):
     for sid in ("SEQ_000001", "SEQ_000002"):
         assert pred.predict(make_sequence(sid, 10).drop("subject"), None) == A
     assert pred.summary()["subject_pp"]["calls_without_subject"] == 2
+
+
+def test_a_retried_sequence_id_replaces_its_row():
+    proto = _gesture_protocol({A: 1, B: 1})
+    a = SubjectAssigner(proto)
+    lp = slot_log_proba(proto, _proba({A: 0.9, B: 0.1})[None], None)[0]
+    assert [GESTURES[a.answer("S", lp, "SEQ_1")] for _ in range(3)] == [A, A, A]  # same id: one row, same slot
+    assert len(a.state["S"].rows) == 1
+    assert GESTURES[a.answer("S", lp, "SEQ_2")] == B  # a new id competes for the slot
