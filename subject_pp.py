@@ -170,7 +170,7 @@ def _orientation_params(cfg: Config, n_class: int) -> dict[str, Any]:
 
 
 def fit_orientation_model(X: np.ndarray, orient_idx: np.ndarray, n_class: int, fold_ids: np.ndarray, cfg: Config,
-                          rounds: int = 150) -> tuple[Any, np.ndarray]:
+                          feature_names: list[str], rounds: int = 150) -> tuple[Any, np.ndarray]:
     """OOF probabilities on the shared folds, and one booster trained on every sequence for serving."""
     import lightgbm as lgb
 
@@ -178,9 +178,10 @@ def fit_orientation_model(X: np.ndarray, orient_idx: np.ndarray, n_class: int, f
     params = _orientation_params(cfg, n_class)
     for k in np.unique(fold_ids):
         tr, va = fold_ids != k, fold_ids == k
-        booster = lgb.train(params, lgb.Dataset(X[tr], label=orient_idx[tr]), num_boost_round=rounds)
+        booster = lgb.train(params, lgb.Dataset(X[tr], label=orient_idx[tr], feature_name=feature_names),
+                            num_boost_round=rounds)
         oof[va] = booster.predict(X[va])
-    final = lgb.train(params, lgb.Dataset(X, label=orient_idx), num_boost_round=rounds)
+    final = lgb.train(params, lgb.Dataset(X, label=orient_idx, feature_name=feature_names), num_boost_round=rounds)
     return final, oof
 
 
@@ -431,7 +432,8 @@ def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFram
         X, names = orientation_features(table, cfg)
         o_idx = np.array([protocol.orientations.index(o) if o in protocol.orientations else -1 for o in orients])
         known = o_idx >= 0  # an orientation of no slot: not a class of the model
-        booster, oof_k = fit_orientation_model(X[known], o_idx[known], len(protocol.orientations), fold_ids[known], cfg)
+        booster, oof_k = fit_orientation_model(X[known], o_idx[known], len(protocol.orientations), fold_ids[known], cfg,
+                                                names)
         orient_oof = np.full((len(X), len(protocol.orientations)), 1.0 / len(protocol.orientations))
         orient_oof[known] = oof_k
         acc = float((oof_k.argmax(1) == o_idx[known]).mean())

@@ -200,3 +200,27 @@ def test_a_retried_sequence_id_replaces_its_row():
     assert [GESTURES[a.answer("S", lp, "SEQ_1")] for _ in range(3)] == [A, A, A]  # same id: one row, same slot
     assert len(a.state["S"].rows) == 1
     assert GESTURES[a.answer("S", lp, "SEQ_2")] == B  # a new id competes for the slot
+
+
+def test_orientation_model_round_trips_through_the_ensemble_folder(tmp_path):
+    from features import build_frame_table
+    from io_utils import atomic_path
+    from tests.factory import make_table
+
+    cfg = load_config({"CMI_N_THREADS": "1"})
+    table = build_frame_table(make_table([30 + 3 * i for i in range(24)]))
+    X, names = subject_pp.orientation_features(table, cfg)
+    assert names and all(n.split("__")[0] in subject_pp.ORIENTATION_CHANNELS for n in names)
+    o_idx = np.arange(24) % 2
+    booster, oof = subject_pp.fit_orientation_model(X, o_idx, 2, np.arange(24) % 3, cfg, names, rounds=5)
+    assert oof.shape == (24, 2) and np.allclose(oof.sum(1), 1)
+    proto = Protocol("pair", ((ORIENTS[1], A, 1), (ORIENTS[0], A, 1), (ORIENTS[0], B, 1)), tuple(sorted(ORIENTS)))
+    write_json(tmp_path / subject_pp.PROTOCOL_FILE, {**proto.to_dict(), "orientation_features": names})
+    with atomic_path(tmp_path / subject_pp.ORIENTATION_MODEL_FILE) as tmp:
+        booster.save_model(str(tmp))
+    pp = subject_pp.SubjectPostProcessor.load(tmp_path, cfg)
+    assert pp.enabled and pp.orientation is not None
+    assert pp.answer("S", table.select([0]), _proba({A: 0.9, B: 0.1})) in (GESTURES.index(A), GESTURES.index(B))
+    write_json(tmp_path / subject_pp.PROTOCOL_FILE, {**proto.to_dict(), "orientation_features": names[::-1]})
+    with pytest.raises(subject_pp.ProtocolError, match="does not match"):
+        subject_pp.SubjectPostProcessor.load(tmp_path, cfg)
