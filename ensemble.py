@@ -379,14 +379,15 @@ class Predictor:
             raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
         if "sequence_id" not in sequence.columns:
             sequence = sequence.with_columns(pl.lit("SEQ_UNKNOWN").alias("sequence_id"))
-        table = build_frame_table(sequence, demographics, self.cfg.features)
+        subject = subject_pp.subject_of(sequence, demographics)
+        rows = self.wear.rows_for_features(subject, sequence)  # rotated back once the subject is known upside down
+        table = build_frame_table(rows, demographics, self.cfg.features)
         if np.isnan(table.demographics).all():
             self.stats.unknown_demographics += 1
             if self.stats.unknown_demographics == 1:
                 log.warning("sequence %s: no usable demographics row; predicting without demographics "
                             "(further cases are only counted)", table.sequence_ids[0])
         self.stats.calls += 1
-        subject = subject_pp.subject_of(table, demographics)
         table = self.wear.corrected_table(subject, sequence, demographics, table, self.cfg)
         return GESTURES[self.subject_pp.answer(subject, table, self.predict_proba_table(table)[0])]
 

@@ -338,11 +338,12 @@ class SubjectPostProcessor:
                 **(self.assigner.summary() if self.assigner else {})}
 
 
-def subject_of(table: FrameTable, demographics: pl.DataFrame | None) -> str:
-    """The sequence's subject: its ``subject`` column, else the one demographics row's; "" when unknown."""
-    s = str(table.subjects[0]) if table.n_sequences else ""
-    if s:
-        return s
+def subject_of(sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> str:
+    """The sequence's subject: its first row's ``subject``, else the one demographics row's; "" when unknown."""
+    if "subject" in sequence.columns and sequence.height:
+        v = sequence["subject"][0]
+        if v is not None and str(v):
+            return str(v)
     if demographics is not None and "subject" in demographics.columns and demographics.height == 1:
         v = demographics["subject"][0]
         return "" if v is None else str(v)

@@ -313,23 +313,40 @@ class WearDetector:
         log.info("wear detection from %s: threshold %.2f after >= %d sequence(s)", path, out.threshold, out.min_sequences)
         return out
 
-    def observe(self, subject: str, table: FrameTable) -> bool:
-        """Add this sequence's evidence; True when the subject is (now) taken as a rotated wearer."""
+    def observe(self, subject: str, table: FrameTable, corrected: bool = False) -> bool:
+        """Add this sequence's evidence; True when the subject is (now) taken as a rotated wearer.
+
+        ``corrected``: the table was built from already rotated-back rows; its log-odds are negated
+        (the features are odd under the turn), so the evidence is that of the rows as recorded.
+        """
         if not self.enabled or not subject or self.detector is None:
             return False
         ev = self.state.setdefault(subject, _SubjectEvidence())
         lo = float(self.detector.log_odds(detector_features(table, self.tail_fraction))[0])
-        ev.per_sequence[str(table.sequence_ids[0])] = lo
+        ev.per_sequence[str(table.sequence_ids[0])] = -lo if corrected else lo
         if not ev.rotated and ev.n >= self.min_sequences and ev.log_odds > self.threshold:
             ev.rotated = True
             log.info("subject %s taken as wearing the device rotated 180 degrees (evidence %.1f after %d sequences): "
                      "its rows are corrected from now on", subject, ev.log_odds, ev.n)
         return ev.rotated
 
+    def rows_for_features(self, subject: str, sequence: pl.DataFrame) -> pl.DataFrame:
+        """The rows to build features from: rotated back when the subject is already taken as rotated."""
+        ev = self.state.get(subject) if self.enabled and subject else None
+        if ev is not None and ev.rotated:
+            return rotate_rows(sequence)
+        return sequence
+
     def corrected_table(self, subject: str, sequence: pl.DataFrame, demographics: pl.DataFrame | None,
                         table: FrameTable, cfg: Config) -> FrameTable:
-        """The sequence's frame table, rebuilt from corrected rows when its subject is a rotated wearer."""
-        if not self.observe(subject, table):
+        """The sequence's frame table from corrected rows when its subject is a rotated wearer.
+
+        ``table`` was built from ``rows_for_features(subject, sequence)``: corrected already when the
+        subject was known to be rotated before this call; rebuilt here only on the call that decides it.
+        """
+        ev = self.state.get(subject) if self.enabled and subject else None
+        before = ev is not None and ev.rotated
+        if not self.observe(subject, table, corrected=before) or before:
             return table
         return build_frame_table(rotate_rows(sequence), demographics, cfg.features)
 
