@@ -105,7 +105,7 @@ def _plots(out: Path, report_dir: Path, y: np.ndarray, proba: np.ndarray, summar
 
 def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
     """Subject post-processing and upside-down wear: the OOF replay, the orientation model, the detector."""
-    pp = _load(out / "oof" / "subject_pp_summary.json")
+    pp = _load(out / "oof" / "subject_pp_replay.json")
     wear_info = _load(out / "ensemble" / "wear.json")
     if not pp and not wear_info:
         return []

@@ -417,7 +417,7 @@ def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFram
                      fold_ids: np.ndarray, cfg: Config) -> dict[str, Any]:
     """Learn the protocol and the orientation model, write them beside weights.json, and simulate the gateway on OOF.
 
-    Writes ``ensemble/protocol.json``, ``ensemble/orientation_model.txt`` and ``oof/subject_pp_summary.json``.
+    Writes ``ensemble/protocol.json``, ``ensemble/orientation_model.txt`` and ``oof/subject_pp_replay.json``.
     """
     out_dir = Path(out_dir)
     ens_dir = out_dir / "ensemble"
@@ -471,5 +471,5 @@ def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFram
     elif not protocol.active:
         summary["simulation"] = None
     summary["seconds"] = time.perf_counter() - t0
-    write_json(out_dir / "oof" / "subject_pp_summary.json", summary)
+    write_json(out_dir / "oof" / "subject_pp_replay.json", summary)  # not *_summary.json: that pattern means a member
     return summary
