@@ -123,8 +123,8 @@ def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
                          f"**{pp['orientation_oof_accuracy']:.4f}**.")
         sims = pp.get("simulation") or {}
         if sims:
-            lines += ["", f"Gateway replayed on OOF: each subject's sequences in {next(iter(sims.values()))['orders']} "
-                      "random orders, answered online:", "",
+            lines += ["", (f"Gateway replayed on OOF: each subject's sequences in {next(iter(sims.values()))['orders']} "
+                           "random orders, answered online:"), "",
                       "| view | no PP | PP mean | PP min | PP max | gain (mean) | gain min / max |", "|---|---|---|---|---|---|---|"]
             for view, r in sims.items():
                 lines.append(f"| {view} | {r['no_pp']:.4f} | {r['mean']:.4f} | {r['min']:.4f} | {r['max']:.4f} | "
@@ -136,13 +136,13 @@ def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
     if wear_info:
         h = wear_info["held_out"]
         lines += ["", "## Upside-down wear", "",
-                  f"Detector (logistic, sign-odd features) per-sequence held-out accuracy {h['per_sequence_accuracy']:.3f}; "
-                  f"evidence threshold {wear_info['threshold']:.2f}. Held-out subjects: synthetic rotated copies detected in "
-                  f"{h['rotated_copy_orders_detected']}/{h['rotated_copy_orders']} orders (median after "
-                  f"{h['sequences_to_detect_median']} sequences); normal subjects flagged in "
-                  f"{h['normal_subject_orders_flagged']}/{h['normal_subject_orders']} orders.",
-                  f"Rotated training subjects found and corrected before training: "
-                  f"{', '.join(wear_info['rotated_training_subjects']) or 'none'}."]
+                  (f"Detector (logistic, sign-odd features) per-sequence held-out accuracy {h['per_sequence_accuracy']:.3f}; "
+                   f"evidence threshold {wear_info['threshold']:.2f}. Held-out subjects: synthetic rotated copies detected in "
+                   f"{h['rotated_copy_orders_detected']}/{h['rotated_copy_orders']} orders (median after "
+                   f"{h['sequences_to_detect_median']} sequences); normal subjects flagged in "
+                   f"{h['normal_subject_orders_flagged']}/{h['normal_subject_orders']} orders."),
+                  (f"Rotated training subjects found and corrected before training: "
+                   f"{', '.join(wear_info['rotated_training_subjects']) or 'none'}.")]
     truth = serve.get("wear_truth") or {}
     if truth:
         lines.append(f"Serving: detected {truth['detected'] or 'none'}; generator truth {truth['true_rotated'] or 'none'} "

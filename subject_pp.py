@@ -37,7 +37,7 @@ from config import Config
 from cv import read_member_oof
 from features import FrameTable, sequence_aggregates
 from io_utils import atomic_path, read_json, write_json
-from metric import GESTURES, N_CLASSES, score_indices
+from metric import GESTURES, score_indices
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,13 @@ import subject_pp
 from config import load_config
 from io_utils import write_json
 from metric import GESTURES
-from subject_pp import Protocol, SubjectAssigner, learn_protocol, simulate_online, slot_log_proba
+from subject_pp import (
+    Protocol,
+    SubjectAssigner,
+    learn_protocol,
+    simulate_online,
+    slot_log_proba,
+)
 from tests.factory import demographics, make_sequence
 
 A, B, C = GESTURES[0], GESTURES[1], GESTURES[9]
@@ -133,7 +139,7 @@ def test_more_sequences_than_slots_degrades_gracefully(caplog):
     a = SubjectAssigner(proto, max_history=6)
     with caplog.at_level(logging.WARNING):
         answers = [a.answer("S", slot_log_proba(proto, _proba({A: 0.7, B: 0.3})[None], None)[0]) for _ in range(9)]
-    assert set(GESTURES[x] for x in answers) <= {A, B}
+    assert {GESTURES[x] for x in answers} <= {A, B}
     assert "capacities relaxed" in caplog.text and "forgotten" in caplog.text
     assert len(a.state["S"].rows) == 6 and a.summary()["subjects_over_capacity"] == 1
 
