@@ -247,12 +247,19 @@ def prepare_training_rows(rows: pl.DataFrame, demographics: pl.DataFrame, table:
 
     Returns (rows, changed). With ``ENSEMBLE_WEAR_DETECT=0`` nothing is fitted or changed.
     """
-    if not cfg.ensemble.wear_detect:
-        log.info("wear detection switched off (ENSEMBLE_WEAR_DETECT=0): training rows used as recorded")
+    path = Path(ensemble_dir) / WEAR_FILE
+    n_subjects = len(set(np.asarray(table.subjects).astype(str).tolist()) - {""})
+    if not cfg.ensemble.wear_detect or n_subjects < 2:
+        log.info("wear detection %s: training rows used as recorded",
+                 "switched off (ENSEMBLE_WEAR_DETECT=0)" if not cfg.ensemble.wear_detect
+                 else f"skipped ({n_subjects} training subject(s))")
+        if path.exists():  # a detector of an earlier run must not serve with these bundles
+            path.unlink()
+            log.info("removed the earlier run's %s", path)
         return rows, False
     info, rotated = fit_wear(table, cfg, cfg.run.seed)
     info["training_corrected"] = bool(rotated) and cfg.ensemble.wear_correct_training
-    write_json(Path(ensemble_dir) / WEAR_FILE, info)
+    write_json(path, info)
     if not info["training_corrected"]:
         return rows, False
     log.info("rotating back %d training subject(s) worn upside down: %s", len(rotated), rotated)

@@ -137,3 +137,12 @@ def test_predictor_corrects_a_rotated_subject_once_detected(generated, tmp_path,
     raw_x = float(build_frame_table(last, ds.test_demographics, cfg.features).values[:, FRAME_FEATURES.index("acc_x")].mean())
     seen = member.seen[last["sequence_id"][0]]
     assert seen == pytest.approx(-raw_x if switch == "1" else raw_x, abs=1e-3)  # the member saw corrected rows
+
+
+def test_training_switch_off_leaves_rows_and_removes_a_stale_detector(tmp_path):
+    seq = pl.concat([make_sequence("SEQ_000001", 20, subject="SUBJ_000001"),
+                     make_sequence("SEQ_000002", 20, subject="SUBJ_000002", seed=2)])
+    cfg = load_config({"ENSEMBLE_WEAR_DETECT": "0"})
+    (tmp_path / wear.WEAR_FILE).write_text("{}")
+    rows, changed = wear.prepare_training_rows(seq, None, build_frame_table(seq), cfg, tmp_path)
+    assert rows is seq and not changed and not (tmp_path / wear.WEAR_FILE).exists()
