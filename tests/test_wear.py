@@ -129,7 +129,7 @@ def test_predictor_corrects_a_rotated_subject_once_detected(generated, tmp_path,
     spec = ensemble.MemberSpec("lgbm", lambda d, c: member, lambda: (True, ""), lambda c: True, lambda c: 1.0)
     pred = ensemble.Predictor(cfg, [spec], bundle_root=tmp_path / "bundles")
     who = ds.rotated_subjects["test"][0]
-    seqs = ds.test.filter(pl.col("subject") == who).partition_by("sequence_id", maintain_order=True)[:25]
+    seqs = ds.test.filter(pl.col("subject") == who).partition_by("sequence_id", maintain_order=True)
     for seq in seqs:
         pred.predict(seq, ds.test_demographics.filter(pl.col("subject") == who))
     assert pred.summary()["wear"]["rotated_subjects"] == ([who] if switch == "1" else [])
