@@ -162,6 +162,17 @@ class EnsembleConfig:
     random_search_draws: int = 4096
     # A class-bias calibration is kept only if it raises the cross-fitted OOF score by more than this.
     calibration_min_gain: float = 0.002
+    # Subject-level post-processing (subject_pp.py): assign a subject's sequences to its protocol slots.
+    subject_pp: bool = True
+    subject_pp_min_share: float = 0.8  # share of training subjects that must follow a protocol for it to be used
+    subject_pp_max_history: int = 400  # sequences remembered per subject (bounded memory and cost per call)
+    subject_pp_orders: int = 20  # random arrival orders in the OOF simulation
+    # Upside-down wear (wear.py): detect subjects wearing the device rotated 180 degrees about z, correct their rows.
+    wear_detect: bool = True
+    wear_correct_training: bool = True  # rotate back the training subjects the detector finds
+    wear_min_sequences: int = 2  # a subject is never taken as rotated on fewer sequences
+    wear_min_log_odds: float = 6.9  # floor of the evidence threshold (summed log-odds; 6.9 = 1000:1)
+    wear_threshold_margin: float = 1.5  # threshold = margin x the highest evidence a held-out normal subject reached
 
 
 @dataclass
@@ -401,6 +412,11 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.keras.dropout < 1, "KERAS_DROPOUT must be in [0, 1)"),
         (0 <= cfg.keras.label_smoothing < 1, "KERAS_LABEL_SMOOTHING must be in [0, 1)"),
         (len(cfg.keras.imu_filters) == len(cfg.keras.imu_kernels), "KERAS_IMU_FILTERS and KERAS_IMU_KERNELS differ in length"),
+        (0 < cfg.ensemble.subject_pp_min_share <= 1, "ENSEMBLE_SUBJECT_PP_MIN_SHARE must be in (0, 1]"),
+        (cfg.ensemble.subject_pp_max_history >= 1, "ENSEMBLE_SUBJECT_PP_MAX_HISTORY must be >= 1"),
+        (cfg.ensemble.subject_pp_orders >= 1, "ENSEMBLE_SUBJECT_PP_ORDERS must be >= 1"),
+        (cfg.ensemble.wear_min_sequences >= 1, "ENSEMBLE_WEAR_MIN_SEQUENCES must be >= 1"),
+        (cfg.ensemble.wear_threshold_margin >= 1, "ENSEMBLE_WEAR_THRESHOLD_MARGIN must be >= 1"),
     ]
     checks += [(cfg.member(m).weight >= 0, f"ENSEMBLE_W_{m.upper()} must be >= 0") for m in cfg.member_names()]
     for ok, message in checks:

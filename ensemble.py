@@ -27,6 +27,8 @@ from features import FRAME_FEATURES, FrameTable, build_frame_table
 from io_utils import read_json, write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
+import subject_pp
+import wear
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +326,10 @@ class Predictor:
         self.class_bias: dict[str, np.ndarray] = {}
         self.weights = self._load_weights(specs, weights_path)
         self.stats = PredictorStats()
+        # Per-subject online state lives on this instance: upside-down wear detection and slot assignment.
+        ens_dir = Path(weights_path).parent if weights_path else self.bundle_root.parent / "ensemble"
+        self.wear = wear.WearDetector.load(ens_dir, cfg)
+        self.subject_pp = subject_pp.SubjectPostProcessor.load(ens_dir, cfg)
         self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info("Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights)
@@ -421,14 +427,17 @@ class Predictor:
             raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
         if "sequence_id" not in sequence.columns:
             sequence = sequence.with_columns(pl.lit("SEQ_UNKNOWN").alias("sequence_id"))
-        table = build_frame_table(sequence, demographics, self.cfg.features)
+        subject = subject_pp.subject_of(sequence, demographics)
+        rows = self.wear.rows_for_features(subject, sequence)  # rotated back once the subject is known upside down
+        table = build_frame_table(rows, demographics, self.cfg.features)
         if np.isnan(table.demographics).all():
             self.stats.unknown_demographics += 1
             if self.stats.unknown_demographics == 1:
                 log.warning("sequence %s: no usable demographics row; predicting without demographics "
                             "(further cases are only counted)", table.sequence_ids[0])
         self.stats.calls += 1
-        return GESTURES[int(self.predict_proba_table(table)[0].argmax())]
+        table = self.wear.corrected_table(subject, sequence, demographics, table, self.cfg)
+        return GESTURES[self.subject_pp.answer(subject, table, self.predict_proba_table(table)[0])]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -439,4 +448,6 @@ class Predictor:
             "calls": self.stats.calls,
             "member_failures": dict(self.stats.member_failures),
             "unknown_demographics": self.stats.unknown_demographics,
+            "subject_pp": self.subject_pp.summary(),
+            "wear": self.wear.summary(),
         }

@@ -81,10 +81,13 @@ class StageTimer:
 # --------------------------------------------------------------------------- stages
 
 
-def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None) -> Path:
+def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None, rotated_test_subjects: int = 0,
+                rotated_train_subjects: int | None = None) -> Path:
     import synth
 
-    paths = synth.write_dataset(out, n_subjects=subjects, seed=seed, n_test_subjects=test_subjects)
+    paths = synth.write_dataset(out, n_subjects=subjects, seed=seed, n_test_subjects=test_subjects,
+                                n_rotated_test_subjects=rotated_test_subjects,
+                                n_rotated_train_subjects=rotated_train_subjects)
     log.info("generated data in %s: %s", out, ", ".join(p.name for p in paths.values()))
     return out
 
@@ -93,6 +96,8 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
     """Train ``names`` on the shared folds (skipping complete bundles unless ``force``), then fit the blend."""
     import data
     import ensemble
+    import wear
+    from features import build_frame_table
     from member_base import training_data
 
     out = Path(cfg.run.out_dir)
@@ -101,7 +106,11 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
     with timer.stage("load train data"):
         train = data.load_train(cfg.run.data_dir)
     with timer.stage("frame features"):
-        td = training_data(train.rows, train.demographics, train.labels, cfg, out / "folds.csv")
+        table = build_frame_table(train.rows, train.demographics, cfg.features)
+        # Subjects wearing the device upside down are found and rotated back before training.
+        rows, corrected = wear.prepare_training_rows(train.rows, train.demographics, table, cfg, out / "ensemble")
+        td = training_data(rows, train.demographics, train.labels, cfg, out / "folds.csv",
+                           table=None if corrected else table)
     summaries: dict[str, Any] = {}
     for name in names:
         try:
@@ -126,6 +135,10 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
             weights = ensemble.fit_ensemble(out / "oof", blended, cfg)
             weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in blended}
             ensemble.save_weights(out / "ensemble" / "weights.json", weights)
+        with timer.stage("subject post-processing"):
+            import subject_pp
+
+            subject_pp.fit_and_evaluate(out, td.table, train.labels, td.y, td.fold_ids, cfg)
     return summaries
 
 
@@ -161,6 +174,10 @@ def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) 
         info["latency"] = result.latency_summary()
         info["submission"] = str(result.submission_path)
         info.update(score_submission(result.submission_path, Path(cfg.run.data_dir) / "test_solution.csv"))
+        import wear
+
+        info["wear_truth"] = wear.score_against_truth(predictor.wear.rotated_subjects(), cfg.run.data_dir,
+                                                      result.submission_path)
     from io_utils import write_json
 
     write_json(out / "serve.json", info)
@@ -244,7 +261,8 @@ def default_training_members(cfg: Config) -> list[str]:
 
 def cmd_synth(args: argparse.Namespace) -> None:
     setup_logging(None)
-    stage_synth(Path(args.out), args.subjects, args.seed, args.test_subjects)
+    stage_synth(Path(args.out), args.subjects, args.seed, args.test_subjects, args.rotated_test_subjects,
+                args.rotated_train_subjects)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -345,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, default=81)
     s.add_argument("--test-subjects", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rotated-test-subjects", type=int, default=0,
+                   help="test subjects wearing the device rotated 180 degrees about z (default 0)")
+    s.add_argument("--rotated-train-subjects", type=int, default=None,
+                   help="train subjects wearing it so (default: 2 when --subjects >= 40, else 0)")
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="train members on the shared folds and fit the blend")

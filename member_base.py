@@ -352,13 +352,14 @@ def fit_fold_scaler(data: TrainingData, split: FoldSplit) -> ScalerStats:
     return fit_scaler(data.table, split.train)
 
 
-def training_data(rows: Any, demographics: Any, labels: Any, cfg: Config, folds_path: Path) -> TrainingData:
+def training_data(rows: Any, demographics: Any, labels: Any, cfg: Config, folds_path: Path,
+                  table: FrameTable | None = None) -> TrainingData:
     """Both views of the frame table, labels and the shared folds (computed once, then reused from ``folds_path``).
 
     ``rows``/``demographics``/``labels`` are ``data.load_train``'s frames; labels are sorted by sequence_id,
-    like the frame tables.
+    like the frame tables. ``table``: the full view of ``rows`` when the caller has built it already.
     """
-    table = build_frame_table(rows, demographics, cfg.features)
+    table = build_frame_table(rows, demographics, cfg.features) if table is None else table
     imu_table = build_frame_table(drop_tof_thm(rows), demographics, cfg.features)
     if not np.array_equal(labels["sequence_id"].to_numpy().astype(str), table.sequence_ids):
         raise RuntimeError("label and feature tables disagree on the sequence order")

@@ -103,6 +103,56 @@ def _plots(out: Path, report_dir: Path, y: np.ndarray, proba: np.ndarray, summar
     return files
 
 
+def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
+    """Subject post-processing and upside-down wear: the OOF replay, the orientation model, the detector."""
+    pp = _load(out / "oof" / "subject_pp_replay.json")
+    wear_info = _load(out / "ensemble" / "wear.json")
+    if not pp and not wear_info:
+        return []
+    lines = ["", "## Subject post-processing (online slot assignment)", ""]
+    if pp:
+        proto = pp["protocol"]
+        if proto["kind"] == "none":
+            lines.append(f"No protocol learned ({proto.get('reason', '')}): post-processing does nothing.")
+        else:
+            lines.append(f"Protocol learned from training labels: **{proto['kind']}** capacities, {proto['n_slots']} slots, "
+                         f"{proto['capacity_total']} sequences per subject at most; {100 * proto['share_within']:.0f}% "
+                         f"of {proto['n_subjects']} training subjects within it.")
+        if pp.get("orientation_oof_accuracy") is not None:
+            lines.append(f"Orientation model (LightGBM on gravity/acc aggregates, same folds): OOF accuracy "
+                         f"**{pp['orientation_oof_accuracy']:.4f}**.")
+        sims = pp.get("simulation") or {}
+        if sims:
+            lines += ["", (f"Gateway replayed on OOF: each subject's sequences in {next(iter(sims.values()))['orders']} "
+                           "random orders, answered online:"), "",
+                      "| view | no PP | PP mean | PP min | PP max | gain (mean) | gain min / max |", "|---|---|---|---|---|---|---|"]
+            for view, r in sims.items():
+                lines.append(f"| {view} | {r['no_pp']:.4f} | {r['mean']:.4f} | {r['min']:.4f} | {r['max']:.4f} | "
+                             f"{r['gain_mean']:+.4f} | {r['gain_min']:+.4f} / {r['gain_max']:+.4f} |")
+            no_or = pp.get("simulation_mixed_without_orientation")
+            if no_or:
+                lines.append(f"\nMixed view with slots scored by gesture only (no orientation model): mean "
+                             f"{no_or['mean']:.4f} (gain {no_or['gain_mean']:+.4f}).")
+    if wear_info:
+        h = wear_info["held_out"]
+        lines += ["", "## Upside-down wear", "",
+                  (f"Detector (logistic, sign-odd features) per-sequence held-out accuracy {h['per_sequence_accuracy']:.3f}; "
+                   f"evidence threshold {wear_info['threshold']:.2f}. Held-out subjects: synthetic rotated copies detected in "
+                   f"{h['rotated_copy_orders_detected']}/{h['rotated_copy_orders']} orders (median after "
+                   f"{h['sequences_to_detect_median']} sequences); normal subjects flagged in "
+                   f"{h['normal_subject_orders_flagged']}/{h['normal_subject_orders']} orders."),
+                  (f"Rotated training subjects found and corrected before training: "
+                   f"{', '.join(wear_info['rotated_training_subjects']) or 'none'}.")]
+    truth = serve.get("wear_truth") or {}
+    if truth:
+        lines.append(f"Serving: detected {truth['detected'] or 'none'}; generator truth {truth['true_rotated'] or 'none'} "
+                     f"(precision {_fmt(truth['precision'])}, recall {_fmt(truth['recall'])}).")
+        for key, label in (("holdout_rotated_subjects", "rotated test subjects"), ("holdout_normal_subjects", "other test subjects")):
+            if key in truth:
+                lines.append(f"- hold-out, {label}: {truth[key]['score']:.4f}")
+    return lines
+
+
 def write_report(out: str | Path) -> Path:
     out = Path(out)
     report_dir = out / "report"
@@ -153,6 +203,7 @@ def write_report(out: str | Path) -> Path:
                 lines.append(f"- {label}: {serve[key]['score']:.4f}")
         lines.append("A hold-out score far below the CV score would mean serving computes something other "
                      "than training did.")
+    lines += _subject_pp_lines(out, serve)
     if serve.get("latency"):
         lat = serve["latency"]
         lines += ["", "## Serving", "",

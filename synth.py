@@ -12,15 +12,16 @@ here from a small kinematic model of a wrist-worn device (see docs/SYNTH.md):
   (head, neck, thigh, chest, table or bed, a held object); thermopiles warm up in
   proportion to the nearby skin they see;
 * subjects differ in size, speed, style, handedness (mirrored signals) and two of
-  them wear the device rotated 180 degrees about the forearm.
+  some wear the device rotated 180 degrees about its z axis (upside down on the wrist).
 
 Public API: :func:`generate`, :func:`write_dataset`, :class:`SynthDataset`.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -545,8 +546,6 @@ def _kinematics(seqs: list[_Seq], subj: _Subject) -> _Kin:
     reach = np.concatenate([q.reach for q in seqs])
     rv = np.concatenate([q.rv for q in seqs])
     r_bd = r_rest[rep] * Rotation.from_rotvec(reach[:, None] * rel[rep]) * Rotation.from_rotvec(rv)
-    if subj.rotated_device:
-        r_bd = r_bd * Rotation.from_rotvec([0.0, np.pi, 0.0])  # worn 180 degrees about the forearm
     up = r_wb.inv().apply([0.0, 0.0, 1.0])  # (n_seq, 3)
     a_b = np.concatenate([q.a_b for q in seqs])
     # the accelerometer measures specific force: linear acceleration plus the reaction to gravity
@@ -720,6 +719,22 @@ def _mirror(acc: np.ndarray, quat: np.ndarray, thm: np.ndarray, tof: np.ndarray)
     g[:] = g[:, [0, 1, 4, 3, 2], :, ::-1]
 
 
+def _rotate_about_z(acc: np.ndarray, quat: np.ndarray, thm: np.ndarray, tof: np.ndarray) -> None:
+    """In place: the signal of a device worn turned 180 degrees about its own z axis.
+
+    As in the real train set: acc_x and acc_y change sign, the quaternion gains a half
+    turn about device z, thermopiles/ToF sensors 2<->4 and 3<->5 trade places and every
+    ToF grid is turned 180 degrees. Applied to the recorded signal (like the mirror), so
+    the sensor layout is taken to be symmetric under that turn, as the real device's is.
+    """
+    acc[:, :2] *= -1
+    r = Rotation.from_quat(quat[:, [1, 2, 3, 0]]) * Rotation.from_rotvec([0.0, 0.0, np.pi])
+    quat[:] = r.as_quat()[:, [3, 0, 1, 2]]
+    thm[:] = thm[:, [0, 3, 4, 1, 2]]
+    g = tof.reshape(-1, 5, 8, 8)
+    g[:] = g[:, [0, 3, 4, 1, 2], ::-1, ::-1]
+
+
 @dataclass
 class _SubjectRows:
     seq_ids: list[str]
@@ -745,6 +760,8 @@ def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, 
     tof, thm = _proximity(seqs, kin, subj, rng, thm_base, skin)
     if not subj.right_handed:
         _mirror(acc, quat, thm, tof)
+    if subj.rotated_device:
+        _rotate_about_z(acc, quat, thm, tof)
     quat[quat[:, 0] < 0] *= -1  # stored with w >= 0, as in the files
     acc = np.round(acc / ACC_QUANT) * ACC_QUANT
     quat = np.round(quat / ROT_QUANT) * ROT_QUANT
@@ -779,6 +796,8 @@ class SynthDataset:
     train_demographics: pl.DataFrame  # schema.DEMOGRAPHIC_COLS
     test_demographics: pl.DataFrame
     test_solution: pl.DataFrame  # sequence_id, gesture
+    # subjects wearing the device rotated 180 degrees about z, per split (truth Kaggle never gives)
+    rotated_subjects: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "test": []})
 
 
 _DEMO_SCHEMA = {
@@ -854,8 +873,13 @@ def _frame_from_rows(parts: list[tuple[_Subject, _SubjectRows]], with_labels: bo
 
 
 def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = None,
-             test_imu_only_fraction: float = 0.5) -> SynthDataset:
-    """Generate a train set of ``n_subjects`` and a test set of different subjects."""
+             test_imu_only_fraction: float = 0.5, n_rotated_test_subjects: int = 0,
+             n_rotated_train_subjects: int | None = None) -> SynthDataset:
+    """Generate a train set of ``n_subjects`` and a test set of different subjects.
+
+    ``n_rotated_train_subjects`` (default: 2 when there are at least 40 subjects, else 0)
+    and ``n_rotated_test_subjects`` (default 0) wear the device rotated 180 degrees about z.
+    """
     if n_subjects < 1:
         raise ValueError("n_subjects must be >= 1")
     if not 0.0 <= test_imu_only_fraction <= 1.0:
@@ -875,11 +899,18 @@ def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = 
     subj_nums = grng.choice(70000, size=n_total, replace=False)
     seq_pool = max(100000, 2 * n_total * n_seq_each)
     seq_nums = grng.choice(seq_pool, size=n_total * n_seq_each, replace=False).reshape(n_total, n_seq_each)
-    rotated = set(grng.choice(n_subjects, size=2, replace=False).tolist()) if n_subjects >= 40 else set()
+    n_rot_train = (2 if n_subjects >= 40 else 0) if n_rotated_train_subjects is None else int(n_rotated_train_subjects)
+    if not 0 <= n_rot_train <= n_subjects:
+        raise ValueError(f"n_rotated_train_subjects must be in [0, {n_subjects}], got {n_rot_train}")
+    if not 0 <= n_rotated_test_subjects <= n_test:
+        raise ValueError(f"n_rotated_test_subjects must be in [0, {n_test}] (the test subjects), got {n_rotated_test_subjects}")
+    rotated = set(grng.choice(n_subjects, size=n_rot_train, replace=False).tolist()) if n_rot_train else set()
     n_test_seq = n_test * n_seq_each
     imu_flat = np.zeros(n_test_seq, dtype=bool)
     imu_flat[grng.choice(n_test_seq, size=int(round(test_imu_only_fraction * n_test_seq)), replace=False)] = True
     imu_flags = imu_flat.reshape(n_test, n_seq_each) if n_test else np.zeros((0, n_seq_each), bool)
+    if n_rotated_test_subjects:  # drawn last: the rest of the data set is the same as without them
+        rotated |= set((n_subjects + grng.choice(n_test, size=n_rotated_test_subjects, replace=False)).tolist())
 
     subjects: list[_Subject] = []
     demos: list[dict] = []
@@ -912,15 +943,19 @@ def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = 
                                  schema={"sequence_id": pl.String, "gesture": pl.String})
     tr_demo = pl.DataFrame(demos[:n_subjects], schema=_DEMO_SCHEMA).select(schema.DEMOGRAPHIC_COLS).sort("subject")
     te_demo = pl.DataFrame(demos[n_subjects:], schema=_DEMO_SCHEMA).select(schema.DEMOGRAPHIC_COLS).sort("subject")
-    return SynthDataset(train, test, tr_demo, te_demo, test_solution)
+    rot = {"train": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i < n_subjects),
+           "test": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i >= n_subjects)}
+    return SynthDataset(train, test, tr_demo, te_demo, test_solution, rot)
 
 
 def write_dataset(out_dir: str | os.PathLike, n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = None,
-                  test_imu_only_fraction: float = 0.5) -> dict[str, Path]:
+                  test_imu_only_fraction: float = 0.5, n_rotated_test_subjects: int = 0,
+                  n_rotated_train_subjects: int | None = None) -> dict[str, Path]:
     """Generate and write the five CSV files atomically; returns their paths by stem."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = generate(n_subjects, seed, n_test_subjects, test_imu_only_fraction)
+    ds = generate(n_subjects, seed, n_test_subjects, test_imu_only_fraction, n_rotated_test_subjects,
+                  n_rotated_train_subjects)
     frames = {
         "train": ds.train, "test": ds.test, "train_demographics": ds.train_demographics,
         "test_demographics": ds.test_demographics, "test_solution": ds.test_solution,
@@ -939,4 +974,10 @@ def write_dataset(out_dir: str | os.PathLike, n_subjects: int = 81, seed: int = 
             if tmp.exists():
                 tmp.unlink()
         paths[name] = final
+    # which subjects wear the device rotated: the truth for scoring the detector, like test_solution.csv
+    info = out / "synth_info.json"
+    tmp = out / f".synth_info.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"rotated_subjects": ds.rotated_subjects, "n_subjects": n_subjects, "seed": seed}, indent=2))
+    os.replace(tmp, info)
+    paths["synth_info"] = info
     return paths

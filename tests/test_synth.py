@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -310,7 +311,8 @@ def test_sensor_rows_differ_between_tof_sensors(ds6: synth.SynthDataset) -> None
 
 def test_write_dataset_roundtrip(tmp_path: Path) -> None:
     paths = synth.write_dataset(tmp_path, n_subjects=1, seed=5, n_test_subjects=1)
-    assert set(paths) == {"train", "test", "train_demographics", "test_demographics", "test_solution"}
+    assert set(paths) == {"train", "test", "train_demographics", "test_demographics", "test_solution", "synth_info"}
+    assert json.loads(paths["synth_info"].read_text())["rotated_subjects"] == {"train": [], "test": []}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths.values())  # no temp files left
     tr = pl.read_csv(paths["train"], infer_schema_length=10000)
     te = pl.read_csv(paths["test"], infer_schema_length=10000)
@@ -326,3 +328,36 @@ def test_write_dataset_roundtrip(tmp_path: Path) -> None:
     sol = pl.read_csv(paths["test_solution"])
     assert set(sol["sequence_id"]) == set(te["sequence_id"])
     assert re.fullmatch(r"SEQ_\d{6}", sol["sequence_id"][0])
+
+
+def test_rotated_wearer_matches_the_real_convention() -> None:
+    """Worn 180 degrees about device z: acc_x, acc_y negated, quaternion turned about z, sensors 2<->4, 3<->5, grids turned."""
+    out = []
+    for rotated in (False, True):
+        rng = np.random.default_rng(321)
+        subj = synth._Subject("SUBJ_000001", 1, 30, 1, True, 172.0, 52, 26.0, rotated, rng)
+        out.append(synth._simulate_subject(subj, [f"SEQ_{i:06d}" for i in range(102)], np.zeros(102, bool), False).sensors)
+    a, b = (x.astype(np.float64) for x in out)
+    assert np.allclose(b[:, 0:2], -a[:, 0:2], atol=1 / 256) and np.allclose(b[:, 2], a[:, 2])
+    ok = ~np.isnan(a[:, 3])
+    qa, qb = Rotation.from_quat(a[ok][:, [4, 5, 6, 3]]), Rotation.from_quat(b[ok][:, [4, 5, 6, 3]])
+    turn = (qa.inv() * qb).as_rotvec()  # the extra rotation, in the device frame
+    assert np.allclose(np.abs(turn[:, 2]), np.pi, atol=2e-3) and np.abs(turn[:, :2]).max() < 2e-3
+    assert np.array_equal(b[:, 7:12], a[:, [7, 10, 11, 8, 9]], equal_nan=True)
+    ga, gb = a[:, 12:].reshape(-1, 5, 8, 8), b[:, 12:].reshape(-1, 5, 8, 8)
+    assert np.array_equal(gb, ga[:, [0, 3, 4, 1, 2], ::-1, ::-1], equal_nan=True)
+
+
+def test_rotated_test_subjects_option() -> None:
+    plain = synth.generate(n_subjects=1, seed=3, n_test_subjects=2)
+    rot = synth.generate(n_subjects=1, seed=3, n_test_subjects=2, n_rotated_test_subjects=1)
+    assert plain.rotated_subjects == {"train": [], "test": []}
+    assert len(rot.rotated_subjects["test"]) == 1 and rot.rotated_subjects["train"] == []
+    assert rot.train.equals(plain.train)  # the option touches nothing else
+    who = rot.rotated_subjects["test"][0]
+    for df_r, df_p, same in ((rot.test.filter(pl.col("subject") != who), plain.test.filter(pl.col("subject") != who), True),
+                             (rot.test.filter(pl.col("subject") == who), plain.test.filter(pl.col("subject") == who), False)):
+        x_r, x_p = df_r["acc_x"].to_numpy(), df_p["acc_x"].to_numpy()
+        assert np.array_equal(x_r, x_p) if same else np.allclose(x_r, -x_p, atol=1 / 256)
+    with pytest.raises(ValueError, match="n_rotated_test_subjects"):
+        synth.generate(n_subjects=1, seed=3, n_test_subjects=1, n_rotated_test_subjects=2)
