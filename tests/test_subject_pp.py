@@ -174,8 +174,7 @@ class TableMember:
 def _predictor(tmp_path: Path, env: dict[str, str], by_id: dict[str, np.ndarray]) -> ensemble.Predictor:
     (tmp_path / "bundles" / "lgbm").mkdir(parents=True, exist_ok=True)
     write_json(tmp_path / "ensemble" / subject_pp.PROTOCOL_FILE, _gesture_protocol({A: 1, B: 1}).to_dict())
-    spec = ensemble.MemberSpec("lgbm", lambda d, c: TableMember(by_id), lambda: (True, ""), lambda c: True,
-                               lambda c: 1.0)
+    spec = ensemble.MemberSpec("lgbm", lambda d, c: TableMember(by_id))
     return ensemble.Predictor(load_config(env, out_dir=str(tmp_path)), [spec], bundle_root=tmp_path / "bundles")
 
 

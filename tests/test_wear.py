@@ -126,7 +126,7 @@ def test_predictor_corrects_a_rotated_subject_once_detected(generated, tmp_path,
     write_json(tmp_path / "ensemble" / wear.WEAR_FILE, info)
     (tmp_path / "bundles" / "lgbm").mkdir(parents=True)
     member = _AccMember()
-    spec = ensemble.MemberSpec("lgbm", lambda d, c: member, lambda: (True, ""), lambda c: True, lambda c: 1.0)
+    spec = ensemble.MemberSpec("lgbm", lambda d, c: member)
     pred = ensemble.Predictor(cfg, [spec], bundle_root=tmp_path / "bundles")
     who = ds.rotated_subjects["test"][0]
     seqs = ds.test.filter(pl.col("subject") == who).partition_by("sequence_id", maintain_order=True)
