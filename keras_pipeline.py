@@ -33,6 +33,7 @@ import bundle
 import cv
 import features
 import io_utils
+import threads
 from config import Config, RunConfig
 from metric import GESTURES, N_CLASSES, score_proba
 
@@ -86,8 +87,7 @@ def _tf(out_dir: str | Path | None = None, n_threads: int | None = None) -> Any:
         # Only possible before TF initialises its runtime (first op); later it raises RuntimeError.
         try:
             _TF.config.threading.set_intra_op_parallelism_threads(int(n_threads))
-            # One inter-op thread on small machines: two pools of two threads on 2 cores oversubscribe.
-            _TF.config.threading.set_inter_op_parallelism_threads(1 if int(n_threads) <= 2 else 2)
+            _TF.config.threading.set_inter_op_parallelism_threads(threads.interop_threads(int(n_threads)))
         except RuntimeError as e:
             log.info("keras: TensorFlow already initialised, thread counts left as they are (%s)", e)
     return _TF
@@ -126,7 +126,7 @@ def _keras(cfg: Config) -> Any:
     ok, why = is_available(cfg.run.out_dir)
     if not ok:
         raise RuntimeError(f"keras member unavailable: {why}")
-    _tf(cfg.run.out_dir, cfg.run.n_threads)
+    _tf(cfg.run.out_dir, threads.n_threads(cfg))
     import keras  # noqa: PLC0415
 
     _custom_layers()
@@ -421,7 +421,7 @@ def _save_model(model: Any, path: Path) -> None:
 def _train_one_fold(k: int, table: Any, imu_table: Any, y: np.ndarray, fold_ids: np.ndarray, pad_len: int,
                     cfg: Config, work: Path) -> dict[str, Any]:
     """Train fold k's two models, save them and the fold's OOF rows into ``work``; return its record."""
-    tf = _tf(cfg.run.out_dir, cfg.run.n_threads)
+    tf = _tf(cfg.run.out_dir, threads.n_threads(cfg))
     keras = _keras(cfg)
     imu_idx, tof_idx = _channel_index()
     tr = np.flatnonzero(fold_ids != k)
