@@ -104,10 +104,12 @@ def stage_train(cfg: Any, members: list[str], timer: StageTimer) -> dict[str, An
     import cv
     import data
     import ensemble
+    import threads
     from features import build_frame_table, drop_tof_thm
     from io_utils import read_json, write_json
     from metric import GESTURES
 
+    cfg = threads.configure_threads(cfg, "train")  # once, before any member library starts its pools
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
@@ -178,19 +180,23 @@ def build_predictor(cfg: Any, bundle_dir: Path | None = None) -> Any:
 
 def stage_serve(cfg: Any, timer: StageTimer, bundle_dir: Path | None = None) -> dict[str, Any]:
     import inference_server
+    import threads
 
     out = Path(cfg.run.out_dir)
+    inference_server.retire_stale_outputs(out)  # before anything can fail: no earlier run's file passes for this one's
+    cfg = threads.configure_threads(cfg, "serve")
     with timer.stage("load predictor"):
         t0 = time.perf_counter()
         predictor = build_predictor(cfg, bundle_dir)
         startup = time.perf_counter() - t0
     with timer.stage("serve test set"):
         result = inference_server.serve(predictor.predict, cfg.run.data_dir, out, seed=cfg.run.seed,
-                                        startup_s=startup)
+                                        startup_s=startup, degraded=predictor.degraded_sequences)
     info: dict[str, Any] = {"predictor": predictor.summary(), "startup_s": startup}
     if result is not None:
         info["latency"] = result.latency_summary()
         info["submission"] = str(result.submission_path)
+        info["degraded_sequences"] = result.degraded
         info.update(score_submission(result.submission_path, Path(cfg.run.data_dir) / "test_solution.csv"))
     from io_utils import write_json
 
