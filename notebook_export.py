@@ -16,8 +16,9 @@ from io_utils import write_text
 ROOT = Path(__file__).resolve().parent
 # Everything predict() and training need; benchmarks, the exporter and tests stay out.
 MODULES: tuple[str, ...] = (
-    "config.py", "metric.py", "schema.py", "io_utils.py", "features.py", "data.py", "synth.py", "cv.py",
-    "bundle.py", "lgbm_pipeline.py", "torch_pipeline.py", "keras_pipeline.py", "ensemble.py",
+    "config.py", "threads.py", "metric.py", "schema.py", "io_utils.py", "features.py", "data.py", "synth.py",
+    "cv.py", "bundle.py", "lgbm_pipeline.py", "torch_pipeline.py", "keras_pipeline.py", "serving_guard.py",
+    "ensemble.py",
     "inference_server.py", "report.py", "main.py",
 )
 
