@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+import serving_guard
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof
-import serving_guard
 from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
 from io_utils import read_json, write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
@@ -440,13 +440,14 @@ class Predictor:
             return self._record(sid, None, problems + [f"no usable accelerometer row in {seq.height}"])
         try:  # 1. the members on the repaired rows
             return self._record(sid, self._blend(seq, demo)[0], problems, "members")
-        except Exception as e:  # a FeatureError, or every member failed: on to the IMU-only view
+        except Exception as e:  # noqa: BLE001  (a FeatureError, every member failed, ...: recorded, next step)
             problems.append(f"members: {type(e).__name__}: {e}")
         imu_rows = drop_tof_thm(seq.filter(pl.Series(usable)))
-        for d in ([demo, None] if demo is not None else [None]):  # 2. IMU-only view on the usable rows (then without demographics)
+        # 2. the IMU-only view on the usable rows (then also without demographics)
+        for d in ([demo, None] if demo is not None else [None]):
             try:
                 return self._record(sid, self._blend(imu_rows, d)[0], problems, "imu_only")
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001  (recorded in the problems, logged by _record)
                 problems.append(f"imu_only{'' if d is not None else ' without demographics'}: "
                                 f"{type(e).__name__}: {e}")
         return self._record(sid, None, problems)

@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features import _NULL_TOKENS, MAX_ABS_READING  # the same missing-value spellings as training's parser
+from features import (  # the same missing-value spellings as training's parser
+    _NULL_TOKENS,
+    MAX_ABS_READING,
+)
 from io_utils import read_json, read_npy
 from metric import GESTURES, N_CLASSES
 from schema import ACC_COLS, SENSOR_COLS

@@ -21,11 +21,11 @@ from config import Config
 
 log = logging.getLogger(__name__)
 
-# Idle OpenMP workers yield instead of spinning: libgomp (torch, LightGBM) spins a worker for up
-# to ~300k iterations after each parallel region by default, and Intel's runtime for 200 ms
-# (KMP_BLOCKTIME). On 2 shared cores a spinning pool of one process steals the core another
-# process (or the other library in this one) needs: predict latency beside a training run
-# doubled in our measurements. Read by the runtimes when they load, so set before import.
+# Idle OpenMP workers yield instead of spinning: by default libgomp (torch, LightGBM) keeps a
+# worker busy-waiting for a while after each parallel region, and Intel's runtime for 200 ms
+# (KMP_BLOCKTIME). On 2 shared cores a spinning pool of one process burns the core another
+# process (or the other library in this one) needs. The runtimes read these when they load,
+# so they are set before the member libraries are imported.
 OPENMP_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
 # Intra-op threads for single-sequence serving when CMI_N_THREADS is 0 (auto). One sequence is a
@@ -92,7 +92,7 @@ def configure_threads(cfg: Config, role: str) -> Config:
 def _configure_torch(n: int) -> str:
     if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
         return "not installed"
-    import torch  # noqa: PLC0415  (only when present: slim serving images have no torch)
+    import torch  # only when present: slim serving images have no torch
 
     torch.set_num_threads(n)
     try:

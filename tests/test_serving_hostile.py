@@ -32,7 +32,15 @@ import serving_guard
 import synth
 from io_utils import write_json
 from metric import GESTURES
-from schema import ACC_COLS, DEMOGRAPHIC_FEATURES, ROT_COLS, SENSOR_COLS, TEST_COLUMNS, THM_COLS, TOF_COLS
+from schema import (
+    ACC_COLS,
+    DEMOGRAPHIC_FEATURES,
+    ROT_COLS,
+    SENSOR_COLS,
+    TEST_COLUMNS,
+    THM_COLS,
+    TOF_COLS,
+)
 
 pytest.importorskip("lightgbm")
 
@@ -164,6 +172,7 @@ def test_hostile_case_is_answered_in_serving_and_named_in_strict(trained, servin
     elapsed = time.perf_counter() - t0
     print(f"\n[serving-hostile] {name}: {elapsed * 1000:.1f} ms -> {answer!r}")
     assert answer in GESTURES
+    assert not _unexpected(serving), "answered by the last-resort except, i.e. a bug in the serving path"
     assert serving.predict(trained.seq, trained.demo) == known  # the Predictor's state is unchanged
     seq, demo = build(trained)  # a fresh copy: a LazyFrame is consumed by collect()
     if strict_match is None:
@@ -172,6 +181,10 @@ def test_hostile_case_is_answered_in_serving_and_named_in_strict(trained, servin
         with pytest.raises(STRICT_ERRORS, match=strict_match):
             strict.predict(seq, demo)
     assert strict.predict(trained.seq, trained.demo) == known
+
+
+def _unexpected(pred: ensemble.Predictor) -> list[str]:
+    return [p for d in pred.degraded_sequences().values() for p in d["problems"] if p.startswith("unexpected")]
 
 
 def _fresh_answer(trained, seq, demo) -> tuple[str, dict]:
@@ -377,6 +390,7 @@ def test_property_serving_always_answers_and_strict_names_the_problem(trained, s
             "strings": trained.demo.with_columns(pl.col(DEMOGRAPHIC_FEATURES).cast(pl.String))}[demo_kind]
     known = serving.predict(trained.seq, trained.demo)
     assert serving.predict(raw, demo) in GESTURES
+    assert not _unexpected(serving)
     assert serving.predict(trained.seq, trained.demo) == known
     try:
         assert strict.predict(raw, demo) in GESTURES
