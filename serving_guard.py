@@ -34,6 +34,7 @@ from schema import ACC_COLS, SENSOR_COLS
 log = logging.getLogger(__name__)
 
 UNKNOWN_SEQUENCE_ID = "SEQ_UNKNOWN"
+_FILLED = "__sequence_id_filled"  # a helper column, dropped before the rows leave repair_sequence
 
 
 class PriorError(ValueError):
@@ -70,15 +71,20 @@ def repair_sequence(seq: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
         problems.append("no sequence_id column")
         df = df.with_columns(pl.lit(UNKNOWN_SEQUENCE_ID).alias("sequence_id"))
     df = df.with_columns(pl.col("sequence_id").cast(pl.String))
-    counts = df["sequence_id"].drop_nulls().value_counts(sort=True)  # sort: most frequent first, stable
+    # the most frequent id; a tie goes to the one seen first, so the same frame always gets the same answer
+    counts = (
+        df.select("sequence_id").with_row_index("row").drop_nulls("sequence_id")
+        .group_by("sequence_id").agg(pl.len().alias("n"), pl.col("row").min().alias("first"))
+        .sort(["n", "first"], descending=[True, False])
+    )
     sid = counts["sequence_id"][0] if counts.height else UNKNOWN_SEQUENCE_ID
     if counts.height > 1:
-        problems.append(f"{counts.height} sequence_ids in one frame: answered on the {counts['count'][0]} row(s) of {sid}")
+        problems.append(f"{counts.height} sequence_ids in one frame: answered on the {counts['n'][0]} row(s) of {sid}")
         df = df.filter(pl.col("sequence_id").is_null() | (pl.col("sequence_id") == sid))
     n_null = df["sequence_id"].null_count()
     if n_null:
         problems.append(f"{n_null} row(s) without sequence_id taken as {sid}")
-        df = df.with_columns(pl.col("sequence_id").fill_null(sid))
+        df = df.with_columns(pl.col("sequence_id").is_null().alias(_FILLED), pl.col("sequence_id").fill_null(sid))
 
     absent_acc = [c for c in ACC_COLS if c not in df.columns]
     if absent_acc:
@@ -100,10 +106,12 @@ def repair_sequence(seq: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
         else:
             df = df.with_columns(counter.cast(pl.Int64).alias("sequence_counter"))
         n_before = df.height
+        if n_null:  # a counter given twice: the row that carried the id wins over one whose id was filled in
+            df = df.sort(_FILLED, maintain_order=True)
         df = df.unique(subset="sequence_counter", keep="first", maintain_order=True)
         if df.height < n_before:
             problems.append(f"{n_before - df.height} row(s) repeat a sequence_counter: kept the first of each")
-    return df, problems
+    return (df.drop(_FILLED) if _FILLED in df.columns else df), problems
 
 
 def _numeric_sensors(df: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:

@@ -396,3 +396,14 @@ def test_property_serving_always_answers_and_strict_names_the_problem(trained, s
         assert strict.predict(raw, demo) in GESTURES
     except STRICT_ERRORS as e:
         assert str(e).strip()
+
+
+def test_repair_sequence_keeps_the_majority_id_and_prefers_rows_that_carried_it():
+    df = pl.DataFrame({"sequence_id": ["b", "a", None, "a", "b"], "sequence_counter": [0, 0, 1, 1, 1],
+                       **{c: [1.0, 2.0, 3.0, 4.0, 5.0] for c in ACC_COLS}})
+    out, problems = serving_guard.repair_sequence(df)
+    # a 2-2 tie goes to the id seen first; the filled-in row loses to b's own row at counter 1
+    assert out["sequence_id"].to_list() == ["b", "b"] and out["acc_x"].to_list() == [1.0, 5.0]
+    assert out.columns == df.columns
+    assert any("2 sequence_ids" in p for p in problems) and any("without sequence_id" in p for p in problems)
+    assert serving_guard.repair_sequence(df.drop_nulls())[0]["sequence_id"].to_list() == ["b", "b"]
