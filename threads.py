@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # so they are set before the member libraries are imported.
 OPENMP_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
 
+# Training is batch work, serving is latency: a training process lowers its own CPU priority to this
+# niceness so that, on a shared machine, a serving process beside it gets the cores first (the
+# scheduler still gives training every idle cycle). Only ever raised, never lowered (that needs root).
+TRAIN_NICENESS = 5
+
 # Intra-op threads for single-sequence serving when CMI_N_THREADS is 0 (auto). One sequence is a
 # small tensor (~60 steps): a second thread costs more in hand-off than it saves. Measured with
 # bench/bench_contention.py --threads (docs/ARCHITECTURE.md has the numbers).
@@ -83,10 +88,30 @@ def configure_threads(cfg: Config, role: str) -> Config:
     cfg = copy.deepcopy(cfg)
     cfg.run.n_threads = n
     torch_state = _configure_torch(n)
-    log.info("threads (%s): %d intra-op, %d inter-op of %d usable core(s); torch %s; OpenMP env %s",
+    nice = lower_priority(TRAIN_NICENESS) if role == "train" else _niceness()
+    log.info("threads (%s): %d intra-op, %d inter-op of %d usable core(s); torch %s; OpenMP env %s; niceness %s",
              role, n, interop_threads(n), available_cores(), torch_state,
-             {k: os.environ.get(k) for k in OPENMP_ENV})
+             {k: os.environ.get(k) for k in OPENMP_ENV}, nice)
     return cfg
+
+
+def _niceness() -> int | None:
+    try:
+        return os.nice(0)
+    except (AttributeError, OSError):  # no os.nice (Windows)
+        return None
+
+
+def lower_priority(target: int) -> int | None:
+    """Raise this process's niceness to ``target`` if it is below (idempotent); returns the niceness."""
+    current = _niceness()
+    if current is None or current >= target:
+        return current
+    try:
+        return os.nice(target - current)
+    except OSError as e:
+        log.info("threads: niceness left at %d (%s)", current, e)
+        return current
 
 
 def _configure_torch(n: int) -> str:

@@ -42,6 +42,7 @@ def test_configure_returns_a_resolved_copy_and_sizes_torch(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     for key in threads.OPENMP_ENV:  # restored by monkeypatch afterwards: no leak into later tests
         monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(threads, "lower_priority", lambda target: target)  # not the test process's priority
     cfg = config.load_config({})
     try:
         served = threads.configure_threads(cfg, "serve")
@@ -52,3 +53,19 @@ def test_configure_returns_a_resolved_copy_and_sizes_torch(monkeypatch):
         assert trained.run.n_threads == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_lowers_its_priority_only_upwards(monkeypatch):
+    calls = []
+    state = {"nice": 3}
+
+    def fake_nice(inc):
+        calls.append(inc)
+        state["nice"] += inc
+        return state["nice"]
+
+    monkeypatch.setattr(os, "nice", fake_nice)
+    assert threads.lower_priority(10) == 10 and calls == [0, 7]
+    assert threads.lower_priority(10) == 10 and calls == [0, 7, 0]  # idempotent: no second +10
+    state["nice"] = 15
+    assert threads.lower_priority(10) == 15  # never lowered (that needs root)
