@@ -318,7 +318,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import benchmarks
 
     setup_logging(None)
-    benchmarks.main(Path(args.out), quick=args.quick)
+    benchmarks.main(Path(args.out), quick=args.quick, contention=args.contention)
 
 
 def cmd_export_notebook(args: argparse.Namespace) -> None:
@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: features, latency, throughput")
     b.add_argument("--out", default="outputs/bench")
     b.add_argument("--quick", action="store_true", help="smaller sizes")
+    b.add_argument("--contention", action="store_true",
+                   help="also each member alone vs beside a competing train/serve process (bench/bench_contention.py)")
     b.set_defaults(func=cmd_bench)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")
