@@ -34,8 +34,8 @@ OPENMP_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"
 TRAIN_NICENESS = 5
 
 # Intra-op threads for single-sequence serving when CMI_N_THREADS is 0 (auto). One sequence is a
-# small tensor (~60 steps): a second thread costs more in hand-off than it saves. Measured with
-# bench/bench_contention.py --threads (docs/ARCHITECTURE.md has the numbers).
+# small tensor (~60 steps): a second thread saves little and costs hand-offs. Measured 1 vs 2 with
+# bench/bench_contention.py: 1 was faster for torch and keras (docs/ARCHITECTURE.md has the numbers).
 SERVING_THREADS = 1
 
 
