@@ -178,7 +178,8 @@ def training_throughput(out: Path) -> dict[str, Any]:
     return res
 
 
-def main(out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: int = 100) -> dict[str, Any]:
+def main(out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: int = 100,
+         contention: bool = False) -> dict[str, Any]:
     """Run every benchmark that has what it needs; write ``<out>/bench.json``."""
     from io_utils import write_json
 
@@ -201,6 +202,10 @@ def main(out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: i
             print(f"{name} benchmark unavailable: {e}")
             continue
         results[f"{name}_default_model"] = module.run_benchmark(out / name, n_folds=5, n_calls=30 if quick else n_calls)
+    if contention:
+        from bench.bench_contention import run_benchmark as contention_benchmark
+
+        results["contention"] = contention_benchmark(out / "contention", quick=quick)
     write_json(out / "bench.json", results)
     print(f"results: {out / 'bench.json'}")
     return results

@@ -51,7 +51,7 @@ class RunConfig:
     n_folds: int = 5
     seed: int = 42
     debug: bool = False  # tiny epochs/rounds: covers every stage in minutes
-    n_threads: int = 2
+    n_threads: int = 0  # 0 = auto: the cores this process may use (threads.py); CMI_N_THREADS=k fixes k
     strict: bool = False  # STRICT=1: a member failing on a sequence raises instead of being skipped
 
     def resolved_bundle_dir(self) -> Path:
@@ -398,7 +398,7 @@ def validate(cfg: Config) -> None:
     """Reject values that parse but make no sense."""
     checks = [
         (cfg.run.n_folds >= 2, "CMI_N_FOLDS must be at least 2"),
-        (cfg.run.n_threads >= 1, "CMI_N_THREADS must be at least 1"),
+        (cfg.run.n_threads >= 0, "CMI_N_THREADS must be >= 0 (0 = every core this process may use)"),
         (cfg.features.pad_len >= 0, "FEAT_PAD_LEN must be >= 0 (0 = percentile of training lengths)"),
         (0 < cfg.features.pad_percentile <= 100, "FEAT_PAD_PERCENTILE must be in (0, 100]"),
         (0 < cfg.features.tail_fraction <= 1, "FEAT_TAIL_FRACTION must be in (0, 1]"),

@@ -21,9 +21,10 @@ import numpy as np
 import polars as pl
 
 import members as members_registry
+import serving_guard
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof
-from features import FRAME_FEATURES, FrameTable, build_frame_table
+from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
 from io_utils import read_json, write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
@@ -236,6 +237,7 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
                  {m: round(v, 4) for m, v in singles.items()})
         log.info("class-bias calibration %s: cross-fitted %.4f -> %.4f: %s", view, calibration["cross_fitted_without"],
                  calibration["cross_fitted_with"], "used" if calibration["used"] else "not used")
+    out["class_prior"] = serving_guard.class_prior_from_labels(y)  # the serving fallback of last resort but one
     v = out["views"]
     out["test_like_score"] = 0.5 * (v["full"]["blend_score"] + v["imu_only"]["blend_score"])
     return out
@@ -272,6 +274,13 @@ class PredictorStats:
     calls: int = 0
     member_failures: Counter = field(default_factory=Counter)
     unknown_demographics: int = 0
+    answers: Counter = field(default_factory=Counter)  # which step of the fallback chain answered
+    n_degraded: int = 0  # answers from a fallback step or on repaired input
+    degraded: dict[str, dict[str, Any]] = field(default_factory=dict)  # sequence_id -> {"answer", "problems"}
+
+
+# How many degraded sequences are listed by id (all are counted): the hidden test has ~3,257.
+MAX_LISTED_DEGRADED = 5000
 
 
 class Predictor:
@@ -325,6 +334,9 @@ class Predictor:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
         self.class_bias: dict[str, np.ndarray] = {}
         self.weights = self._load_weights(specs, weights_path)
+        self.prior = serving_guard.load_class_prior(
+            Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json",
+            self.bundle_root.parent / "oof")
         self.stats = PredictorStats()
         # Per-subject online state lives on this instance: upside-down wear detection and slot assignment.
         ens_dir = Path(weights_path).parent if weights_path else self.bundle_root.parent / "ensemble"
@@ -414,30 +426,119 @@ class Predictor:
         return proba
 
     def predict(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
-        """The gateway's entry point: one sequence's rows and its subject's demographics row -> a gesture."""
-        if not isinstance(sequence, pl.DataFrame):
-            sequence = pl.from_pandas(sequence)
-        if demographics is not None and not isinstance(demographics, pl.DataFrame):
-            demographics = pl.from_pandas(demographics)
-        if sequence.height == 0:
+        """The gateway's entry point: one sequence's rows and its subject's demographics row -> a gesture.
+
+        Serving (``cfg.run.strict`` off) never raises: hostile input is repaired, and an input no
+        member can use is answered by the fallback chain of ``serving_guard`` (logged, counted in
+        ``summary()``). With STRICT=1 every such problem raises an error naming it.
+        """
+        if self.cfg.run.strict:
+            return self._predict_strict(sequence, demographics)
+        try:
+            return self._predict_serving(sequence, demographics)
+        except Exception as e:  # the last line of defence: a bug here must not cost the submission
+            log.exception("predict: unexpected %s; answering from the class prior", type(e).__name__)
+            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None,
+                                [f"unexpected {type(e).__name__}: {e}"])
+
+    def _predict_strict(self, sequence: Any, demographics: Any) -> str:
+        try:
+            sequence = serving_guard.to_polars(sequence, "sequence")
+            demographics = serving_guard.to_polars(demographics, "demographics")
+        except TypeError as e:
+            raise PredictorError(str(e)) from None
+        if sequence is None or sequence.height == 0:
             raise PredictorError("predict() got a sequence with zero rows")
         if "sequence_id" in sequence.columns and sequence["sequence_id"].null_count():
             raise PredictorError(f"{sequence['sequence_id'].null_count()} row(s) have no sequence_id")
         if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
             raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
         if "sequence_id" not in sequence.columns:
-            sequence = sequence.with_columns(pl.lit("SEQ_UNKNOWN").alias("sequence_id"))
+            sequence = sequence.with_columns(pl.lit(serving_guard.UNKNOWN_SEQUENCE_ID).alias("sequence_id"))
+        self.stats.calls += 1
         subject = subject_pp.subject_of(sequence, demographics)
-        rows = self.wear.rows_for_features(subject, sequence)  # rotated back once the subject is known upside down
+        proba, table = self._blend(sequence, demographics, subject)
+        answer = GESTURES[self.subject_pp.answer(subject, table, proba[0])]
+        self.stats.answers["members"] += 1
+        return answer
+
+    def _blend(self, rows: pl.DataFrame, demographics: pl.DataFrame | None,
+               subject: str | None) -> tuple[np.ndarray, FrameTable]:
+        """Blended probabilities of one sequence's rows and the table they came from.
+
+        A subject already known to wear the device upside down has its rows rotated back before the
+        one feature build; this sequence's evidence then updates the subject's wear state.
+        """
+        raw = rows
+        rows = self.wear.rows_for_features(subject, raw)
         table = build_frame_table(rows, demographics, self.cfg.features)
         if np.isnan(table.demographics).all():
             self.stats.unknown_demographics += 1
             if self.stats.unknown_demographics == 1:
                 log.warning("sequence %s: no usable demographics row; predicting without demographics "
                             "(further cases are only counted)", table.sequence_ids[0])
+        table = self.wear.corrected_table(subject, raw, demographics, table, self.cfg)
+        return self.predict_proba_table(table), table
+
+    def _predict_serving(self, sequence: Any, demographics: Any) -> str:
+        problems: list[str] = []
+        try:
+            seq = serving_guard.to_polars(sequence, "sequence")
+        except TypeError as e:
+            self.stats.calls += 1
+            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, [str(e)])
+        try:
+            demo = serving_guard.to_polars(demographics, "demographics")
+        except TypeError as e:
+            demo, problems = None, [f"{e}: predicted without demographics"]
         self.stats.calls += 1
-        table = self.wear.corrected_table(subject, sequence, demographics, table, self.cfg)
-        return GESTURES[self.subject_pp.answer(subject, table, self.predict_proba_table(table)[0])]
+        if seq is None or seq.height == 0:
+            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, problems + ["zero rows"])
+        seq, repairs = serving_guard.repair_sequence(seq)
+        problems += repairs
+        sid = str(seq["sequence_id"][0])
+        subject = seq["subject"].drop_nulls().cast(pl.String).first() if "subject" in seq.columns else None
+        demo, demo_problems = serving_guard.repair_demographics(demo, subject)
+        problems += demo_problems
+        usable = serving_guard.usable_imu_rows(seq)
+        if not usable.any():
+            return self._record(sid, None, None, problems + [f"no usable accelerometer row in {seq.height}"])
+        try:  # 1. the members on the repaired rows
+            return self._record(sid, *self._blend(seq, demo, subject), problems, "members", subject)
+        except Exception as e:  # noqa: BLE001  (a FeatureError, every member failed, ...: recorded, next step)
+            problems.append(f"members: {type(e).__name__}: {e}")
+        imu_rows = drop_tof_thm(seq.filter(pl.Series(usable)))
+        # 2. the IMU-only view on the usable rows (then also without demographics)
+        for d in ([demo, None] if demo is not None else [None]):
+            try:
+                return self._record(sid, *self._blend(imu_rows, d, subject), problems, "imu_only", subject)
+            except Exception as e:  # noqa: BLE001  (recorded in the problems, logged by _record)
+                problems.append(f"imu_only{'' if d is not None else ' without demographics'}: "
+                                f"{type(e).__name__}: {e}")
+        return self._record(sid, None, None, problems)
+
+    def _record(self, sid: str, proba: np.ndarray | None, table: FrameTable | None, problems: list[str],
+                source: str | None = None, subject: str | None = None) -> str:
+        """Count which step answered; list and log the sequence when its answer is degraded. Returns the gesture.
+
+        An answer from the members (steps 1, 2) goes through the subject's slot assignment; a prior does not.
+        """
+        if proba is None:  # 3./4. the class prior read at start-up (uniform when none was stored)
+            source = "uniform_prior" if self.prior.is_uniform else "class_prior"
+            answer = self.prior.answer
+        else:
+            answer = GESTURES[self.subject_pp.answer(subject, table, proba[0])]
+        self.stats.answers[source] += 1
+        if problems or source != "members":
+            self.stats.n_degraded += 1
+            if sid in self.stats.degraded or len(self.stats.degraded) < MAX_LISTED_DEGRADED:
+                self.stats.degraded[sid] = {"answer": source, "gesture": answer, "problems": problems[:8]}
+            log.warning("sequence %s: degraded answer %r from %s: %s", sid, answer, source, "; ".join(problems)[:600])
+        return answer
+
+    def degraded_sequences(self) -> dict[str, dict[str, Any]]:
+        """sequence_id -> how its answer was degraded (the step that answered, the problems found)."""
+        return {k: dict(v) for k, v in self.stats.degraded.items()}
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -450,4 +551,6 @@ class Predictor:
             "unknown_demographics": self.stats.unknown_demographics,
             "subject_pp": self.subject_pp.summary(),
             "wear": self.wear.summary(),
+            "answers": dict(self.stats.answers),
+            "degraded": {"count": self.stats.n_degraded, "fallback_prior": self.prior.source, "sequences": self.degraded_sequences()},
         }

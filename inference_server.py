@@ -13,7 +13,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,11 @@ from metric import GESTURES
 log = logging.getLogger(__name__)
 
 PredictFn = Callable[[pl.DataFrame, pl.DataFrame], str]
+# Optional: which sequences got a degraded answer (sequence_id -> how), e.g. ``Predictor.degraded_sequences``.
+DegradedFn = Callable[[], Mapping[str, Any]]
+# What a serving run writes into its output folder; an earlier run's copy is renamed to <name>.stale first.
+SERVING_OUTPUTS = ("submission.parquet", "submission_partial.parquet", "serve.json")
+STALE_SUFFIX = ".stale"
 # The competition's limits.
 STARTUP_LIMIT_S = 15 * 60
 PER_CALL_LIMIT_S = 30 * 60
@@ -53,6 +58,25 @@ def check_predict_callable(predict: PredictFn) -> None:
         raise GatewayError(f"the gateway needs a function or bound method named 'predict', got {predict!r}")
 
 
+def retire_stale_outputs(out_dir: str | Path, names: Iterable[str] = SERVING_OUTPUTS) -> list[Path]:
+    """Rename an earlier run's serving outputs to ``<name>.stale`` (replacing an older .stale); logged.
+
+    Without this a run that dies before writing leaves the previous submission.parquet and serve.json
+    looking like its own. Returns the new .stale paths.
+    """
+    moved = []
+    for name in names:
+        path = Path(out_dir) / name
+        if path.is_file():
+            stale = path.with_name(path.name + STALE_SUFFIX)
+            os.replace(path, stale)
+            moved.append(stale)
+    if moved:
+        log.warning("earlier run's outputs renamed so they cannot pass for this run's: %s",
+                    ", ".join(str(p) for p in moved))
+    return moved
+
+
 @dataclass
 class GatewayResult:
     submission_path: Path | None
@@ -60,6 +84,7 @@ class GatewayResult:
     latencies_s: list[float] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     wall_s: float = 0.0
+    degraded: dict[str, Any] = field(default_factory=dict)  # sequence_id -> how its answer was degraded
 
     def latency_summary(self) -> dict[str, float]:
         if not self.latencies_s:
@@ -77,15 +102,38 @@ class GatewayResult:
         }
 
 
+def _read_csv(path: str | Path) -> pl.DataFrame:
+    """polars' default inference on purpose: this is what the real gateway hands over (String thm/tof ...).
+
+    A text token after the first 100 rows of a column inferred numeric makes that read fail; then the
+    whole file is scanned for the types (such columns become String), so the submission is not lost.
+    """
+    try:
+        return pl.read_csv(path)
+    except pl.exceptions.ComputeError as e:
+        log.warning("%s: default type inference failed (%s); inferring types from every row",
+                    path, str(e).splitlines()[0])
+        return pl.read_csv(path, infer_schema_length=None)
+
+
 def run_local_gateway(
     predict: PredictFn, test_csv: str | Path, demographics_csv: str | Path, out_path: str | Path, seed: int = 0,
-    startup_s: float | None = None,
+    startup_s: float | None = None, degraded: DegradedFn | None = None,
 ) -> GatewayResult:
-    """Serve every test sequence to ``predict`` in a seeded random order and write the submission."""
+    """Serve every test sequence to ``predict`` in a seeded random order and write the submission.
+
+    Every answer goes into ``out_path``; the sequences ``degraded()`` names (answers from a fallback or
+    repaired input) are listed in the result and the log. It refuses (``GatewayError``, the answers it
+    has in ``<stem>_partial.parquet``) only when ``predict`` itself is broken: a call raised or returned
+    something that is not a gesture. A serving Predictor (STRICT unset) never does either.
+    """
     check_predict_callable(predict)
+    out_path = Path(out_path)
+    partial = out_path.with_name(out_path.stem + "_partial.parquet")
+    retire_stale_outputs(out_path.parent, (out_path.name, partial.name))
     t0 = time.perf_counter()
-    test = pl.read_csv(test_csv)  # default inference on purpose: this is what the real gateway hands over
-    demo = pl.read_csv(demographics_csv)
+    test = _read_csv(test_csv)
+    demo = _read_csv(demographics_csv)
     if "sequence_id" not in test.columns:
         raise GatewayError(f"{test_csv} has no sequence_id column")
     seq_ids = test["sequence_id"].unique(maintain_order=True).to_list()
@@ -120,14 +168,16 @@ def run_local_gateway(
             log.error("predict returned an invalid gesture for %s: %r", sid, answer)
             continue
         answers[sid] = answer
-    sub = pl.DataFrame({"sequence_id": list(answers), "gesture": list(answers.values())}).sort("sequence_id")
-    out_path = Path(out_path)
+    sub = pl.DataFrame({"sequence_id": list(answers), "gesture": list(answers.values())},
+                       schema={"sequence_id": pl.String, "gesture": pl.String}).sort("sequence_id")
+    if degraded is not None:
+        result.degraded = {str(k): v for k, v in degraded().items() if k in answers}
+        if result.degraded:
+            log.warning("gateway: %d of %d answer(s) degraded (fallback or repaired input): %s", len(result.degraded),
+                        len(answers), ", ".join(sorted(result.degraded)[:20]))
     if result.failures:
-        partial = out_path.with_name(out_path.stem + "_partial.parquet")
         with atomic_path(partial) as tmp:
             sub.write_parquet(tmp)
-        if out_path.exists():
-            log.warning("%s is from an earlier run: this run wrote none", out_path)
         raise GatewayError(
             f"{len(result.failures)} of {len(seq_ids)} sequence(s) got no valid answer "
             f"(e.g. {next(iter(result.failures.items()))}); the {len(answers)} answers are in {partial}; "
@@ -149,7 +199,7 @@ def run_local_gateway(
 
 
 def serve(predict: PredictFn, data_dir: str | Path, out_dir: str | Path, seed: int = 0,
-          startup_s: float | None = None) -> GatewayResult | None:
+          startup_s: float | None = None, degraded: DegradedFn | None = None) -> GatewayResult | None:
     """On Kaggle: the competition server (``serve()`` on the re-run, the local gateway otherwise).
 
     Elsewhere: our local gateway on ``data_dir``'s test files, writing ``out_dir/submission.parquet``.
@@ -165,4 +215,5 @@ def serve(predict: PredictFn, data_dir: str | Path, out_dir: str | Path, seed: i
         else:
             server.run_local_gateway(data_paths=(str(test_csv), str(demo_csv)))
         return None
-    return run_local_gateway(predict, test_csv, demo_csv, Path(out_dir) / "submission.parquet", seed, startup_s)
+    return run_local_gateway(predict, test_csv, demo_csv, Path(out_dir) / "submission.parquet", seed, startup_s,
+                             degraded)

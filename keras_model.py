@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import threads
 from config import Config, RunConfig
 from metric import N_CLASSES
 
@@ -56,8 +57,7 @@ def _tf(out_dir: str | Path | None = None, n_threads: int | None = None) -> Any:
         # Only possible before TF initialises its runtime (first op); later it raises RuntimeError.
         try:
             _TF.config.threading.set_intra_op_parallelism_threads(int(n_threads))
-            # One inter-op thread on small machines: two pools of two threads on 2 cores oversubscribe.
-            _TF.config.threading.set_inter_op_parallelism_threads(1 if int(n_threads) <= 2 else 2)
+            _TF.config.threading.set_inter_op_parallelism_threads(threads.interop_threads(int(n_threads)))
         except RuntimeError as e:
             log.info("keras: TensorFlow already initialised, thread counts left as they are (%s)", e)
     return _TF
@@ -96,7 +96,7 @@ def _keras(cfg: Config) -> Any:
     ok, why = is_available(cfg.run.out_dir)
     if not ok:
         raise RuntimeError(f"keras member unavailable: {why}")
-    _tf(cfg.run.out_dir, cfg.run.n_threads)
+    _tf(cfg.run.out_dir, threads.n_threads(cfg))
     import keras  # noqa: PLC0415
 
     _custom_layers()

@@ -27,6 +27,7 @@ import numpy as np
 
 import bundle
 import features
+import threads
 from config import Config
 from keras_model import _keras, _tf, build_full_model, build_imu_model, is_available, light_args, model_args
 from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
@@ -124,7 +125,7 @@ def _save_model(model: Any, path: Path) -> None:
 
 def _train_fold(data: TrainingData, split: FoldSplit, pad_len: int, cfg: Config, work: Path) -> FoldResult:
     """Train one fold's two models, save them into ``work``; return the fold's OOF rows and record."""
-    tf = _tf(cfg.run.out_dir, cfg.run.n_threads)
+    tf = _tf(cfg.run.out_dir, threads.n_threads(cfg))
     keras = _keras(cfg)
     table, imu_table, y, k = data.table, data.imu_table, data.y, split.fold
     imu_idx, tof_idx = _channel_index()

@@ -23,6 +23,7 @@ import numpy as np
 import bundle
 import features
 import io_utils
+import threads
 from config import Config
 from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData
 from metric import GESTURES, N_CLASSES, score_proba
@@ -67,7 +68,7 @@ def params_from_config(cfg: Config) -> dict[str, Any]:
         "bagging_fraction": c.bagging_fraction,
         "bagging_freq": c.bagging_freq,
         "lambda_l2": c.lambda_l2,
-        "num_threads": cfg.run.n_threads,
+        "num_threads": threads.n_threads(cfg),
         # deterministic needs a fixed histogram layout to be reproducible (LightGBM docs)
         "deterministic": True,
         "force_col_wise": True,
@@ -403,7 +404,7 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
     if meta.get("lightgbm_version") != lgb.__version__:
         # the text format reads across versions; a difference is worth knowing when numbers move
         log.warning("%s bundle trained with lightgbm %s, running %s", MEMBER, meta.get("lightgbm_version"), lgb.__version__)
-    params = {**(meta.get("params") or {}), "num_threads": cfg.run.n_threads}
+    params = {**(meta.get("params") or {}), "num_threads": threads.n_threads(cfg)}
     entries = meta.get("models") or []
     by_view: dict[str, list[LGBMSequenceClassifier]] = {"full": [], "imu": []}
     for view in VIEWS:

@@ -96,10 +96,12 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
     """Train ``names`` on the shared folds (skipping complete bundles unless ``force``), then fit the blend."""
     import data
     import ensemble
+    import threads
     import wear
     from features import build_frame_table
     from member_base import training_data
 
+    cfg = threads.configure_threads(cfg, "train")  # once, before any member library starts its pools
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
@@ -160,19 +162,23 @@ def build_predictor(cfg: Config, bundle_dir: Path | None = None) -> Predictor:
 
 def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) -> dict[str, Any]:
     import inference_server
+    import threads
 
     out = Path(cfg.run.out_dir)
+    inference_server.retire_stale_outputs(out)  # before anything can fail: no earlier run's file passes for this one's
+    cfg = threads.configure_threads(cfg, "serve")
     with timer.stage("load predictor"):
         t0 = time.perf_counter()
         predictor = build_predictor(cfg, bundle_dir)
         startup = time.perf_counter() - t0
     with timer.stage("serve test set"):
         result = inference_server.serve(predictor.predict, cfg.run.data_dir, out, seed=cfg.run.seed,
-                                        startup_s=startup)
+                                        startup_s=startup, degraded=predictor.degraded_sequences)
     info: dict[str, Any] = {"predictor": predictor.summary(), "startup_s": startup}
     if result is not None:
         info["latency"] = result.latency_summary()
         info["submission"] = str(result.submission_path)
+        info["degraded_sequences"] = result.degraded
         info.update(score_submission(result.submission_path, Path(cfg.run.data_dir) / "test_solution.csv"))
         import wear
 
@@ -313,7 +319,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import benchmarks
 
     setup_logging(None)
-    benchmarks.main(Path(args.out), quick=args.quick)
+    benchmarks.main(Path(args.out), quick=args.quick, contention=args.contention)
 
 
 def cmd_export_notebook(args: argparse.Namespace) -> None:
@@ -398,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: features, latency, throughput")
     b.add_argument("--out", default="outputs/bench")
     b.add_argument("--quick", action="store_true", help="smaller sizes")
+    b.add_argument("--contention", action="store_true",
+                   help="also each member alone vs beside a competing train/serve process (bench/bench_contention.py)")
     b.set_defaults(func=cmd_bench)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")

@@ -150,6 +150,24 @@ def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
         for key, label in (("holdout_rotated_subjects", "rotated test subjects"), ("holdout_normal_subjects", "other test subjects")):
             if key in truth:
                 lines.append(f"- hold-out, {label}: {truth[key]['score']:.4f}")
+def _degraded_lines(predictor: dict[str, Any], max_listed: int = 20) -> list[str]:
+    """The serving answers that came from the fallback chain or from repaired input (serve.json)."""
+    degraded = predictor.get("degraded")
+    if not degraded:
+        return []
+    answers = predictor.get("answers") or {}
+    lines = ["", "## Degraded answers", "",
+             f"{degraded['count']} of {predictor.get('calls', 0)} answer(s) degraded; answered by: "
+             + (", ".join(f"{k} {v}" for k, v in sorted(answers.items())) or "none")
+             + f". Fallback prior: `{degraded.get('fallback_prior')}`."]
+    seqs = degraded.get("sequences") or {}
+    if seqs:
+        lines += ["", "| sequence | answered by | gesture | problems |", "|---|---|---|---|"]
+        for sid, d in list(seqs.items())[:max_listed]:
+            problems = "; ".join(d.get("problems") or []).replace("|", "/")[:200]
+            lines.append(f"| {sid} | {d.get('answer')} | {d.get('gesture')} | {problems} |")
+        if len(seqs) > max_listed:
+            lines.append(f"\n... and {len(seqs) - max_listed} more in serve.json.")
     return lines
 
 
@@ -213,6 +231,7 @@ def write_report(out: str | Path) -> Path:
                   f"over {lat['calls']} calls; the hidden test (3,257 sequences) at p95 would take "
                   f"{lat['projected_hidden_test_s']:.0f} s of the 32,400 s budget.",
                   f"Member failures: {serve['predictor']['member_failures'] or 'none'}."]
+    lines += _degraded_lines(serve.get("predictor") or {})
     if timings:
         lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]

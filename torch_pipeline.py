@@ -32,6 +32,7 @@ import bundle
 import features
 import io_utils
 import metric
+import threads
 from config import Config
 from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
 
@@ -163,7 +164,7 @@ def select_device(cfg: Config) -> torch.device:
     """CUDA when available, else CPU with ``cfg.run.n_threads`` intra-op threads."""
     if torch.cuda.is_available():
         return torch.device("cuda")
-    torch.set_num_threads(cfg.run.n_threads)
+    torch.set_num_threads(threads.n_threads(cfg))
     return torch.device("cpu")
 
 

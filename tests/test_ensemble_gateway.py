@@ -9,6 +9,7 @@ import cv
 import ensemble
 import inference_server
 from config import load_config
+from features import build_frame_table
 from io_utils import write_json
 from metric import GESTURES, score_proba
 from schema import TEST_COLUMNS, THM_COLS, TOF_COLS
@@ -75,14 +76,19 @@ def test_member_failure_is_excluded_logged_and_strict_raises(tmp_path, caplog):
     every = {"lgbm": FakeMember(0, fail=True)}
     only = ensemble.Predictor(cfg, _specs(tmp_path, every), bundle_root=tmp_path / "bundles")
     with pytest.raises(ensemble.PredictorError, match="every member failed"):
-        only.predict(make_sequence("SEQ_000009", 8), None)
+        only.predict_proba_table(build_frame_table(make_sequence("SEQ_000009", 8)))
+    # serving: the fallback chain answers (no stored prior here: the uniform last resort), counted
+    assert only.predict(make_sequence("SEQ_000009", 8), None) == GESTURES[0]
+    assert only.summary()["answers"] == {"uniform_prior": 1}
+    assert only.summary()["degraded"]["sequences"]["SEQ_000009"]["answer"] == "uniform_prior"
 
 
 def test_predictor_refuses_to_start_without_members_and_bad_input(tmp_path):
     cfg = load_config({"USE_LGBM": "0"})
     with pytest.raises(ensemble.PredictorError, match="no member"):
         ensemble.Predictor(cfg, _specs(tmp_path, {"lgbm": FakeMember(0)}), bundle_root=tmp_path / "bundles")
-    pred = ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": FakeMember(0)}), tmp_path / "bundles")
+    strict = load_config({"STRICT": "1"})  # serving (STRICT unset) answers these: test_serving_hostile.py
+    pred = ensemble.Predictor(strict, _specs(tmp_path, {"lgbm": FakeMember(0)}), tmp_path / "bundles")
     with pytest.raises(ensemble.PredictorError, match="zero rows"):
         pred.predict(make_sequence("SEQ_1", 3).head(0), None)
     with pytest.raises(ensemble.PredictorError, match="2 sequences"):

@@ -79,10 +79,9 @@ def test_keyboard_interrupt_leaves_no_new_or_half_written_submission(test_files,
     with pytest.raises(KeyboardInterrupt):
         inference_server.run_local_gateway(predict, test_csv, demo_csv, out / "submission.parquet")
     assert len(calls) == 5
-    if earlier:
-        assert (out / "submission.parquet").read_bytes() == before  # intact, not half-overwritten
-    else:
-        assert not (out / "submission.parquet").exists()
+    if earlier:  # renamed aside before the run (issue 16), intact, not half-overwritten
+        assert (out / "submission.parquet.stale").read_bytes() == before
+    assert not (out / "submission.parquet").exists()  # no earlier run's file passes for this one's
     assert not (out / "submission_partial.parquet").exists()
     assert _temp_leftovers(out) == []
 
@@ -118,9 +117,8 @@ def test_killed_gateway_leaves_no_new_or_half_written_submission(test_files, ear
             proc.kill()
         proc.stderr.close()
     if earlier:
-        assert (out / "submission.parquet").read_bytes() == before
-    else:
-        assert not (out / "submission.parquet").exists()
+        assert (out / "submission.parquet.stale").read_bytes() == before
+    assert not (out / "submission.parquet").exists()
     assert not (out / "submission_partial.parquet").exists()
     assert _temp_leftovers(out) == []
 

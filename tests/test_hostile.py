@@ -50,8 +50,9 @@ def trained(tmp_path_factory):
     """A real lgbm bundle (3 folds, debug size) trained through main.stage_train on generated data."""
     root = tmp_path_factory.mktemp("hostile")
     synth.write_dataset(root / "data", n_subjects=5, seed=3)
-    # an explicit env mapping: the developer's shell (STRICT=1, CMI_*) must not change the test
-    cfg = config.load_config({"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1"}, data_dir=str(root / "data"),
+    # an explicit env mapping: the developer's shell (CMI_*) must not change the test. STRICT=1: these
+    # tests check the errors; the serving (degraded) mode is tested in test_serving_hostile.py.
+    cfg = config.load_config({"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"}, data_dir=str(root / "data"),
                              out_dir=str(root / "out"), debug=True)
     main.stage_train(cfg, ["lgbm"], main.StageTimer())
     test = data.read_test(root / "data")  # cleanly typed Float32 rows

@@ -1,0 +1,205 @@
+"""Serving-side guard: hostile input repaired into something the members can use, and the class prior
+that answers when nothing can.
+
+Used by ``ensemble.Predictor.predict`` only when ``cfg.run.strict`` is off (serving). Training and
+``STRICT=1`` never come here: there the same inputs raise ``features.FeatureError`` /
+``ensemble.PredictorError`` naming the problem. Every repair is returned as a short problem string so
+the Predictor can log it and list the sequence as degraded (``Predictor.summary()`` -> serve.json).
+
+The fallback chain (``Predictor.predict``, serving):
+1. the members on the repaired rows;
+2. the members' IMU-only view on the rows with a usable accelerometer reading;
+3. the training class prior (``class_prior`` in weights.json, else the OOF labels ``oof/y_true.npy``);
+4. a uniform prior over the 18 gestures, the documented last resort (its argmax is the first gesture).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features import (  # the same missing-value spellings as training's parser
+    _NULL_TOKENS,
+    MAX_ABS_READING,
+)
+from io_utils import read_json, read_npy
+from metric import GESTURES, N_CLASSES
+from schema import ACC_COLS, SENSOR_COLS
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_SEQUENCE_ID = "SEQ_UNKNOWN"
+_FILLED = "__sequence_id_filled"  # a helper column, dropped before the rows leave repair_sequence
+
+
+class PriorError(ValueError):
+    """A stored class prior that cannot be used; names the file."""
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def to_polars(obj: Any, what: str) -> pl.DataFrame | None:
+    """A polars DataFrame from what a caller may hand over: polars (eager or lazy), pandas, or None.
+
+    Raises TypeError naming ``what`` and the type for anything else.
+    """
+    if obj is None or isinstance(obj, pl.DataFrame):
+        return obj
+    if isinstance(obj, pl.LazyFrame):
+        return obj.collect()
+    if type(obj).__module__.split(".")[0] == "pandas" and hasattr(obj, "columns"):
+        return pl.from_pandas(obj)
+    raise TypeError(f"{what} must be a polars or pandas DataFrame, got {type(obj).__name__}")
+
+
+def repair_sequence(seq: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """One sequence's rows made acceptable to ``features.clean_sensors``; returns (rows, problems).
+
+    Serving only: one sequence_id (the most frequent; null ids take it), missing acc columns as
+    null, text and non-numeric sensor values as missing, one row per sequence_counter (the first),
+    counters renumbered in file order when some are missing. ``seq`` must have rows.
+    """
+    problems: list[str] = []
+    df = seq
+    if "sequence_id" not in df.columns:
+        problems.append("no sequence_id column")
+        df = df.with_columns(pl.lit(UNKNOWN_SEQUENCE_ID).alias("sequence_id"))
+    df = df.with_columns(pl.col("sequence_id").cast(pl.String))
+    # the most frequent id; a tie goes to the one seen first, so the same frame always gets the same answer
+    counts = (
+        df.select("sequence_id").with_row_index("row").drop_nulls("sequence_id")
+        .group_by("sequence_id").agg(pl.len().alias("n"), pl.col("row").min().alias("first"))
+        .sort(["n", "first"], descending=[True, False])
+    )
+    sid = counts["sequence_id"][0] if counts.height else UNKNOWN_SEQUENCE_ID
+    if counts.height > 1:
+        problems.append(f"{counts.height} sequence_ids in one frame: answered on the {counts['n'][0]} row(s) of {sid}")
+        df = df.filter(pl.col("sequence_id").is_null() | (pl.col("sequence_id") == sid))
+    n_null = df["sequence_id"].null_count()
+    if n_null:
+        problems.append(f"{n_null} row(s) without sequence_id taken as {sid}")
+        df = df.with_columns(pl.col("sequence_id").is_null().alias(_FILLED), pl.col("sequence_id").fill_null(sid))
+
+    absent_acc = [c for c in ACC_COLS if c not in df.columns]
+    if absent_acc:
+        problems.append(f"missing column(s) {', '.join(absent_acc)}")
+        df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in absent_acc)
+    df, text_problems = _numeric_sensors(df)
+    problems += text_problems
+
+    if "sequence_counter" in df.columns:
+        counter = df["sequence_counter"]
+        if counter.dtype == pl.String:
+            counter = counter.str.strip_chars()
+        counter = counter.cast(pl.Float64, strict=False)
+        whole = counter.is_not_null() & counter.is_finite() & (counter == counter.floor())
+        if not whole.all():
+            problems.append(f"{int((~whole).fill_null(True).sum())} row(s) without an integer sequence_counter: "
+                            "rows renumbered in file order")
+            df = df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("sequence_counter"))
+        else:
+            df = df.with_columns(counter.cast(pl.Int64).alias("sequence_counter"))
+        n_before = df.height
+        if n_null:  # a counter given twice: the row that carried the id wins over one whose id was filled in
+            df = df.sort(_FILLED, maintain_order=True)
+        df = df.unique(subset="sequence_counter", keep="first", maintain_order=True)
+        if df.height < n_before:
+            problems.append(f"{n_before - df.height} row(s) repeat a sequence_counter: kept the first of each")
+    return (df.drop(_FILLED) if _FILLED in df.columns else df), problems
+
+
+def _numeric_sensors(df: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """Sensor columns as numbers: text that does not parse and non-numeric dtypes read as missing."""
+    schema = df.schema
+    present = [c for c in SENSOR_COLS if c in schema]
+    text = [c for c in present if schema[c] == pl.String]
+    other = [c for c in present if schema[c] != pl.String and not (schema[c].is_numeric() or schema[c] == pl.Null)]
+    problems = []
+    if text:
+        cleaned = [pl.col(c).str.strip_chars().replace(_NULL_TOKENS, None) for c in text]
+        lost = df.select(
+            (e.is_not_null() & e.cast(pl.Float64, strict=False).is_null()).sum().alias(c) for e, c in zip(cleaned, text)
+        ).row(0, named=True)
+        bad = {c: n for c, n in lost.items() if n}
+        if bad:
+            problems.append(f"non-numeric text in {sum(bad.values())} cell(s) of {', '.join(list(bad)[:5])}"
+                            f"{' ...' if len(bad) > 5 else ''}: read as missing")
+        df = df.with_columns(e.cast(pl.Float64, strict=False).alias(c) for e, c in zip(cleaned, text))
+    if other:
+        problems.append("sensor column(s) of a non-numeric dtype read as missing: "
+                        + ", ".join(f"{c} ({schema[c]})" for c in other[:5]))
+        df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in other)
+    return df, problems
+
+
+def usable_imu_rows(df: pl.DataFrame) -> np.ndarray:
+    """Rows whose three accelerometer values are finite readings (the IMU-only path needs at least one)."""
+    ok = pl.all_horizontal(
+        pl.col(c).cast(pl.Float64).is_finite() & (pl.col(c).cast(pl.Float64).abs() <= MAX_ABS_READING) for c in ACC_COLS
+    ).fill_null(False)
+    return df.select(ok.alias("ok"))["ok"].to_numpy()
+
+
+def repair_demographics(demo: pl.DataFrame | None, subject: str | None) -> tuple[pl.DataFrame | None, list[str]]:
+    """Demographics the feature code can join: a frame without ``subject`` is used only if it has one row."""
+    if demo is None or demo.height == 0 or "subject" in demo.columns:
+        return demo, []
+    if demo.height == 1 and subject is not None:
+        return demo.with_columns(pl.lit(subject).alias("subject")), [
+            "demographics without a subject column: its one row taken as this sequence's subject"]
+    return None, [f"demographics without a subject column ({demo.height} rows): predicted without demographics"]
+
+
+# --------------------------------------------------------------------------- class prior
+
+
+@dataclass(frozen=True)
+class ClassPrior:
+    """The answer of last resort: class probabilities in ``GESTURES`` order and where they came from."""
+
+    proba: np.ndarray  # (18,), sums to 1
+    source: str  # "uniform" or the file it was read from
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.source == "uniform"
+
+    @property
+    def answer(self) -> str:
+        return GESTURES[int(np.argmax(self.proba))]
+
+
+def class_prior_from_labels(y: np.ndarray) -> list[float]:
+    """Training class frequencies (indices into GESTURES) as a list for weights.json."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=N_CLASSES).astype(np.float64)
+    return (counts / max(counts.sum(), 1.0)).tolist()
+
+
+def _checked(values: Any, where: Path) -> np.ndarray:
+    p = np.asarray(values, dtype=np.float64).reshape(-1)
+    if p.shape != (N_CLASSES,) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise PriorError(f"{where}: class_prior must be {N_CLASSES} non-negative finite numbers, got {values!r:.200}")
+    return p / p.sum()
+
+
+def load_class_prior(weights_path: Path, oof_dir: Path) -> ClassPrior:
+    """The training class prior: ``class_prior`` in weights.json, else the OOF labels, else uniform (logged)."""
+    if weights_path.exists():
+        stored = (read_json(weights_path) or {}).get("class_prior")
+        if stored is not None:
+            return ClassPrior(_checked(stored, weights_path), str(weights_path))
+    y_path = oof_dir / "y_true.npy"
+    if y_path.exists():
+        y = read_npy(y_path)
+        if y.ndim != 1 or y.size == 0 or y.min() < 0 or y.max() >= N_CLASSES:
+            raise PriorError(f"{y_path}: not a vector of class indices 0..{N_CLASSES - 1}")
+        return ClassPrior(_checked(class_prior_from_labels(y), y_path), str(y_path))
+    log.warning("no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", weights_path, y_path,
+                GESTURES[0])
+    return ClassPrior(np.full(N_CLASSES, 1.0 / N_CLASSES), "uniform")
