@@ -85,7 +85,7 @@ def _changed_value(value):
     if isinstance(value, int):
         return str(value + 3)
     if isinstance(value, float):
-        return str(round(value * 0.5 + 0.01, 4))
+        return str(round(value * 1.5 + 0.01 if value >= 1 else value * 0.5 + 0.01, 4))
     if isinstance(value, tuple):
         return ",".join(str(v + 1) for v in value)
     return "/tmp/changed"
