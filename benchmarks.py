@@ -60,8 +60,13 @@ def pandas_frame_features(raw: pl.DataFrame) -> np.ndarray:
         for arr in (tof, thm):
             with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
                 __import__("warnings").simplefilter("ignore")
-                rows += [np.nanmean(arr, 1), np.nanstd(arr, 1), np.nanmin(arr, 1), np.nanmax(arr, 1),
-                         np.mean(~np.isnan(arr), 1)]
+                rows += [
+                    np.nanmean(arr, 1),
+                    np.nanstd(arr, 1),
+                    np.nanmin(arr, 1),
+                    np.nanmax(arr, 1),
+                    np.mean(~np.isnan(arr), 1),
+                ]
         feats = np.column_stack([lin, omega, np.linalg.norm(lin, axis=1), np.linalg.norm(omega, axis=1), *rows])
         out.append(np.nan_to_num(feats))
     return np.concatenate(out)
@@ -109,10 +114,12 @@ def bench_features(data_dir: Path | None, n_subjects: int) -> dict[str, Any]:
         "pandas_baseline_projected_seconds": rows.height / base_rows_per_s,
         "speedup": (rows.height / base_rows_per_s) / ours_s,
     }
-    print(f"frame features: {rows.height:,} rows ({source}) in {ours_s:.2f} s "
-          f"({result['ours_rows_per_s']:,.0f} rows/s, {table.values.shape[1]} channels); "
-          f"pandas per-sequence baseline {base_rows_per_s:,.0f} rows/s "
-          f"-> {result['pandas_baseline_projected_seconds']:.0f} s projected; speed-up x{result['speedup']:.0f}")
+    print(
+        f"frame features: {rows.height:,} rows ({source}) in {ours_s:.2f} s "
+        f"({result['ours_rows_per_s']:,.0f} rows/s, {table.values.shape[1]} channels); "
+        f"pandas per-sequence baseline {base_rows_per_s:,.0f} rows/s "
+        f"-> {result['pandas_baseline_projected_seconds']:.0f} s projected; speed-up x{result['speedup']:.0f}"
+    )
     return result
 
 
@@ -146,15 +153,19 @@ def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) 
         "hidden_test_budget_seconds": BUDGET_S,
         "per_member": {},
     }
-    print(f"predictor: start-up {startup:.2f} s, blend p50 {res['blend_p50_ms']:.1f} ms, "
-          f"p95 {res['blend_p95_ms']:.1f} ms over {len(lat)} calls; hidden test projected "
-          f"{res['projected_hidden_test_seconds']:.0f} s of {BUDGET_S} s; peak RSS {res['peak_rss_mb']:.0f} MB")
+    print(
+        f"predictor: start-up {startup:.2f} s, blend p50 {res['blend_p50_ms']:.1f} ms, "
+        f"p95 {res['blend_p95_ms']:.1f} ms over {len(lat)} calls; hidden test projected "
+        f"{res['projected_hidden_test_seconds']:.0f} s of {BUDGET_S} s; peak RSS {res['peak_rss_mb']:.0f} MB"
+    )
     tables = [build_frame_table(g, demo.filter(pl.col("subject") == g["subject"][0]), cfg.features) for g in groups]
     n_reload = min(len(tables), 10)
     for name, member in predictor.members.items():
         pipeline = members.get(name)
         mem = time_calls(member.predict_proba, tables)
-        rel = time_calls(lambda t: pipeline.predict_proba_reload_per_call(bundle_root / name, t, cfg), tables[:n_reload])
+        rel = time_calls(
+            lambda t, p=pipeline, n=name: p.predict_proba_reload_per_call(bundle_root / n, t, cfg), tables[:n_reload]
+        )
         m = {"in_memory_p50_ms": float(np.median(mem) * 1000), "in_memory_p95_ms": float(np.percentile(mem, 95) * 1000)}
         if rel:
             m["reload_per_call_p50_ms"] = float(np.median(rel) * 1000)
@@ -170,16 +181,16 @@ def training_throughput(out: Path) -> dict[str, Any]:
     for path in sorted((out / "oof").glob("*_summary.json")):
         s = json.loads(path.read_text())
         if "train_seconds" in s:
-            res[s["member"]] = {"train_seconds": s["train_seconds"],
-                                "sequences_per_s": s.get("train_sequences_per_s")}
+            res[s["member"]] = {"train_seconds": s["train_seconds"], "sequences_per_s": s.get("train_sequences_per_s")}
     timings = out / "timings.json"
     if timings.exists():
         res["run_timings"] = json.loads(timings.read_text())
     return res
 
 
-def main(out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: int = 100,
-         contention: bool = False) -> dict[str, Any]:
+def main(
+    out: Path, quick: bool = False, run_dir: Path | None = None, n_calls: int = 100, contention: bool = False
+) -> dict[str, Any]:
     """Run every benchmark that has what it needs; write ``<out>/bench.json``."""
     from io_utils import write_json
 

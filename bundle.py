@@ -36,7 +36,10 @@ def library_versions(*packages: str) -> dict[str, str]:
 
 
 def bundle_metadata(
-    member: str, feature_names: list[str] | tuple[str, ...], folds_hash: str, extra: dict[str, Any] | None = None,
+    member: str,
+    feature_names: list[str] | tuple[str, ...],
+    folds_hash: str,
+    extra: dict[str, Any] | None = None,
     packages: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {
@@ -82,14 +85,18 @@ def diff_list(name: str, found: list[str], expected: list[str]) -> str:
     if len(found) != len(expected):
         extra = [x for x in found if x not in expected][:3]
         lacking = [x for x in expected if x not in found][:3]
-        return (f"{name}: bundle has {len(found)}, code expects {len(expected)}"
-                f" (only in bundle: {extra}; only in code: {lacking})")
+        return (
+            f"{name}: bundle has {len(found)}, code expects {len(expected)}"
+            f" (only in bundle: {extra}; only in code: {lacking})"
+        )
     i = next(i for i, (a, b) in enumerate(zip(found, expected)) if a != b)
     return f"{name}: first difference at position {i}: bundle {found[i]!r} vs code {expected[i]!r}"
 
 
 def read_metadata(
-    bundle_dir: str | Path, member: str, feature_names: list[str] | tuple[str, ...] | None = None,
+    bundle_dir: str | Path,
+    member: str,
+    feature_names: list[str] | tuple[str, ...] | None = None,
     required_files: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Read ``metadata.json`` and check it against the running code; raise BundleError naming any difference."""
@@ -119,8 +126,10 @@ def read_metadata(
     for name, expected in sealed.items():
         path_f = bundle_dir / name
         if path_f.is_file() and file_digest(path_f) != expected:
-            problems.append(f"{path_f} is corrupt or truncated (size {path_f.stat().st_size}, "
-                            f"expected {expected.get('size')}; sha256 differs)")
+            problems.append(
+                f"{path_f} is corrupt or truncated (size {path_f.stat().st_size}, "
+                f"expected {expected.get('size')}; sha256 differs)"
+            )
     if problems:
         raise BundleError(f"{member} bundle {path} does not match the code: " + "; ".join(problems))
     return meta

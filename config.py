@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 log = logging.getLogger(__name__)
 
 
@@ -242,7 +241,7 @@ def aliases(cfg: Config) -> dict[str, tuple[str, str]]:
 # Variables of the original notebooks that our design replaces: accepted, mapped, and logged when set.
 MAPPED_NOTE: dict[str, str] = {
     "EARLY_EXIT_IF_BEST_EXISTS": "the member scaffold's skip-if-trained (a complete bundle for the same data, "
-                                 "folds and settings is not retrained; `train --force` overrides)",
+    "folds and settings is not retrained; `train --force` overrides)",
     "FOLDS_IN_MEMORY": "0 = every predict() call reloads each fold from disk (slow; the benchmarks measure it)",
 }
 ENSEMBLE_WEIGHTS_VARIABLE = "ENSEMBLE_WEIGHTS"  # "member:weight,...": every member's weight at once
@@ -283,8 +282,9 @@ def parse_member_weights(name: str, raw: str, cfg: Config) -> dict[str, float]:
         if not sep:
             raise ConfigError(f"environment variable {name}={raw!r}: {part!r} is not member:weight")
         if member not in cfg.member_names():
-            raise ConfigError(f"environment variable {name}: unknown member {member!r}; members: "
-                              f"{', '.join(cfg.member_names())}")
+            raise ConfigError(
+                f"environment variable {name}: unknown member {member!r}; members: {', '.join(cfg.member_names())}"
+            )
         weights[member] = parse_value(name, value, float)
     if not weights or sum(weights.values()) <= 0 or min(weights.values()) < 0:
         raise ConfigError(f"environment variable {name}={raw!r}: needs non-negative weights with a positive sum")
@@ -293,12 +293,25 @@ def parse_member_weights(name: str, raw: str, cfg: Config) -> dict[str, float]:
 
 
 # Variables under our prefixes that belong to the libraries, not to us (PyTorch reads many TORCH_* ones).
-FOREIGN: frozenset[str] = frozenset({
-    "KERAS_HOME", "KERAS_BACKEND", "KERAS_NUM_THREADS",
-    "TORCH_HOME", "TORCH_LOGS", "TORCH_CUDA_ARCH_LIST", "TORCH_EXTENSIONS_DIR", "TORCH_SHOW_CPP_STACKTRACES",
-    "TORCH_CPP_LOG_LEVEL", "TORCH_USE_CUDA_DSA", "TORCH_DISTRIBUTED_DEBUG", "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
-    "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "TORCH_DISABLE_ADDR2LINE",
-})
+FOREIGN: frozenset[str] = frozenset(
+    {
+        "KERAS_HOME",
+        "KERAS_BACKEND",
+        "KERAS_NUM_THREADS",
+        "TORCH_HOME",
+        "TORCH_LOGS",
+        "TORCH_CUDA_ARCH_LIST",
+        "TORCH_EXTENSIONS_DIR",
+        "TORCH_SHOW_CPP_STACKTRACES",
+        "TORCH_CPP_LOG_LEVEL",
+        "TORCH_USE_CUDA_DSA",
+        "TORCH_DISTRIBUTED_DEBUG",
+        "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
+        "TORCH_FORCE_WEIGHTS_ONLY_LOAD",
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",
+        "TORCH_DISABLE_ADDR2LINE",
+    }
+)
 FOREIGN_PREFIXES: tuple[str, ...] = ("TORCH_NCCL_", "TORCH_COMPILE_", "TORCH_CUDNN_", "TORCH_BLAS_", "TORCH_CUDA_")
 
 
@@ -369,14 +382,19 @@ def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
                     raise ConfigError(f"unknown environment variable {name}{_closest(name, cfg)}")
                 continue
             section_name, prefix = max(matches, key=lambda m: len(m[1]))  # the most specific prefix
-            field_name = name[len(prefix):].lower()
+            field_name = name[len(prefix) :].lower()
             section = getattr(cfg, section_name)
             if field_name not in _field_types(section):
                 known = ", ".join(prefix + f.upper() for f in _field_types(section))
-                raise ConfigError(f"unknown environment variable {name}{_closest(name, cfg)} "
-                                  f"(known {prefix}* variables: {known})")
+                raise ConfigError(
+                    f"unknown environment variable {name}{_closest(name, cfg)} (known {prefix}* variables: {known})"
+                )
             canonical = next((v for v, target in whole.items() if target == (section_name, field_name)), None)
-            if canonical and canonical != name and not (prefix in legacy and canonical == f"TORCH_{field_name.upper()}"):
+            if (
+                canonical
+                and canonical != name
+                and not (prefix in legacy and canonical == f"TORCH_{field_name.upper()}")
+            ):
                 raise ConfigError(f"{name}: this setting's variable is {canonical}")
             if prefix in legacy:
                 log.info("%s is the older name of %s%s", name, section_name.upper() + "_", field_name.upper())
@@ -386,8 +404,10 @@ def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
     if ENSEMBLE_WEIGHTS_VARIABLE in env:
         single = [n for n in env if n.startswith("ENSEMBLE_W_")]
         if single:
-            raise ConfigError(f"{ENSEMBLE_WEIGHTS_VARIABLE} and {', '.join(sorted(single))} both set blend weights: "
-                              "set one or the other")
+            raise ConfigError(
+                f"{ENSEMBLE_WEIGHTS_VARIABLE} and {', '.join(sorted(single))} both set blend weights: "
+                "set one or the other"
+            )
         for m, w in parse_member_weights(ENSEMBLE_WEIGHTS_VARIABLE, env[ENSEMBLE_WEIGHTS_VARIABLE], cfg).items():
             cfg.member(m).weight = w
     validate(cfg)
@@ -411,7 +431,10 @@ def validate(cfg: Config) -> None:
         (cfg.keras.max_epochs >= 1 and cfg.keras.batch_size >= 1, "KERAS_MAX_EPOCHS and KERAS_BATCH_SIZE must be >= 1"),
         (0 <= cfg.keras.dropout < 1, "KERAS_DROPOUT must be in [0, 1)"),
         (0 <= cfg.keras.label_smoothing < 1, "KERAS_LABEL_SMOOTHING must be in [0, 1)"),
-        (len(cfg.keras.imu_filters) == len(cfg.keras.imu_kernels), "KERAS_IMU_FILTERS and KERAS_IMU_KERNELS differ in length"),
+        (
+            len(cfg.keras.imu_filters) == len(cfg.keras.imu_kernels),
+            "KERAS_IMU_FILTERS and KERAS_IMU_KERNELS differ in length",
+        ),
         (0 < cfg.ensemble.subject_pp_min_share <= 1, "ENSEMBLE_SUBJECT_PP_MIN_SHARE must be in (0, 1]"),
         (cfg.ensemble.subject_pp_max_history >= 1, "ENSEMBLE_SUBJECT_PP_MAX_HISTORY must be >= 1"),
         (cfg.ensemble.subject_pp_orders >= 1, "ENSEMBLE_SUBJECT_PP_ORDERS must be >= 1"),
@@ -424,8 +447,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
 
 
-def load_config(env: Mapping[str, str] | None = None, config_class: type[Config] | None = None,
-                **run_overrides: Any) -> Config:
+def load_config(
+    env: Mapping[str, str] | None = None, config_class: type[Config] | None = None, **run_overrides: Any
+) -> Config:
     """The effective config: defaults, then environment overrides, then explicit run overrides (CLI)."""
     cfg = apply_overrides((config_class or Config)(), os.environ if env is None else env)
     for key, value in run_overrides.items():
@@ -472,7 +496,18 @@ def config_from_dict(data: Mapping[str, Any], config_class: type[Config] | None 
 
 
 __all__ = [
-    "Config", "ConfigError", "RunConfig", "FeatureConfig", "MemberConfig", "LGBMConfig", "TorchConfig", "DLConfig",
+    "Config",
+    "ConfigError",
+    "RunConfig",
+    "FeatureConfig",
+    "MemberConfig",
+    "LGBMConfig",
+    "TorchConfig",
+    "DLConfig",
     "KerasConfig",
-    "EnsembleConfig", "load_config", "apply_overrides", "config_from_dict", "parse_value",
+    "EnsembleConfig",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "parse_value",
 ]

@@ -92,8 +92,15 @@ def view_scores(y_true: np.ndarray, proba_full: np.ndarray, proba_imu: np.ndarra
 
 
 def write_member_oof(
-    oof_dir: str | Path, member: str, sequence_ids: np.ndarray, y_true: np.ndarray, fold_ids: np.ndarray,
-    proba_full: np.ndarray, proba_imu: np.ndarray, folds_hash: str, extra: dict[str, Any] | None = None,
+    oof_dir: str | Path,
+    member: str,
+    sequence_ids: np.ndarray,
+    y_true: np.ndarray,
+    fold_ids: np.ndarray,
+    proba_full: np.ndarray,
+    proba_imu: np.ndarray,
+    folds_hash: str,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a member's OOF probabilities and summary; returns the summary."""
     oof_dir = Path(oof_dir)
@@ -107,9 +114,7 @@ def write_member_oof(
     seq, y, folds = np.asarray(sequence_ids).astype(str)[order], np.asarray(y_true)[order], np.asarray(fold_ids)[order]
     full, imu = proba_full[order].astype(np.float32), proba_imu[order].astype(np.float32)
     _check_or_write_shared(oof_dir, seq, y, folds, folds_hash)
-    per_fold = {
-        int(k): view_scores(y[folds == k], full[folds == k], imu[folds == k]) for k in np.unique(folds)
-    }
+    per_fold = {int(k): view_scores(y[folds == k], full[folds == k], imu[folds == k]) for k in np.unique(folds)}
     summary = {
         "member": member,
         "n_sequences": n,
@@ -184,6 +189,11 @@ def read_member_oof(oof_dir: str | Path, member: str) -> MemberOOF:
         if p.shape != (len(seq), len(GESTURES)):
             raise FoldsError(f"{member} OOF {name} has shape {p.shape}, expected ({len(seq)}, {len(GESTURES)})")
     return MemberOOF(
-        member=member, sequence_ids=seq, y_true=read_npy(oof_dir / "y_true.npy"),
-        fold_ids=read_npy(oof_dir / "fold_ids.npy"), proba_full=full, proba_imu=imu, summary=summary,
+        member=member,
+        sequence_ids=seq,
+        y_true=read_npy(oof_dir / "y_true.npy"),
+        fold_ids=read_npy(oof_dir / "fold_ids.npy"),
+        proba_full=full,
+        proba_imu=imu,
+        summary=summary,
     )

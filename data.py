@@ -25,8 +25,14 @@ class DataError(ValueError):
 
 _STRING_COLS = ("row_id", "sequence_id", "subject", *LABEL_COLS)
 _DEMO_DTYPES = {
-    "subject": pl.String, "adult_child": pl.Int64, "age": pl.Float64, "sex": pl.Int64, "handedness": pl.Int64,
-    "height_cm": pl.Float64, "shoulder_to_wrist_cm": pl.Float64, "elbow_to_wrist_cm": pl.Float64,
+    "subject": pl.String,
+    "adult_child": pl.Int64,
+    "age": pl.Float64,
+    "sex": pl.Int64,
+    "handedness": pl.Int64,
+    "height_cm": pl.Float64,
+    "shoulder_to_wrist_cm": pl.Float64,
+    "elbow_to_wrist_cm": pl.Float64,
 }
 
 
@@ -91,7 +97,9 @@ def validate_labels(df: pl.DataFrame, where: str) -> None:
         raise DataError(f"{where}: {bad.height} row(s) with unknown gesture string(s): {names}")
     multi = df.group_by("sequence_id").agg(pl.col("gesture").n_unique().alias("n")).filter(pl.col("n") > 1)
     if multi.height:
-        raise DataError(f"{where}: {multi.height} sequence(s) carry more than one gesture, e.g. {multi['sequence_id'][0]}")
+        raise DataError(
+            f"{where}: {multi.height} sequence(s) carry more than one gesture, e.g. {multi['sequence_id'][0]}"
+        )
 
 
 def check_demographics(df: pl.DataFrame, demographics: pl.DataFrame, where: str) -> None:

@@ -22,14 +22,14 @@ import polars as pl
 
 import members as members_registry
 import serving_guard
+import subject_pp
+import wear
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof
 from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
 from io_utils import read_json, write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
-import subject_pp
-import wear
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ def fit_weights_coordinate(
     return best_w / best_w.sum(), best
 
 
-def fit_weights_random(y: np.ndarray, probas: list[np.ndarray], draws: int = 4096, seed: int = 0) -> tuple[np.ndarray, float]:
+def fit_weights_random(
+    y: np.ndarray, probas: list[np.ndarray], draws: int = 4096, seed: int = 0
+) -> tuple[np.ndarray, float]:
     """The original notebook's method: the best of ``draws`` random Dirichlet weight vectors."""
     rng = np.random.default_rng(seed)
     best_w, best = np.full(len(probas), 1.0 / len(probas)), -1.0
@@ -217,8 +219,9 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
         t0 = time.perf_counter()
         w_rand, s_rand = fit_weights_random(y, probas, draws=cfg.ensemble.random_search_draws, seed=seed)
         t_rand = time.perf_counter() - t0
-        cross_blended = cross_fitted_blend(y, probas, folds,
-                                           lambda yy, pp: fit_weights_coordinate(yy, pp, starts, seed))
+        cross_blended = cross_fitted_blend(
+            y, probas, folds, lambda yy, pp: fit_weights_coordinate(yy, pp, starts, seed)
+        )
         cross = score_proba(y, cross_blended)
         calibration = calibration_for_view(y, blend(probas, w), cross_blended, folds, cfg.ensemble.calibration_min_gain)
         out["views"][view] = {
@@ -228,15 +231,30 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
             "blend_score_cross_fitted": cross,
             "member_scores": singles,
             "equal_weights_score": _score(y, probas, np.ones(len(probas))),
-            "random_search": {"weights": {m: float(x) for m, x in zip(members, w_rand)}, "score": s_rand,
-                              "draws": cfg.ensemble.random_search_draws, "seconds": t_rand},
+            "random_search": {
+                "weights": {m: float(x) for m, x in zip(members, w_rand)},
+                "score": s_rand,
+                "draws": cfg.ensemble.random_search_draws,
+                "seconds": t_rand,
+            },
             "coordinate_seconds": t_coord,
         }
-        log.info("blend %s: %s -> %.4f (cross-fitted %.4f; random search %.4f; members %s)", view,
-                 {m: round(float(x), 3) for m, x in zip(members, w)}, s, cross, s_rand,
-                 {m: round(v, 4) for m, v in singles.items()})
-        log.info("class-bias calibration %s: cross-fitted %.4f -> %.4f: %s", view, calibration["cross_fitted_without"],
-                 calibration["cross_fitted_with"], "used" if calibration["used"] else "not used")
+        log.info(
+            "blend %s: %s -> %.4f (cross-fitted %.4f; random search %.4f; members %s)",
+            view,
+            {m: round(float(x), 3) for m, x in zip(members, w)},
+            s,
+            cross,
+            s_rand,
+            {m: round(v, 4) for m, v in singles.items()},
+        )
+        log.info(
+            "class-bias calibration %s: cross-fitted %.4f -> %.4f: %s",
+            view,
+            calibration["cross_fitted_without"],
+            calibration["cross_fitted_with"],
+            "used" if calibration["used"] else "not used",
+        )
     out["class_prior"] = serving_guard.class_prior_from_labels(y)  # the serving fallback of last resort but one
     v = out["views"]
     out["test_like_score"] = 0.5 * (v["full"]["blend_score"] + v["imu_only"]["blend_score"])
@@ -290,8 +308,13 @@ class Predictor:
     method named ``predict`` (the server finds the endpoint by ``__name__``).
     """
 
-    def __init__(self, cfg: Config, specs: Sequence[MemberSource] | None = None,
-                 bundle_root: str | Path | None = None, weights_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        specs: Sequence[MemberSource] | None = None,
+        bundle_root: str | Path | None = None,
+        weights_path: str | Path | None = None,
+    ) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
@@ -309,7 +332,7 @@ class Predictor:
         for spec in sources:
             section = cfg.member(spec.name)
             if not section.use:
-                self.missing[spec.name] = "switched off (USE_%s=0)" % spec.name.upper()
+                self.missing[spec.name] = f"switched off (USE_{spec.name.upper()}=0)"
                 continue
             ok, why = spec.is_available()
             bundle_dir = Path(section.bundle_path) if section.bundle_path else self.bundle_root / spec.name
@@ -320,15 +343,20 @@ class Predictor:
             else:
                 member = spec.load(bundle_dir, cfg)  # a corrupt bundle raises here, at start-up
                 if not section.folds_in_memory:
-                    log.warning("member %s: LOAD_%s_FOLDS_IN_MEMORY=0: every predict() call reloads each fold "
-                                "from %s (low memory, much slower per call; see the benchmarks)", spec.name,
-                                spec.name.upper(), bundle_dir)
+                    log.warning(
+                        "member %s: LOAD_%s_FOLDS_IN_MEMORY=0: every predict() call reloads each fold "
+                        "from %s (low memory, much slower per call; see the benchmarks)",
+                        spec.name,
+                        spec.name.upper(),
+                        bundle_dir,
+                    )
                     member = ReloadingMember(spec, bundle_dir, cfg)
                 self.members[spec.name] = member
         for name, why in self.missing.items():
             if cfg.member(name).fail_if_missing and cfg.member(name).use:
-                raise PredictorError(f"member {name} is required (FAIL_IF_{name.upper()}_MISSING=1) but not "
-                                     f"usable: {why}")
+                raise PredictorError(
+                    f"member {name} is required (FAIL_IF_{name.upper()}_MISSING=1) but not usable: {why}"
+                )
             log.warning("member %s not used: %s", name, why)
         if not self.members:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
@@ -336,7 +364,8 @@ class Predictor:
         self.weights = self._load_weights(specs, weights_path)
         self.prior = serving_guard.load_class_prior(
             Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json",
-            self.bundle_root.parent / "oof")
+            self.bundle_root.parent / "oof",
+        )
         self.stats = PredictorStats()
         # Per-subject online state lives on this instance: upside-down wear detection and slot assignment.
         ens_dir = Path(weights_path).parent if weights_path else self.bundle_root.parent / "ensemble"
@@ -344,7 +373,9 @@ class Predictor:
         self.subject_pp = subject_pp.SubjectPostProcessor.load(ens_dir, cfg)
         self._warm_up()
         self.load_seconds = time.perf_counter() - t0
-        log.info("Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights)
+        log.info(
+            "Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights
+        )
 
     def _load_weights(self, specs: list[MemberSource], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
         path = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
@@ -354,13 +385,17 @@ class Predictor:
             try:
                 views = {v: {str(m): float(x) for m, x in fitted["views"][v]["weights"].items()} for v in VIEWS}
             except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise PredictorError(f"{path} is not a weights file of this project ({type(e).__name__}: {e}); "
-                                     "delete it to use the ENSEMBLE_W_* defaults, or refit") from None
+                raise PredictorError(
+                    f"{path} is not a weights file of this project ({type(e).__name__}: {e}); "
+                    "delete it to use the ENSEMBLE_W_* defaults, or refit"
+                ) from None
             for v in VIEWS:
                 bias = (fitted["views"][v].get("calibration") or {}).get("class_bias")
                 if bias is not None:
                     if len(bias) != N_CLASSES:
-                        raise PredictorError(f"{path}: class_bias of view {v} has {len(bias)} values, expected {N_CLASSES}")
+                        raise PredictorError(
+                            f"{path}: class_bias of view {v} has {len(bias)} values, expected {N_CLASSES}"
+                        )
                     self.class_bias[v] = np.asarray(bias, dtype=np.float64)
             log.info("blend weights from %s (class-bias calibration: %s)", path, sorted(self.class_bias) or "none")
             for name, ident in (fitted.get("bundles") or {}).items():
@@ -368,8 +403,14 @@ class Predictor:
                 if name in self.members and meta_path.exists():
                     created = read_json(meta_path).get("created")
                     if ident.get("created") != created:
-                        log.warning("weights in %s were fitted on another %s bundle (created %s; loaded bundle %s): "
-                                    "re-run training or the blend fit", path, name, ident.get("created"), created)
+                        log.warning(
+                            "weights in %s were fitted on another %s bundle (created %s; loaded bundle %s): "
+                            "re-run training or the blend fit",
+                            path,
+                            name,
+                            ident.get("created"),
+                            created,
+                        )
         else:
             views = {v: defaults for v in VIEWS}
             log.info("no fitted %s: default weights ENSEMBLE_W_* %s", path, defaults)
@@ -388,8 +429,12 @@ class Predictor:
         n_ch = len(FRAME_FEATURES)
         for has_tof in (True, False):
             table = FrameTable(
-                sequence_ids=np.array(["WARMUP"]), offsets=np.array([0, 40]), values=np.zeros((40, n_ch), np.float32),
-                has_tof_thm=np.array([has_tof]), rot_missing=np.array([False]), subjects=np.array([""]),
+                sequence_ids=np.array(["WARMUP"]),
+                offsets=np.array([0, 40]),
+                values=np.zeros((40, n_ch), np.float32),
+                has_tof_thm=np.array([has_tof]),
+                rot_missing=np.array([False]),
+                subjects=np.array([""]),
                 demographics=np.full((1, len(DEMOGRAPHIC_FEATURES)), np.nan, np.float32),
             )
             for member in self.members.values():
@@ -400,8 +445,9 @@ class Predictor:
         n = table.n_sequences
         acc = np.zeros((n, N_CLASSES))
         wsum = np.zeros(n)
-        view_w = np.array([[self.weights["full" if h else "imu_only"].get(m, 0.0) for m in self.members]
-                           for h in table.has_tof_thm]).reshape(n, len(self.members))
+        view_w = np.array(
+            [[self.weights["full" if h else "imu_only"].get(m, 0.0) for m in self.members] for h in table.has_tof_thm]
+        ).reshape(n, len(self.members))
         for j, (name, member) in enumerate(self.members.items()):
             try:
                 p = np.asarray(member.predict_proba(table), dtype=np.float64)
@@ -411,8 +457,13 @@ class Predictor:
                 if self.cfg.run.strict:
                     raise
                 self.stats.member_failures[name] += 1
-                log.error("member %s failed on sequence(s) %s: %s: %s (excluded for this call)", name,
-                          list(table.sequence_ids[:3]), type(e).__name__, e)
+                log.error(
+                    "member %s failed on sequence(s) %s: %s: %s (excluded for this call)",
+                    name,
+                    list(table.sequence_ids[:3]),
+                    type(e).__name__,
+                    e,
+                )
                 continue
             acc += view_w[:, j : j + 1] * p
             wsum += view_w[:, j]
@@ -438,8 +489,7 @@ class Predictor:
             return self._predict_serving(sequence, demographics)
         except Exception as e:  # the last line of defence: a bug here must not cost the submission
             log.exception("predict: unexpected %s; answering from the class prior", type(e).__name__)
-            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None,
-                                [f"unexpected {type(e).__name__}: {e}"])
+            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, [f"unexpected {type(e).__name__}: {e}"])
 
     def _predict_strict(self, sequence: Any, demographics: Any) -> str:
         try:
@@ -462,8 +512,9 @@ class Predictor:
         self.stats.answers["members"] += 1
         return answer
 
-    def _blend(self, rows: pl.DataFrame, demographics: pl.DataFrame | None,
-               subject: str | None) -> tuple[np.ndarray, FrameTable]:
+    def _blend(
+        self, rows: pl.DataFrame, demographics: pl.DataFrame | None, subject: str | None
+    ) -> tuple[np.ndarray, FrameTable]:
         """Blended probabilities of one sequence's rows and the table they came from.
 
         A subject already known to wear the device upside down has its rows rotated back before the
@@ -475,8 +526,11 @@ class Predictor:
         if np.isnan(table.demographics).all():
             self.stats.unknown_demographics += 1
             if self.stats.unknown_demographics == 1:
-                log.warning("sequence %s: no usable demographics row; predicting without demographics "
-                            "(further cases are only counted)", table.sequence_ids[0])
+                log.warning(
+                    "sequence %s: no usable demographics row; predicting without demographics "
+                    "(further cases are only counted)",
+                    table.sequence_ids[0],
+                )
         table = self.wear.corrected_table(subject, raw, demographics, table, self.cfg)
         return self.predict_proba_table(table), table
 
@@ -509,16 +563,22 @@ class Predictor:
             problems.append(f"members: {type(e).__name__}: {e}")
         imu_rows = drop_tof_thm(seq.filter(pl.Series(usable)))
         # 2. the IMU-only view on the usable rows (then also without demographics)
-        for d in ([demo, None] if demo is not None else [None]):
+        for d in [demo, None] if demo is not None else [None]:
             try:
                 return self._record(sid, *self._blend(imu_rows, d, subject), problems, "imu_only", subject)
             except Exception as e:  # noqa: BLE001  (recorded in the problems, logged by _record)
-                problems.append(f"imu_only{'' if d is not None else ' without demographics'}: "
-                                f"{type(e).__name__}: {e}")
+                problems.append(f"imu_only{'' if d is not None else ' without demographics'}: {type(e).__name__}: {e}")
         return self._record(sid, None, None, problems)
 
-    def _record(self, sid: str, proba: np.ndarray | None, table: FrameTable | None, problems: list[str],
-                source: str | None = None, subject: str | None = None) -> str:
+    def _record(
+        self,
+        sid: str,
+        proba: np.ndarray | None,
+        table: FrameTable | None,
+        problems: list[str],
+        source: str | None = None,
+        subject: str | None = None,
+    ) -> str:
         """Count which step answered; list and log the sequence when its answer is degraded. Returns the gesture.
 
         An answer from the members (steps 1, 2) goes through the subject's slot assignment; a prior does not.
@@ -552,5 +612,9 @@ class Predictor:
             "subject_pp": self.subject_pp.summary(),
             "wear": self.wear.summary(),
             "answers": dict(self.stats.answers),
-            "degraded": {"count": self.stats.n_degraded, "fallback_prior": self.prior.source, "sequences": self.degraded_sequences()},
+            "degraded": {
+                "count": self.stats.n_degraded,
+                "fallback_prior": self.prior.source,
+                "sequences": self.degraded_sequences(),
+            },
         }

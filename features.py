@@ -20,9 +20,9 @@ from scipy.spatial.transform import Rotation
 from config import FeatureConfig
 from schema import (
     ACC_COLS,
-    IMU_COLS,
     DEMOGRAPHIC_FEATURES,
     GRAVITY,
+    IMU_COLS,
     N_TOF_SENSORS,
     ROT_COLS,
     SENSOR_COLS,
@@ -38,16 +38,28 @@ TOF_FAR = TOF_MAX + 1.0  # a frame whose sensor sees nothing in range reads as "
 MAX_ABS_READING = 1e4  # no sensor of the device reads beyond this (acc m/s², °C, ToF units): larger is a glitch
 
 IMU_FEATURES: tuple[str, ...] = (
-    "acc_x", "acc_y", "acc_z", "acc_mag",
-    "linear_acc_x", "linear_acc_y", "linear_acc_z", "linear_acc_mag",  # world frame, gravity removed
-    "body_linear_acc_x", "body_linear_acc_y", "body_linear_acc_z",  # device frame, gravity removed
-    "omega_x", "omega_y", "omega_z", "omega_mag",  # angular velocity, rad/s, device frame
+    "acc_x",
+    "acc_y",
+    "acc_z",
+    "acc_mag",
+    "linear_acc_x",
+    "linear_acc_y",
+    "linear_acc_z",
+    "linear_acc_mag",  # world frame, gravity removed
+    "body_linear_acc_x",
+    "body_linear_acc_y",
+    "body_linear_acc_z",  # device frame, gravity removed
+    "omega_x",
+    "omega_y",
+    "omega_z",
+    "omega_mag",  # angular velocity, rad/s, device frame
     "angular_distance",  # rotation angle between consecutive samples, rad
-    "gravity_x", "gravity_y", "gravity_z",  # world "up" seen from the device: posture
+    "gravity_x",
+    "gravity_y",
+    "gravity_z",  # world "up" seen from the device: posture
 )
-TOF_FEATURES: tuple[str, ...] = (
-    ("tof_mean", "tof_std", "tof_min", "tof_max", "tof_valid_ratio")
-    + tuple(f"tof{k}_{s}" for k in range(1, N_TOF_SENSORS + 1) for s in ("mean", "min", "valid_ratio"))
+TOF_FEATURES: tuple[str, ...] = ("tof_mean", "tof_std", "tof_min", "tof_max", "tof_valid_ratio") + tuple(
+    f"tof{k}_{s}" for k in range(1, N_TOF_SENSORS + 1) for s in ("mean", "min", "valid_ratio")
 )
 THM_FEATURES: tuple[str, ...] = ("thm_mean", "thm_std", "thm_min", "thm_max", "thm_valid_ratio") + tuple(
     f"thm{k}" for k in range(1, 6)
@@ -56,8 +68,16 @@ TOFTHM_FEATURES: tuple[str, ...] = TOF_FEATURES + THM_FEATURES
 FRAME_FEATURES: tuple[str, ...] = IMU_FEATURES + TOFTHM_FEATURES
 
 AGG_STATS: tuple[str, ...] = (
-    "mean", "std", "min", "max", "absdiff_mean",
-    "tail_mean", "tail_std", "tail_min", "tail_max", "tail_absdiff_mean",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "absdiff_mean",
+    "tail_mean",
+    "tail_std",
+    "tail_min",
+    "tail_max",
+    "tail_absdiff_mean",
 )
 
 
@@ -147,15 +167,16 @@ def _cast_sensor_columns(df: pl.DataFrame) -> pl.DataFrame:
         )
         bad = [c for c in string_cols if parsed[c].is_not_null().sum() < given[c].item()]
         if bad:
-            sample = df.select(pl.col(bad[0]).filter(parsed[bad[0]].is_null() & df[bad[0]].is_not_null()).first()).item()
+            sample = df.select(
+                pl.col(bad[0]).filter(parsed[bad[0]].is_null() & df[bad[0]].is_not_null()).first()
+            ).item()
             raise FeatureError(f"non-numeric text in sensor column(s) {', '.join(bad[:5])}: e.g. {sample!r}")
         df = df.with_columns(parsed)
         schema = df.schema
     non_numeric = [c for c in SENSOR_COLS if not (schema[c].is_numeric() or schema[c] == pl.Null)]
     if non_numeric:
         raise FeatureError(
-            f"sensor column(s) of a non-numeric dtype: "
-            + ", ".join(f"{c} ({schema[c]})" for c in non_numeric[:5])
+            "sensor column(s) of a non-numeric dtype: " + ", ".join(f"{c} ({schema[c]})" for c in non_numeric[:5])
         )
     to_cast = {c: pl.Float32 for c in SENSOR_COLS if schema[c] != pl.Float32}
     if to_cast:
@@ -376,10 +397,13 @@ def _imu_features(acc: np.ndarray, quat: np.ndarray, offsets: np.ndarray, dt: fl
         omega[offsets[-1] - 1] = 0.0
     angle = np.linalg.norm(omega, axis=1)
     cols = [
-        acc, np.linalg.norm(acc, axis=1, keepdims=True),
-        linear, np.linalg.norm(linear, axis=1, keepdims=True),
+        acc,
+        np.linalg.norm(acc, axis=1, keepdims=True),
+        linear,
+        np.linalg.norm(linear, axis=1, keepdims=True),
         body_linear,
-        omega / dt, (angle / dt)[:, None],
+        omega / dt,
+        (angle / dt)[:, None],
         angle[:, None],
         gravity_body / GRAVITY,
     ]
@@ -447,8 +471,13 @@ def _thm_features(thm: np.ndarray) -> np.ndarray:
     count, mean, std, mn, mx = _masked_stats(thm.astype(np.float64), valid, axis=1)
     seen = count > 0
     stats = np.stack(
-        [np.where(seen, mean, 0.0), np.where(seen, std, 0.0), np.where(seen, mn, 0.0), np.where(seen, mx, 0.0),
-         count / thm.shape[1]],
+        [
+            np.where(seen, mean, 0.0),
+            np.where(seen, std, 0.0),
+            np.where(seen, mn, 0.0),
+            np.where(seen, mx, 0.0),
+            count / thm.shape[1],
+        ],
         axis=1,
     )
     return np.concatenate([stats, np.nan_to_num(thm, nan=0.0)], axis=1)

@@ -72,8 +72,9 @@ def retire_stale_outputs(out_dir: str | Path, names: Iterable[str] = SERVING_OUT
             os.replace(path, stale)
             moved.append(stale)
     if moved:
-        log.warning("earlier run's outputs renamed so they cannot pass for this run's: %s",
-                    ", ".join(str(p) for p in moved))
+        log.warning(
+            "earlier run's outputs renamed so they cannot pass for this run's: %s", ", ".join(str(p) for p in moved)
+        )
     return moved
 
 
@@ -111,14 +112,20 @@ def _read_csv(path: str | Path) -> pl.DataFrame:
     try:
         return pl.read_csv(path)
     except pl.exceptions.ComputeError as e:
-        log.warning("%s: default type inference failed (%s); inferring types from every row",
-                    path, str(e).splitlines()[0])
+        log.warning(
+            "%s: default type inference failed (%s); inferring types from every row", path, str(e).splitlines()[0]
+        )
         return pl.read_csv(path, infer_schema_length=None)
 
 
 def run_local_gateway(
-    predict: PredictFn, test_csv: str | Path, demographics_csv: str | Path, out_path: str | Path, seed: int = 0,
-    startup_s: float | None = None, degraded: DegradedFn | None = None,
+    predict: PredictFn,
+    test_csv: str | Path,
+    demographics_csv: str | Path,
+    out_path: str | Path,
+    seed: int = 0,
+    startup_s: float | None = None,
+    degraded: DegradedFn | None = None,
 ) -> GatewayResult:
     """Serve every test sequence to ``predict`` in a seeded random order and write the submission.
 
@@ -147,8 +154,10 @@ def run_local_gateway(
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a convenience, never a requirement of serving
+
         def tqdm(x, **_k):  # type: ignore[no-redef]
             return x
+
     for i in tqdm(order, desc="gateway", unit="seq", disable=None):
         sid = seq_ids[i]
         rows = groups[sid]
@@ -168,13 +177,19 @@ def run_local_gateway(
             log.error("predict returned an invalid gesture for %s: %r", sid, answer)
             continue
         answers[sid] = answer
-    sub = pl.DataFrame({"sequence_id": list(answers), "gesture": list(answers.values())},
-                       schema={"sequence_id": pl.String, "gesture": pl.String}).sort("sequence_id")
+    sub = pl.DataFrame(
+        {"sequence_id": list(answers), "gesture": list(answers.values())},
+        schema={"sequence_id": pl.String, "gesture": pl.String},
+    ).sort("sequence_id")
     if degraded is not None:
         result.degraded = {str(k): v for k, v in degraded().items() if k in answers}
         if result.degraded:
-            log.warning("gateway: %d of %d answer(s) degraded (fallback or repaired input): %s", len(result.degraded),
-                        len(answers), ", ".join(sorted(result.degraded)[:20]))
+            log.warning(
+                "gateway: %d of %d answer(s) degraded (fallback or repaired input): %s",
+                len(result.degraded),
+                len(answers),
+                ", ".join(sorted(result.degraded)[:20]),
+            )
     if result.failures:
         with atomic_path(partial) as tmp:
             sub.write_parquet(tmp)
@@ -192,14 +207,26 @@ def run_local_gateway(
         log.info(
             "gateway: %d sequences in %.1f s; latency p50 %.1f ms, p95 %.1f ms, max %.1f ms "
             "(limit %d s per call); hidden test projected %.0f s of %d s",
-            len(answers), result.wall_s, lat["p50_ms"], lat["p95_ms"], lat["max_ms"], PER_CALL_LIMIT_S,
-            lat["projected_hidden_test_s"], TOTAL_LIMIT_S,
+            len(answers),
+            result.wall_s,
+            lat["p50_ms"],
+            lat["p95_ms"],
+            lat["max_ms"],
+            PER_CALL_LIMIT_S,
+            lat["projected_hidden_test_s"],
+            TOTAL_LIMIT_S,
         )
     return result
 
 
-def serve(predict: PredictFn, data_dir: str | Path, out_dir: str | Path, seed: int = 0,
-          startup_s: float | None = None, degraded: DegradedFn | None = None) -> GatewayResult | None:
+def serve(
+    predict: PredictFn,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    startup_s: float | None = None,
+    degraded: DegradedFn | None = None,
+) -> GatewayResult | None:
     """On Kaggle: the competition server (``serve()`` on the re-run, the local gateway otherwise).
 
     Elsewhere: our local gateway on ``data_dir``'s test files, writing ``out_dir/submission.parquet``.
@@ -215,5 +242,6 @@ def serve(predict: PredictFn, data_dir: str | Path, out_dir: str | Path, seed: i
         else:
             server.run_local_gateway(data_paths=(str(test_csv), str(demo_csv)))
         return None
-    return run_local_gateway(predict, test_csv, demo_csv, Path(out_dir) / "submission.parquet", seed, startup_s,
-                             degraded)
+    return run_local_gateway(
+        predict, test_csv, demo_csv, Path(out_dir) / "submission.parquet", seed, startup_s, degraded
+    )

@@ -87,7 +87,10 @@ def is_available(out_dir: str | Path | None = None) -> tuple[bool, str]:
     if not keras.__version__.startswith("3."):
         return False, f"Keras 3 required, found keras {keras.__version__}"
     if keras.backend.backend() != "tensorflow":  # our inference uses tf.function
-        return False, f"Keras backend is {keras.backend.backend()!r} (KERAS_BACKEND); the keras member needs 'tensorflow'"
+        return (
+            False,
+            f"Keras backend is {keras.backend.backend()!r} (KERAS_BACKEND); the keras member needs 'tensorflow'",
+        )
     return True, f"tensorflow {tf.__version__}, keras {keras.__version__}"
 
 
@@ -187,8 +190,9 @@ def model_args(cfg: Config, n_imu: int, n_tof: int, pad_len: int) -> dict[str, A
     }
 
 
-def _imu_branch(keras: Any, x: Any, mask3: Any, filters: list[int], kernels: list[int], dropout: float,
-                prefix: str) -> tuple[Any, Any]:
+def _imu_branch(
+    keras: Any, x: Any, mask3: Any, filters: list[int], kernels: list[int], dropout: float, prefix: str
+) -> tuple[Any, Any]:
     """Residual conv blocks with squeeze-and-excitation; returns (features, pooled mask)."""
     L = keras.layers
     layers_ = _custom_layers()

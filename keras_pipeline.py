@@ -56,8 +56,9 @@ def _channel_index() -> tuple[np.ndarray, np.ndarray]:
     return features.feature_index(features.IMU_FEATURES), features.feature_index(features.TOFTHM_FEATURES)
 
 
-def _dataset(tf: Any, inputs: tuple[np.ndarray, ...], y: np.ndarray | None, batch: int,
-             shuffle_seed: int | None) -> Any:
+def _dataset(
+    tf: Any, inputs: tuple[np.ndarray, ...], y: np.ndarray | None, batch: int, shuffle_seed: int | None
+) -> Any:
     """tf.data pipeline over precomputed arrays (features are never recomputed per batch)."""
     ds = tf.data.Dataset.from_tensor_slices((inputs, y) if y is not None else (inputs,))
     if shuffle_seed is not None:
@@ -76,15 +77,31 @@ class _EpochLog:
     def make(keras: Any, tag: str) -> Any:
         def on_epoch_end(epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
-            log.info("keras %s epoch %d: loss %.4f val_loss %.4f val_acc %.3f lr %.2e", tag, epoch + 1,
-                     logs.get("loss", float("nan")), logs.get("val_loss", float("nan")),
-                     logs.get("val_accuracy", float("nan")), float(logs.get("learning_rate", float("nan"))))
+            log.info(
+                "keras %s epoch %d: loss %.4f val_loss %.4f val_acc %.3f lr %.2e",
+                tag,
+                epoch + 1,
+                logs.get("loss", float("nan")),
+                logs.get("val_loss", float("nan")),
+                logs.get("val_accuracy", float("nan")),
+                float(logs.get("learning_rate", float("nan"))),
+            )
 
         return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
 
 
-def _fit(keras: Any, tf: Any, model: Any, x_tr: tuple, y_tr: np.ndarray, x_va: tuple, y_va: np.ndarray,
-         cfg: Config, seed: int, tag: str) -> dict[str, Any]:
+def _fit(
+    keras: Any,
+    tf: Any,
+    model: Any,
+    x_tr: tuple,
+    y_tr: np.ndarray,
+    x_va: tuple,
+    y_va: np.ndarray,
+    cfg: Config,
+    seed: int,
+    tag: str,
+) -> dict[str, Any]:
     k = cfg.keras
     steps = _epochs(cfg) * -(-len(y_tr) // k.batch_size)
     eager = steps <= EAGER_MAX_STEPS
@@ -101,8 +118,14 @@ def _fit(keras: Any, tf: Any, model: Any, x_tr: tuple, y_tr: np.ndarray, x_va: t
     es = keras.callbacks.EarlyStopping(monitor="val_loss", patience=k.es_patience, restore_best_weights=True)
     rlr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=k.rlr_patience, factor=k.rlr_factor)
     t0 = time.perf_counter()
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=_epochs(cfg), verbose=0, shuffle=False,
-                     callbacks=[es, rlr, _EpochLog.make(keras, tag)])
+    hist = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=_epochs(cfg),
+        verbose=0,
+        shuffle=False,
+        callbacks=[es, rlr, _EpochLog.make(keras, tag)],
+    )
     seconds = time.perf_counter() - t0
     val_loss = hist.history.get("val_loss", [float("nan")])
     n_epochs = len(hist.history.get("loss", []))
@@ -141,15 +164,34 @@ def _train_fold(data: TrainingData, split: FoldSplit, pad_len: int, cfg: Config,
     seed_full = cfg.run.seed + 1000 * k  # per fold, so a resumed fold trains exactly as it would have
     keras.utils.set_random_seed(seed_full)
     full = build_full_model(args)
-    rec_full = _fit(keras, tf, full,
-                    (x_tr[..., imu_idx], x_tr[..., tof_idx], m_tr), y[tr],
-                    (x_va[..., imu_idx], x_va[..., tof_idx], m_va), y[va], cfg, seed_full, f"fold {k} full")
+    rec_full = _fit(
+        keras,
+        tf,
+        full,
+        (x_tr[..., imu_idx], x_tr[..., tof_idx], m_tr),
+        y[tr],
+        (x_va[..., imu_idx], x_va[..., tof_idx], m_va),
+        y[va],
+        cfg,
+        seed_full,
+        f"fold {k} full",
+    )
 
     seed_imu = seed_full + 1
     keras.utils.set_random_seed(seed_imu)
     light = build_imu_model(args)
-    rec_imu = _fit(keras, tf, light, (xi_tr[..., imu_idx], mi_tr), y[tr], (xi_va[..., imu_idx], mi_va), y[va],
-                   cfg, seed_imu, f"fold {k} imu")
+    rec_imu = _fit(
+        keras,
+        tf,
+        light,
+        (xi_tr[..., imu_idx], mi_tr),
+        y[tr],
+        (xi_va[..., imu_idx], mi_va),
+        y[va],
+        cfg,
+        seed_imu,
+        f"fold {k} imu",
+    )
 
     # OOF: the full view is routed exactly as predict_proba routes (no thm/tof -> light model);
     # the IMU-only view is the light model on imu_table's validation rows.
@@ -202,8 +244,13 @@ class KerasPipeline(MemberPipeline):
         return [f"fold{fold}_full.keras", f"fold{fold}_imu.keras"]
 
     def fit_fold(self, pad_len: int, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
-        log.info("keras: training fold %d/%d (pad_len %d, %d epochs max)", split.fold + 1, len(data.folds), pad_len,
-                 _epochs(cfg))
+        log.info(
+            "keras: training fold %d/%d (pad_len %d, %d epochs max)",
+            split.fold + 1,
+            len(data.folds),
+            pad_len,
+            _epochs(cfg),
+        )
         return _train_fold(data, split, pad_len, cfg, work)
 
     def summary_extra(self, pad_len: int, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
@@ -267,15 +314,16 @@ class _InferFn:
     def imu_only(self, x_imu: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return self._call("imu", x_imu, mask)
 
-    def route(self, x: np.ndarray, mask: np.ndarray, has_tof_thm: np.ndarray, imu_idx: np.ndarray,
-              tof_idx: np.ndarray) -> np.ndarray:
+    def route(
+        self, x: np.ndarray, mask: np.ndarray, has_tof_thm: np.ndarray, imu_idx: np.ndarray, tof_idx: np.ndarray
+    ) -> np.ndarray:
         """``x`` (K, n, L, C) scaled per fold; sequences without thm/tof go to the light models."""
         out = np.zeros((x.shape[1], N_CLASSES), dtype=np.float32)
         has = np.asarray(has_tof_thm, dtype=bool)
         mask = mask.astype(np.float32)
         for sel, full in ((np.flatnonzero(has), True), (np.flatnonzero(~has), False)):
             for start in range(0, len(sel), PREDICT_BATCH):
-                rows = sel[start:start + PREDICT_BATCH]
+                rows = sel[start : start + PREDICT_BATCH]
                 xs = x[:, rows]
                 if full:
                     out[rows] = self.full(xs[..., imu_idx], xs[..., tof_idx], mask[rows])
@@ -290,8 +338,9 @@ def _pad_rows(a: np.ndarray, size: int, axis: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
-def _make_infer_fn(tf: Any, full_models: list, imu_models: list, pad_len: int, n_imu: int, n_tof: int,
-                   compiled: bool = True) -> _InferFn:
+def _make_infer_fn(
+    tf: Any, full_models: list, imu_models: list, pad_len: int, n_imu: int, n_tof: int, compiled: bool = True
+) -> _InferFn:
     K = len(full_models)
     spec_imu = tf.TensorSpec((K, None, pad_len, n_imu), tf.float32)
     spec_tof = tf.TensorSpec((K, None, pad_len, n_tof), tf.float32)
@@ -312,8 +361,9 @@ def _make_infer_fn(tf: Any, full_models: list, imu_models: list, pad_len: int, n
     def make(jit: bool) -> dict[str, Any]:
         # autograph off: the Python here only unrolls the fold loop, nothing depends on tensor values.
         return {
-            "full": tf.function(full_fn, input_signature=[spec_imu, spec_tof, spec_mask], autograph=False,
-                                jit_compile=jit),
+            "full": tf.function(
+                full_fn, input_signature=[spec_imu, spec_tof, spec_mask], autograph=False, jit_compile=jit
+            ),
             "imu": tf.function(imu_fn, input_signature=[spec_imu, spec_mask], autograph=False, jit_compile=jit),
         }
 
@@ -418,6 +468,14 @@ def predict_proba_reload_per_call(bundle_dir: Path, table: Any, cfg: Config) -> 
 
 
 __all__ = [
-    "MEMBER", "KerasMember", "KerasPipeline", "is_available", "load_member", "predict_proba_reload_per_call",
-    "build_full_model", "build_imu_model", "model_args", "light_args",
+    "MEMBER",
+    "KerasMember",
+    "KerasPipeline",
+    "is_available",
+    "load_member",
+    "predict_proba_reload_per_call",
+    "build_full_model",
+    "build_imu_model",
+    "model_args",
+    "light_args",
 ]

@@ -133,13 +133,22 @@ class LGBMSequenceClassifier:
             # Classes the model never saw cannot be scored by its logloss: leave them out of early stopping.
             keep = np.isin(y_val, present)
             if keep.any():
-                valid_sets = [lgb.Dataset(X_val[keep], label=np.searchsorted(present, y_val[keep]), reference=train_set)]
+                valid_sets = [
+                    lgb.Dataset(X_val[keep], label=np.searchsorted(present, y_val[keep]), reference=train_set)
+                ]
                 callbacks.append(lgb.early_stopping(int(self.params.get("early_stopping_rounds", 100)), verbose=False))
             else:
-                log.warning("no validation row has a class seen in training: training %d rounds without early stopping", n_rounds)
+                log.warning(
+                    "no validation row has a class seen in training: training %d rounds without early stopping",
+                    n_rounds,
+                )
         booster = lgb.train(
-            params, train_set, num_boost_round=n_rounds,
-            valid_sets=valid_sets or None, valid_names=["val"] if valid_sets else None, callbacks=callbacks,
+            params,
+            train_set,
+            num_boost_round=n_rounds,
+            valid_sets=valid_sets or None,
+            valid_names=["val"] if valid_sets else None,
+            callbacks=callbacks,
         )
         self.booster_ = booster
         self.present_classes_ = present.astype(np.int64)
@@ -149,8 +158,9 @@ class LGBMSequenceClassifier:
         return self
 
     @classmethod
-    def from_booster(cls, booster: Any, present_classes: Sequence[int], params: dict[str, Any] | None = None,
-                     random_state: int = 42) -> LGBMSequenceClassifier:
+    def from_booster(
+        cls, booster: Any, present_classes: Sequence[int], params: dict[str, Any] | None = None, random_state: int = 42
+    ) -> LGBMSequenceClassifier:
         """Wrap a booster loaded from a model file (which holds exactly the rounds to use)."""
         present = np.asarray(present_classes, dtype=np.int64)
         n_class = int(booster.num_model_per_iteration())  # == num_class for a multiclass booster
@@ -236,14 +246,17 @@ def _routed_proba(
     return out
 
 
-def _aggregates(table: features.FrameTable, cfg: Config, imu_only: bool,
-                expected: Sequence[str] | None = None) -> tuple[np.ndarray, list[str]]:
+def _aggregates(
+    table: features.FrameTable, cfg: Config, imu_only: bool, expected: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     X, names = features.sequence_aggregates(table, cfg.features, imu_only=imu_only)
     names = list(names)
     if expected is not None and names != list(expected):
         view = "imu" if imu_only else "full"
         raise bundle.BundleError(
-            f"{MEMBER}: the {view} aggregates differ from the bundle's: {_diff(f'{view} features', list(expected), names)}")
+            f"{MEMBER}: the {view} aggregates differ from the bundle's: "
+            f"{_diff(f'{view} features', list(expected), names)}"
+        )
     return np.asarray(X, dtype=np.float32), names
 
 
@@ -253,9 +266,15 @@ class LGBMMember:
 
     classes_: tuple[str, ...] = GESTURES
 
-    def __init__(self, full_models: Sequence[LGBMSequenceClassifier], imu_models: Sequence[LGBMSequenceClassifier],
-                 feature_names_full: Sequence[str], feature_names_imu: Sequence[str], cfg: Config,
-                 metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        full_models: Sequence[LGBMSequenceClassifier],
+        imu_models: Sequence[LGBMSequenceClassifier],
+        feature_names_full: Sequence[str],
+        feature_names_imu: Sequence[str],
+        cfg: Config,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         if not full_models or len(full_models) != len(imu_models):
             raise ValueError(f"need one full and one IMU model per fold, got {len(full_models)} and {len(imu_models)}")
         self.full_models = list(full_models)
@@ -312,8 +331,14 @@ class LGBMPipeline(MemberPipeline):
         _require_lightgbm()
         X_full, names_full = _aggregates(data.table, cfg, imu_only=False)
         X_imu, names_imu = _aggregates(data.imu_table, cfg, imu_only=True)
-        return _Context(X_full, X_imu, names_full, names_imu, params_from_config(cfg),
-                        ~np.asarray(data.table.has_tof_thm, dtype=bool))
+        return _Context(
+            X_full,
+            X_imu,
+            names_full,
+            names_imu,
+            params_from_config(cfg),
+            ~np.asarray(data.table.has_tof_thm, dtype=bool),
+        )
 
     def feature_names(self, ctx: _Context | None, cfg: Config) -> list[str]:
         return current_feature_names(cfg)[0]
@@ -324,7 +349,9 @@ class LGBMPipeline(MemberPipeline):
     def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
         tr, va, k, y = split.train, split.valid, split.fold, data.y
         seed = cfg.run.seed
-        full = LGBMSequenceClassifier(ctx.params, seed).fit(ctx.X_full[tr], y[tr], ctx.X_full[va], y[va], ctx.names_full)
+        full = LGBMSequenceClassifier(ctx.params, seed).fit(
+            ctx.X_full[tr], y[tr], ctx.X_full[va], y[va], ctx.names_full
+        )
         imu = LGBMSequenceClassifier(ctx.params, seed).fit(ctx.X_imu[tr], y[tr], ctx.X_imu[va], y[va], ctx.names_imu)
         # Full view routed exactly as predict_proba routes, so the OOF is what serving would answer.
         # For a sequence without thm/tof, its imu_table aggregates equal its table aggregates.
@@ -335,13 +362,30 @@ class LGBMPipeline(MemberPipeline):
         models = []
         for view, model, score in (("full", full, s_full), ("imu", imu, s_imu)):
             model.save_model(work / f"fold{k}_{view}.txt")
-            io_utils.write_npy(work / f"fold{k}_{view}_importance.npy",
-                               np.stack([model.gain_importance(), model.split_importance()]))
-            models.append({"fold": k, "view": view, "file": f"fold{k}_{view}.txt",
-                           "present_classes": model.present_classes_.tolist(),
-                           "best_iteration": model.best_iteration_, "val_score": score})
-        log.info("%s fold %d: full %.4f imu %.4f | best iteration full %d imu %d | %d train / %d val",
-                 MEMBER, k, s_full, s_imu, full.best_iteration_, imu.best_iteration_, len(tr), len(va))
+            io_utils.write_npy(
+                work / f"fold{k}_{view}_importance.npy", np.stack([model.gain_importance(), model.split_importance()])
+            )
+            models.append(
+                {
+                    "fold": k,
+                    "view": view,
+                    "file": f"fold{k}_{view}.txt",
+                    "present_classes": model.present_classes_.tolist(),
+                    "best_iteration": model.best_iteration_,
+                    "val_score": score,
+                }
+            )
+        log.info(
+            "%s fold %d: full %.4f imu %.4f | best iteration full %d imu %d | %d train / %d val",
+            MEMBER,
+            k,
+            s_full,
+            s_imu,
+            full.best_iteration_,
+            imu.best_iteration_,
+            len(tr),
+            len(va),
+        )
         return FoldResult(p_full, p_imu, {"models": models})
 
     def summary_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
@@ -391,8 +435,10 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
     meta = bundle.read_metadata(bundle_dir, MEMBER, names_full)
     meta_path = bundle_dir / "metadata.json"
     if list(meta.get("feature_names_imu", [])) != names_imu:
-        raise bundle.BundleError(f"{MEMBER} bundle {meta_path} does not match the code: "
-                                 f"{_diff('feature_names_imu', list(meta.get('feature_names_imu') or []), names_imu)}")
+        raise bundle.BundleError(
+            f"{MEMBER} bundle {meta_path} does not match the code: "
+            f"{_diff('feature_names_imu', list(meta.get('feature_names_imu') or []), names_imu)}"
+        )
     # Same names but other settings (tail fraction, mirroring, dt) would silently change every value.
     trained_with = meta.get("feature_config") or {}
     now = json.loads(json.dumps(dataclasses.asdict(cfg.features)))  # tuples read back as lists
@@ -400,10 +446,13 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
     if changed:
         raise bundle.BundleError(
             f"{MEMBER} bundle {meta_path} was trained with other feature settings: "
-            + ", ".join(f"{k}: bundle {trained_with.get(k)!r} vs now {now.get(k)!r}" for k in changed))
+            + ", ".join(f"{k}: bundle {trained_with.get(k)!r} vs now {now.get(k)!r}" for k in changed)
+        )
     if meta.get("lightgbm_version") != lgb.__version__:
         # the text format reads across versions; a difference is worth knowing when numbers move
-        log.warning("%s bundle trained with lightgbm %s, running %s", MEMBER, meta.get("lightgbm_version"), lgb.__version__)
+        log.warning(
+            "%s bundle trained with lightgbm %s, running %s", MEMBER, meta.get("lightgbm_version"), lgb.__version__
+        )
     params = {**(meta.get("params") or {}), "num_threads": threads.n_threads(cfg)}
     entries = meta.get("models") or []
     by_view: dict[str, list[LGBMSequenceClassifier]] = {"full": [], "imu": []}
@@ -420,21 +469,31 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
                 raise bundle.BundleError(f"{path}: not a readable LightGBM model file: {err}") from None
             got = list(booster.feature_name())
             if got != expected:
-                raise bundle.BundleError(f"{path}: booster features differ from the code's {view} features: "
-                                         f"{_diff('booster feature_name()', got, expected)}")
+                raise bundle.BundleError(
+                    f"{path}: booster features differ from the code's {view} features: "
+                    f"{_diff('booster feature_name()', got, expected)}"
+                )
             try:
                 model = LGBMSequenceClassifier.from_booster(booster, e["present_classes"], params, meta.get("seed", 42))
             except ValueError as err:
                 raise bundle.BundleError(f"{path}: {err}") from None
             by_view[view].append(model)
     if not by_view["full"] or len(by_view["full"]) != len(by_view["imu"]):
-        raise bundle.BundleError(f"{meta_path}: needs one full and one IMU model per fold, lists "
-                                 f"{len(by_view['full'])} full and {len(by_view['imu'])} IMU models")
+        raise bundle.BundleError(
+            f"{meta_path}: needs one full and one IMU model per fold, lists "
+            f"{len(by_view['full'])} full and {len(by_view['imu'])} IMU models"
+        )
     log.info("%s: loaded %d folds from %s", MEMBER, len(by_view["full"]), bundle_dir)
     return LGBMMember(by_view["full"], by_view["imu"], names_full, names_imu, cfg, meta)
 
 
 __all__ = [
-    "MEMBER", "LGBMSequenceClassifier", "LGBMMember", "LGBMPipeline", "is_available", "params_from_config",
-    "load_member", "current_feature_names",
+    "MEMBER",
+    "LGBMSequenceClassifier",
+    "LGBMMember",
+    "LGBMPipeline",
+    "is_available",
+    "params_from_config",
+    "load_member",
+    "current_feature_names",
 ]

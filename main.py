@@ -81,13 +81,24 @@ class StageTimer:
 # --------------------------------------------------------------------------- stages
 
 
-def stage_synth(out: Path, subjects: int, seed: int, test_subjects: int | None, rotated_test_subjects: int = 0,
-                rotated_train_subjects: int | None = None) -> Path:
+def stage_synth(
+    out: Path,
+    subjects: int,
+    seed: int,
+    test_subjects: int | None,
+    rotated_test_subjects: int = 0,
+    rotated_train_subjects: int | None = None,
+) -> Path:
     import synth
 
-    paths = synth.write_dataset(out, n_subjects=subjects, seed=seed, n_test_subjects=test_subjects,
-                                n_rotated_test_subjects=rotated_test_subjects,
-                                n_rotated_train_subjects=rotated_train_subjects)
+    paths = synth.write_dataset(
+        out,
+        n_subjects=subjects,
+        seed=seed,
+        n_test_subjects=test_subjects,
+        n_rotated_test_subjects=rotated_test_subjects,
+        n_rotated_train_subjects=rotated_train_subjects,
+    )
     log.info("generated data in %s: %s", out, ", ".join(p.name for p in paths.values()))
     return out
 
@@ -111,8 +122,9 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
         table = build_frame_table(train.rows, train.demographics, cfg.features)
         # Subjects wearing the device upside down are found and rotated back before training.
         rows, corrected = wear.prepare_training_rows(train.rows, train.demographics, table, cfg, out / "ensemble")
-        td = training_data(rows, train.demographics, train.labels, cfg, out / "folds.csv",
-                           table=None if corrected else table)
+        td = training_data(
+            rows, train.demographics, train.labels, cfg, out / "folds.csv", table=None if corrected else table
+        )
     summaries: dict[str, Any] = {}
     for name in names:
         try:
@@ -172,8 +184,14 @@ def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) 
         predictor = build_predictor(cfg, bundle_dir)
         startup = time.perf_counter() - t0
     with timer.stage("serve test set"):
-        result = inference_server.serve(predictor.predict, cfg.run.data_dir, out, seed=cfg.run.seed,
-                                        startup_s=startup, degraded=predictor.degraded_sequences)
+        result = inference_server.serve(
+            predictor.predict,
+            cfg.run.data_dir,
+            out,
+            seed=cfg.run.seed,
+            startup_s=startup,
+            degraded=predictor.degraded_sequences,
+        )
     info: dict[str, Any] = {"predictor": predictor.summary(), "startup_s": startup}
     if result is not None:
         info["latency"] = result.latency_summary()
@@ -182,8 +200,9 @@ def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) 
         info.update(score_submission(result.submission_path, Path(cfg.run.data_dir) / "test_solution.csv"))
         import wear
 
-        info["wear_truth"] = wear.score_against_truth(predictor.wear.rotated_subjects(), cfg.run.data_dir,
-                                                      result.submission_path)
+        info["wear_truth"] = wear.score_against_truth(
+            predictor.wear.rotated_subjects(), cfg.run.data_dir, result.submission_path
+        )
     from io_utils import write_json
 
     write_json(out / "serve.json", info)
@@ -204,8 +223,10 @@ def score_submission(submission: Path, solution: Path) -> dict[str, Any]:
     if joined["gesture_pred"].null_count():
         raise RuntimeError(f"{submission} lacks {joined['gesture_pred'].null_count()} test sequence(s)")
     comp = score_components(joined["gesture"].to_list(), joined["gesture_pred"].to_list())
-    out = {"holdout": comp, "holdout_per_class_f1": per_class_f1(joined["gesture"].to_list(),
-                                                                   joined["gesture_pred"].to_list())}
+    out = {
+        "holdout": comp,
+        "holdout_per_class_f1": per_class_f1(joined["gesture"].to_list(), joined["gesture_pred"].to_list()),
+    }
     test_csv = solution.parent / "test.csv"
     if test_csv.exists():  # split the score by view: the hidden test is half IMU-only
         views = (
@@ -220,8 +241,13 @@ def score_submission(submission: Path, solution: Path) -> dict[str, Any]:
             part = joined.filter(pl.col("imu_only") == flag)
             if part.height:
                 out[name] = score_components(part["gesture"].to_list(), part["gesture_pred"].to_list())
-    log.info("hold-out score on %s: %.4f (binary F1 %.4f, macro F1 %.4f)", solution.name, comp["score"],
-             comp["binary_f1"], comp["macro_f1"])
+    log.info(
+        "hold-out score on %s: %.4f (binary F1 %.4f, macro F1 %.4f)",
+        solution.name,
+        comp["score"],
+        comp["binary_f1"],
+        comp["macro_f1"],
+    )
     return out
 
 
@@ -258,8 +284,12 @@ def default_training_members(cfg: Config) -> list[str]:
     for m in members.names():
         section = cfg.member(m)
         if section.train and not section.use:
-            log.info("member %s: %s_TRAIN=1 but USE_%s=0: not trained (name it in --members to train it anyway)",
-                     m, m.upper(), m.upper())
+            log.info(
+                "member %s: %s_TRAIN=1 but USE_%s=0: not trained (name it in --members to train it anyway)",
+                m,
+                m.upper(),
+                m.upper(),
+            )
         elif section.train:
             chosen.append(m)
     return chosen
@@ -267,8 +297,14 @@ def default_training_members(cfg: Config) -> list[str]:
 
 def cmd_synth(args: argparse.Namespace) -> None:
     setup_logging(None)
-    stage_synth(Path(args.out), args.subjects, args.seed, args.test_subjects, args.rotated_test_subjects,
-                args.rotated_train_subjects)
+    stage_synth(
+        Path(args.out),
+        args.subjects,
+        args.seed,
+        args.test_subjects,
+        args.rotated_test_subjects,
+        args.rotated_train_subjects,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -369,10 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--subjects", type=int, default=81)
     s.add_argument("--test-subjects", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--rotated-test-subjects", type=int, default=0,
-                   help="test subjects wearing the device rotated 180 degrees about z (default 0)")
-    s.add_argument("--rotated-train-subjects", type=int, default=None,
-                   help="train subjects wearing it so (default: 2 when --subjects >= 40, else 0)")
+    s.add_argument(
+        "--rotated-test-subjects",
+        type=int,
+        default=0,
+        help="test subjects wearing the device rotated 180 degrees about z (default 0)",
+    )
+    s.add_argument(
+        "--rotated-train-subjects",
+        type=int,
+        default=None,
+        help="train subjects wearing it so (default: 2 when --subjects >= 40, else 0)",
+    )
     s.set_defaults(func=cmd_synth)
 
     t = sub.add_parser("train", help="train members on the shared folds and fit the blend")
@@ -390,7 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="end to end: generate data, train, blend, serve, score, report")
     common(r)
-    r.add_argument("--subjects", type=int, default=12, help="generated train subjects (default 12: minutes on a 2-core CPU)")
+    r.add_argument(
+        "--subjects", type=int, default=12, help="generated train subjects (default 12: minutes on a 2-core CPU)"
+    )
     r.add_argument("--debug", action="store_true")
     r.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
     r.add_argument("--force", action="store_true", help="retrain members whose bundle is already complete")
@@ -404,8 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks: features, latency, throughput")
     b.add_argument("--out", default="outputs/bench")
     b.add_argument("--quick", action="store_true", help="smaller sizes")
-    b.add_argument("--contention", action="store_true",
-                   help="also each member alone vs beside a competing train/serve process (bench/bench_contention.py)")
+    b.add_argument(
+        "--contention",
+        action="store_true",
+        help="also each member alone vs beside a competing train/serve process (bench/bench_contention.py)",
+    )
     b.set_defaults(func=cmd_bench)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")

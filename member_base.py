@@ -79,15 +79,18 @@ class TrainingData:
         n = self.table.n_sequences
         y, fold_ids = np.asarray(self.y), np.asarray(self.fold_ids)
         if not (len(y) == len(fold_ids) == n == self.imu_table.n_sequences):
-            raise ValueError(f"length mismatch: table {n}, imu_table {self.imu_table.n_sequences}, "
-                             f"y {len(y)}, fold_ids {len(fold_ids)}")
+            raise ValueError(
+                f"length mismatch: table {n}, imu_table {self.imu_table.n_sequences}, "
+                f"y {len(y)}, fold_ids {len(fold_ids)}"
+            )
         if not np.array_equal(np.asarray(self.table.sequence_ids), np.asarray(self.imu_table.sequence_ids)):
             raise ValueError("imu_table must hold the same sequences as table, in the same order")
         if tuple(self.table.feature_names) != tuple(self.imu_table.feature_names):
             raise ValueError("table and imu_table have different feature orders")
         if tuple(self.table.feature_names) != tuple(FRAME_FEATURES):
-            raise ValueError(bundle.diff_list("table.feature_names", list(self.table.feature_names),
-                                              list(FRAME_FEATURES)))
+            raise ValueError(
+                bundle.diff_list("table.feature_names", list(self.table.feature_names), list(FRAME_FEATURES))
+            )
         if not np.array_equal(self.table.lengths, self.imu_table.lengths):
             raise ValueError("table and imu_table disagree on sequence lengths: they must hold the same rows")
         if not np.issubdtype(y.dtype, np.integer):
@@ -170,6 +173,7 @@ class MemberPipeline(ABC):
 
     def write_extra_files(self, bundle_tmp: Path, ctx: Any, records: dict[int, dict], work: Path) -> None:
         """Further files of the bundle (e.g. importances), written into the bundle's temporary folder."""
+        return None  # most members have none
 
     @abstractmethod
     def load(self, bundle_dir: Path, cfg: Config) -> LoadedMember:
@@ -192,13 +196,17 @@ class MemberPipeline(ABC):
         ctx = self.prepare(data, cfg)
         fp = self.fingerprint(ctx, data, cfg)
         if not force and not cfg.member(self.name).skip_if_trained:
-            log.info("%s: skip-if-trained is off (%s_EARLY_EXIT_IF_BEST_EXISTS=0): retraining", self.name,
-                     self.name.upper())
+            log.info(
+                "%s: skip-if-trained is off (%s_EARLY_EXIT_IF_BEST_EXISTS=0): retraining", self.name, self.name.upper()
+            )
         elif not force:
             summary = self._complete_summary(bundle_dir, oof_dir, fp, data)
             if summary is not None:
-                log.info("%s: bundle %s is complete for these data, folds and settings: skipped "
-                         "(train --force retrains)", self.name, bundle_dir)
+                log.info(
+                    "%s: bundle %s is complete for these data, folds and settings: skipped (train --force retrains)",
+                    self.name,
+                    bundle_dir,
+                )
                 return summary
         work = out_dir / "bundles" / f".{self.name}_work"
         state = self._load_state(work, fp)
@@ -218,8 +226,10 @@ class MemberPipeline(ABC):
             result = self.fit_fold(ctx, data, split, cfg, work)
             for view, p in (("full", result.proba_full), ("imu", result.proba_imu)):
                 if p.shape != (len(split.valid), N_CLASSES):
-                    raise ValueError(f"{self.name} fold {k}: {view} OOF rows have shape {p.shape}, "
-                                     f"expected ({len(split.valid)}, {N_CLASSES})")
+                    raise ValueError(
+                        f"{self.name} fold {k}: {view} OOF rows have shape {p.shape}, "
+                        f"expected ({len(split.valid)}, {N_CLASSES})"
+                    )
                 io_utils.write_npy(work / f"fold{k}_oof_{view}.npy", np.asarray(p, dtype=np.float32))
             state["folds"][str(k)] = {**result.record, "seconds": time.perf_counter() - t0}
             io_utils.write_json(work / STATE_FILE, state)  # last: the fold counts as done once its files exist
@@ -239,8 +249,17 @@ class MemberPipeline(ABC):
             # training sequences seen per second, all folds
             "train_sequences_per_s": n * (len(data.folds) - 1) / max(train_s, 1e-9),
         }
-        summary = cv.write_member_oof(oof_dir, self.name, data.table.sequence_ids, data.y, data.fold_ids,
-                                      oof_full, oof_imu, data.folds_hash, extra=extra)
+        summary = cv.write_member_oof(
+            oof_dir,
+            self.name,
+            data.table.sequence_ids,
+            data.y,
+            data.fold_ids,
+            oof_full,
+            oof_imu,
+            data.folds_hash,
+            extra=extra,
+        )
         self.write_bundle(bundle_dir, work, ctx, data.folds_hash, records, cfg, fp, summary)
         shutil.rmtree(work, ignore_errors=True)  # bundle and OOF are written: the work folder is spent
         return io_utils.read_json(oof_dir / f"{self.name}_summary.json")  # as a skipped run returns it
@@ -256,9 +275,15 @@ class MemberPipeline(ABC):
         for key in SWITCH_FIELDS:  # switches, bundle location and blend weight do not change what is trained
             section.pop(key, None)
         settings = {
-            "scaffold": SCAFFOLD_FORMAT, "member": self.name, "bundle_format": self.bundle_format,
-            "folds_hash": data.folds_hash, "section": section, "features": dataclasses.asdict(cfg.features),
-            "seed": cfg.run.seed, "debug": cfg.run.debug, "feature_names": self.feature_names(ctx, cfg),
+            "scaffold": SCAFFOLD_FORMAT,
+            "member": self.name,
+            "bundle_format": self.bundle_format,
+            "folds_hash": data.folds_hash,
+            "section": section,
+            "features": dataclasses.asdict(cfg.features),
+            "seed": cfg.run.seed,
+            "debug": cfg.run.debug,
+            "feature_names": self.feature_names(ctx, cfg),
             **self.fingerprint_settings(ctx, cfg),
         }
         h.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -277,8 +302,7 @@ class MemberPipeline(ABC):
         if state.get("fingerprint") != fingerprint:
             log.warning("%s: training state %s was made with other data/folds/config: starting over", self.name, path)
             return None
-        log.info("%s: resuming from %s (finished folds: %s)", self.name, path,
-                 sorted(state.get("folds", {}), key=int))
+        log.info("%s: resuming from %s (finished folds: %s)", self.name, path, sorted(state.get("folds", {}), key=int))
         return state
 
     def _fold_done(self, work: Path, k: int) -> bool:
@@ -292,8 +316,11 @@ class MemberPipeline(ABC):
         try:
             meta = bundle.read_metadata(bundle_dir, self.name)  # checks every sealed file's digest
             if meta.get("fingerprint") != fp:
-                log.info("%s: the bundle in %s was trained on other data, folds or settings: retraining",
-                         self.name, bundle_dir)
+                log.info(
+                    "%s: the bundle in %s was trained on other data, folds or settings: retraining",
+                    self.name,
+                    bundle_dir,
+                )
                 return None
             oof = cv.read_member_oof(oof_dir, self.name)
         except (bundle.BundleError, cv.FoldsError, FileNotFoundError, ValueError) as e:
@@ -303,8 +330,17 @@ class MemberPipeline(ABC):
             return None
         return oof.summary
 
-    def write_bundle(self, bundle_dir: Path, work: Path, ctx: Any, folds_hash: str, records: dict[int, dict],
-                     cfg: Config, fp: str, summary: dict[str, Any]) -> None:
+    def write_bundle(
+        self,
+        bundle_dir: Path,
+        work: Path,
+        ctx: Any,
+        folds_hash: str,
+        records: dict[int, dict],
+        cfg: Config,
+        fp: str,
+        summary: dict[str, Any],
+    ) -> None:
         """Copy the fold files of ``records``' folds from ``work``, write config and metadata under a temporary
         name, then swap the bundle in (a reader never sees half of it)."""
         folds = sorted(records)
@@ -317,8 +353,9 @@ class MemberPipeline(ABC):
             "cv_summary": summary,
             **self.bundle_extra(ctx, records, cfg),
         }
-        meta = bundle.bundle_metadata(self.name, self.feature_names(ctx, cfg), folds_hash, extra,
-                                      packages=self.packages)
+        meta = bundle.bundle_metadata(
+            self.name, self.feature_names(ctx, cfg), folds_hash, extra, packages=self.packages
+        )
         with io_utils.atomic_dir(bundle_dir) as tmp:
             for k in folds:
                 for name in self.fold_files(k):
@@ -329,8 +366,9 @@ class MemberPipeline(ABC):
         log.info("%s: bundle written to %s", self.name, bundle_dir)
 
     # ---- loading helpers -----------------------------------------------------------------
-    def read_bundle(self, bundle_dir: Path, feature_names: list[str] | tuple[str, ...] | None = None,
-                    pad_side: str | None = None) -> dict[str, Any]:
+    def read_bundle(
+        self, bundle_dir: Path, feature_names: list[str] | tuple[str, ...] | None = None, pad_side: str | None = None
+    ) -> dict[str, Any]:
         """metadata.json checked against the code (classes, features, sealed files, fold files, pad side)."""
         bundle_dir = Path(bundle_dir)
         meta = bundle.read_metadata(bundle_dir, self.name, feature_names)
@@ -339,11 +377,15 @@ class MemberPipeline(ABC):
             raise bundle.BundleError(f"{bundle_dir / bundle.METADATA_FILE}: no folds listed")
         missing = [f for k in folds for f in self.fold_files(int(k)) if not (bundle_dir / f).is_file()]
         if missing:
-            raise bundle.BundleError(f"{self.name} bundle {bundle_dir}: missing fold file(s) "
-                                     + ", ".join(str(bundle_dir / f) for f in missing))
+            raise bundle.BundleError(
+                f"{self.name} bundle {bundle_dir}: missing fold file(s) "
+                + ", ".join(str(bundle_dir / f) for f in missing)
+            )
         if pad_side is not None and meta.get("pad_side", pad_side) != pad_side:
-            raise bundle.BundleError(f"{bundle_dir / bundle.METADATA_FILE}: pad_side {meta.get('pad_side')!r}, "
-                                     f"this code pads on the {pad_side!r}")
+            raise bundle.BundleError(
+                f"{bundle_dir / bundle.METADATA_FILE}: pad_side {meta.get('pad_side')!r}, "
+                f"this code pads on the {pad_side!r}"
+            )
         return meta
 
 
@@ -352,8 +394,9 @@ def fit_fold_scaler(data: TrainingData, split: FoldSplit) -> ScalerStats:
     return fit_scaler(data.table, split.train)
 
 
-def training_data(rows: Any, demographics: Any, labels: Any, cfg: Config, folds_path: Path,
-                  table: FrameTable | None = None) -> TrainingData:
+def training_data(
+    rows: Any, demographics: Any, labels: Any, cfg: Config, folds_path: Path, table: FrameTable | None = None
+) -> TrainingData:
     """Both views of the frame table, labels and the shared folds (computed once, then reused from ``folds_path``).
 
     ``rows``/``demographics``/``labels`` are ``data.load_train``'s frames; labels are sorted by sequence_id,
@@ -365,6 +408,7 @@ def training_data(rows: Any, demographics: Any, labels: Any, cfg: Config, folds_
         raise RuntimeError("label and feature tables disagree on the sequence order")
     index = {g: i for i, g in enumerate(GESTURES)}  # data.load_train has checked every label is one of them
     y = np.array([index[g] for g in labels["gesture"].to_list()], dtype=np.int64)
-    folds = cv.load_or_make_folds(folds_path, table.sequence_ids, table.subjects, labels["gesture"].to_numpy(),
-                                  cfg.run.n_folds, cfg.run.seed)
+    folds = cv.load_or_make_folds(
+        folds_path, table.sequence_ids, table.subjects, labels["gesture"].to_numpy(), cfg.run.n_folds, cfg.run.seed
+    )
     return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))

@@ -90,8 +90,13 @@ def _plots(out: Path, report_dir: Path, y: np.ndarray, proba: np.ndarray, summar
             folds = sorted(s["per_fold"], key=int)
             x = np.arange(len(folds))
             ax.bar(x + (2 * j) * width, [s["per_fold"][f]["full"] for f in folds], width, label=f"{name} full")
-            ax.bar(x + (2 * j + 1) * width, [s["per_fold"][f]["imu_only"] for f in folds], width,
-                   label=f"{name} IMU-only", alpha=0.6)
+            ax.bar(
+                x + (2 * j + 1) * width,
+                [s["per_fold"][f]["imu_only"] for f in folds],
+                width,
+                label=f"{name} IMU-only",
+                alpha=0.6,
+            )
         ax.set_xticks(np.arange(len(folds)) + 0.4 - width / 2, [f"fold {f}" for f in folds])
         ax.set_ylabel("competition score")
         ax.set_ylim(0, 1)
@@ -115,51 +120,86 @@ def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
         if proto["kind"] == "none":
             lines.append(f"No protocol learned ({proto.get('reason', '')}): post-processing does nothing.")
         else:
-            lines.append(f"Protocol learned from training labels: **{proto['kind']}** capacities, {proto['n_slots']} slots, "
-                         f"{proto['capacity_total']} sequences per subject at most; {100 * proto['share_within']:.0f}% "
-                         f"of {proto['n_subjects']} training subjects within it.")
+            lines.append(
+                f"Protocol learned from training labels: **{proto['kind']}** capacities, {proto['n_slots']} slots, "
+                f"{proto['capacity_total']} sequences per subject at most; {100 * proto['share_within']:.0f}% "
+                f"of {proto['n_subjects']} training subjects within it."
+            )
         if pp.get("orientation_oof_accuracy") is not None:
-            lines.append(f"Orientation model (LightGBM on gravity/acc aggregates, same folds): OOF accuracy "
-                         f"**{pp['orientation_oof_accuracy']:.4f}**.")
+            lines.append(
+                f"Orientation model (LightGBM on gravity/acc aggregates, same folds): OOF accuracy "
+                f"**{pp['orientation_oof_accuracy']:.4f}**."
+            )
         sims = pp.get("simulation") or {}
         if sims:
-            lines += ["", (f"Gateway replayed on OOF: each subject's sequences in {next(iter(sims.values()))['orders']} "
-                           "random orders, answered online:"), "",
-                      "| view | no PP | PP mean | PP min | PP max | gain (mean) | gain min / max |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "",
+                (
+                    f"Gateway replayed on OOF: each subject's sequences in {next(iter(sims.values()))['orders']} "
+                    "random orders, answered online:"
+                ),
+                "",
+                "| view | no PP | PP mean | PP min | PP max | gain (mean) | gain min / max |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for view, r in sims.items():
-                lines.append(f"| {view} | {r['no_pp']:.4f} | {r['mean']:.4f} | {r['min']:.4f} | {r['max']:.4f} | "
-                             f"{r['gain_mean']:+.4f} | {r['gain_min']:+.4f} / {r['gain_max']:+.4f} |")
+                lines.append(
+                    f"| {view} | {r['no_pp']:.4f} | {r['mean']:.4f} | {r['min']:.4f} | {r['max']:.4f} | "
+                    f"{r['gain_mean']:+.4f} | {r['gain_min']:+.4f} / {r['gain_max']:+.4f} |"
+                )
             no_or = pp.get("simulation_mixed_without_orientation")
             if no_or:
-                lines.append(f"\nMixed view with slots scored by gesture only (no orientation model): mean "
-                             f"{no_or['mean']:.4f} (gain {no_or['gain_mean']:+.4f}).")
+                lines.append(
+                    f"\nMixed view with slots scored by gesture only (no orientation model): mean "
+                    f"{no_or['mean']:.4f} (gain {no_or['gain_mean']:+.4f})."
+                )
     if wear_info:
         h = wear_info["held_out"]
-        lines += ["", "## Upside-down wear", "",
-                  (f"Detector (logistic, sign-odd features) per-sequence held-out accuracy {h['per_sequence_accuracy']:.3f}; "
-                   f"evidence threshold {wear_info['threshold']:.2f}. Held-out subjects: synthetic rotated copies detected in "
-                   f"{h['rotated_copy_orders_detected']}/{h['rotated_copy_orders']} orders (median after "
-                   f"{h['sequences_to_detect_median']} sequences); normal subjects flagged in "
-                   f"{h['normal_subject_orders_flagged']}/{h['normal_subject_orders']} orders."),
-                  (f"Rotated training subjects found and corrected before training: "
-                   f"{', '.join(wear_info['rotated_training_subjects']) or 'none'}.")]
+        lines += [
+            "",
+            "## Upside-down wear",
+            "",
+            (
+                "Detector (logistic, sign-odd features) per-sequence held-out accuracy "
+                f"{h['per_sequence_accuracy']:.3f}; evidence threshold {wear_info['threshold']:.2f}. "
+                "Held-out subjects: synthetic rotated copies detected in "
+                f"{h['rotated_copy_orders_detected']}/{h['rotated_copy_orders']} orders (median after "
+                f"{h['sequences_to_detect_median']} sequences); normal subjects flagged in "
+                f"{h['normal_subject_orders_flagged']}/{h['normal_subject_orders']} orders."
+            ),
+            (
+                f"Rotated training subjects found and corrected before training: "
+                f"{', '.join(wear_info['rotated_training_subjects']) or 'none'}."
+            ),
+        ]
     truth = serve.get("wear_truth") or {}
     if truth:
-        lines.append(f"Serving: detected {truth['detected'] or 'none'}; generator truth {truth['true_rotated'] or 'none'} "
-                     f"(precision {_fmt(truth['precision'])}, recall {_fmt(truth['recall'])}).")
-        for key, label in (("holdout_rotated_subjects", "rotated test subjects"), ("holdout_normal_subjects", "other test subjects")):
+        lines.append(
+            f"Serving: detected {truth['detected'] or 'none'}; generator truth {truth['true_rotated'] or 'none'} "
+            f"(precision {_fmt(truth['precision'])}, recall {_fmt(truth['recall'])})."
+        )
+        for key, label in (
+            ("holdout_rotated_subjects", "rotated test subjects"),
+            ("holdout_normal_subjects", "other test subjects"),
+        ):
             if key in truth:
                 lines.append(f"- hold-out, {label}: {truth[key]['score']:.4f}")
+
+
 def _degraded_lines(predictor: dict[str, Any], max_listed: int = 20) -> list[str]:
     """The serving answers that came from the fallback chain or from repaired input (serve.json)."""
     degraded = predictor.get("degraded")
     if not degraded:
         return []
     answers = predictor.get("answers") or {}
-    lines = ["", "## Degraded answers", "",
-             f"{degraded['count']} of {predictor.get('calls', 0)} answer(s) degraded; answered by: "
-             + (", ".join(f"{k} {v}" for k, v in sorted(answers.items())) or "none")
-             + f". Fallback prior: `{degraded.get('fallback_prior')}`."]
+    lines = [
+        "",
+        "## Degraded answers",
+        "",
+        f"{degraded['count']} of {predictor.get('calls', 0)} answer(s) degraded; answered by: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(answers.items())) or "none")
+        + f". Fallback prior: `{degraded.get('fallback_prior')}`.",
+    ]
     seqs = degraded.get("sequences") or {}
     if seqs:
         lines += ["", "| sequence | answered by | gesture | problems |", "|---|---|---|---|"]
@@ -184,53 +224,81 @@ def write_report(out: str | Path) -> Path:
     data_note = "generated (synthetic) data" if (out / "data" / "test_solution.csv").exists() else "the given data"
     lines += [f"Output folder `{out}`; scores below are measured on {data_note}.", ""]
 
-    lines += ["## Cross-validation (OOF, subject-grouped folds)", "",
-              "| member | full | IMU-only | mean (test-like) | train s |", "|---|---|---|---|---|"]
+    lines += [
+        "## Cross-validation (OOF, subject-grouped folds)",
+        "",
+        "| member | full | IMU-only | mean (test-like) | train s |",
+        "|---|---|---|---|---|",
+    ]
     for name, s in summaries.items():
         o = s["overall"]
-        lines.append(f"| {name} | {o['full']:.4f} | {o['imu_only']:.4f} | {o['mean']:.4f} | "
-                     f"{s.get('train_seconds', float('nan')):.0f} |")
+        lines.append(
+            f"| {name} | {o['full']:.4f} | {o['imu_only']:.4f} | {o['mean']:.4f} | "
+            f"{s.get('train_seconds', float('nan')):.0f} |"
+        )
     if weights:
         v = weights["views"]
-        lines.append(f"| **blend** | {v['full']['blend_score']:.4f} | {v['imu_only']['blend_score']:.4f} | "
-                     f"{weights['test_like_score']:.4f} | |")
-        lines += ["", "## Blend weights (fitted on OOF for the competition metric)", "",
-                  "| view | weights | blend | cross-fitted blend | equal weights | random search (draws) |",
-                  "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| **blend** | {v['full']['blend_score']:.4f} | {v['imu_only']['blend_score']:.4f} | "
+            f"{weights['test_like_score']:.4f} | |"
+        )
+        lines += [
+            "",
+            "## Blend weights (fitted on OOF for the competition metric)",
+            "",
+            "| view | weights | blend | cross-fitted blend | equal weights | random search (draws) |",
+            "|---|---|---|---|---|---|",
+        ]
         for view, d in v.items():
             w = ", ".join(f"{m} {x:.2f}" for m, x in d["weights"].items())
             rs = d["random_search"]
-            lines.append(f"| {view} | {w} | {d['blend_score']:.4f} | {d['blend_score_cross_fitted']:.4f} | "
-                         f"{d['equal_weights_score']:.4f} | {rs['score']:.4f} ({rs['draws']}) |")
-        lines += ["", "The cross-fitted column scores each fold with weights fitted on the other folds: "
-                  "the honest estimate of what the blend adds."]
+            lines.append(
+                f"| {view} | {w} | {d['blend_score']:.4f} | {d['blend_score_cross_fitted']:.4f} | "
+                f"{d['equal_weights_score']:.4f} | {rs['score']:.4f} ({rs['draws']}) |"
+            )
+        lines += [
+            "",
+            "The cross-fitted column scores each fold with weights fitted on the other folds: "
+            "the honest estimate of what the blend adds.",
+        ]
         for view, d in v.items():
             cal = d.get("calibration")
             if cal:
-                lines.append(f"- class-bias calibration, {view}: cross-fitted {cal['cross_fitted_without']:.4f} -> "
-                             f"{cal['cross_fitted_with']:.4f} (in-sample {cal['in_sample_with']:.4f}): "
-                             + ("**used**" if cal["used"] else f"not used (needs > +{cal['min_gain']})"))
+                lines.append(
+                    f"- class-bias calibration, {view}: cross-fitted {cal['cross_fitted_without']:.4f} -> "
+                    f"{cal['cross_fitted_with']:.4f} (in-sample {cal['in_sample_with']:.4f}): "
+                    + ("**used**" if cal["used"] else f"not used (needs > +{cal['min_gain']})")
+                )
 
     if serve.get("holdout"):
         h = serve["holdout"]
-        lines += ["", "## Hold-out test through the gateway", "",
-                  f"`submission.parquet` scored against `test_solution.csv`: **{h['score']:.4f}** "
-                  f"(binary F1 {h['binary_f1']:.4f}, macro F1 {h['macro_f1']:.4f})."]
+        lines += [
+            "",
+            "## Hold-out test through the gateway",
+            "",
+            f"`submission.parquet` scored against `test_solution.csv`: **{h['score']:.4f}** "
+            f"(binary F1 {h['binary_f1']:.4f}, macro F1 {h['macro_f1']:.4f}).",
+        ]
         for key, label in (("holdout_full", "full-sensor sequences"), ("holdout_imu_only", "IMU-only sequences")):
             if key in serve:
                 lines.append(f"- {label}: {serve[key]['score']:.4f}")
-        lines.append("A hold-out score far below the CV score would mean serving computes something other "
-                     "than training did.")
+        lines.append(
+            "A hold-out score far below the CV score would mean serving computes something other than training did."
+        )
     lines += _subject_pp_lines(out, serve)
     if serve.get("latency"):
         lat = serve["latency"]
-        lines += ["", "## Serving", "",
-                  f"Predictor start-up {serve.get('startup_s', float('nan')):.2f} s; members "
-                  f"{serve['predictor']['members']} (missing: {serve['predictor']['missing'] or 'none'}).",
-                  f"Per-call latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
-                  f"over {lat['calls']} calls; the hidden test (3,257 sequences) at p95 would take "
-                  f"{lat['projected_hidden_test_s']:.0f} s of the 32,400 s budget.",
-                  f"Member failures: {serve['predictor']['member_failures'] or 'none'}."]
+        lines += [
+            "",
+            "## Serving",
+            "",
+            f"Predictor start-up {serve.get('startup_s', float('nan')):.2f} s; members "
+            f"{serve['predictor']['members']} (missing: {serve['predictor']['missing'] or 'none'}).",
+            f"Per-call latency p50 {lat['p50_ms']:.1f} ms, p95 {lat['p95_ms']:.1f} ms, max {lat['max_ms']:.1f} ms "
+            f"over {lat['calls']} calls; the hidden test (3,257 sequences) at p95 would take "
+            f"{lat['projected_hidden_test_s']:.0f} s of the 32,400 s budget.",
+            f"Member failures: {serve['predictor']['member_failures'] or 'none'}.",
+        ]
     lines += _degraded_lines(serve.get("predictor") or {})
     if timings:
         lines += ["", "## Stage timings (s)", "", "| stage | seconds |", "|---|---|"]

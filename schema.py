@@ -17,12 +17,26 @@ SENSOR_COLS: tuple[str, ...] = IMU_COLS + THM_COLS + TOF_COLS
 
 # Exact column order of the competition files.
 TRAIN_COLUMNS: tuple[str, ...] = (
-    "row_id", "sequence_type", "sequence_id", "sequence_counter", "subject",
-    "orientation", "behavior", "phase", "gesture",
+    "row_id",
+    "sequence_type",
+    "sequence_id",
+    "sequence_counter",
+    "subject",
+    "orientation",
+    "behavior",
+    "phase",
+    "gesture",
 ) + SENSOR_COLS
 TEST_COLUMNS: tuple[str, ...] = ID_COLS + SENSOR_COLS
 DEMOGRAPHIC_COLS: tuple[str, ...] = (
-    "subject", "adult_child", "age", "sex", "handedness", "height_cm", "shoulder_to_wrist_cm", "elbow_to_wrist_cm",
+    "subject",
+    "adult_child",
+    "age",
+    "sex",
+    "handedness",
+    "height_cm",
+    "shoulder_to_wrist_cm",
+    "elbow_to_wrist_cm",
 )
 DEMOGRAPHIC_FEATURES: tuple[str, ...] = DEMOGRAPHIC_COLS[1:]
 

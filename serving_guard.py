@@ -73,8 +73,11 @@ def repair_sequence(seq: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
     df = df.with_columns(pl.col("sequence_id").cast(pl.String))
     # the most frequent id; a tie goes to the one seen first, so the same frame always gets the same answer
     counts = (
-        df.select("sequence_id").with_row_index("row").drop_nulls("sequence_id")
-        .group_by("sequence_id").agg(pl.len().alias("n"), pl.col("row").min().alias("first"))
+        df.select("sequence_id")
+        .with_row_index("row")
+        .drop_nulls("sequence_id")
+        .group_by("sequence_id")
+        .agg(pl.len().alias("n"), pl.col("row").min().alias("first"))
         .sort(["n", "first"], descending=[True, False])
     )
     sid = counts["sequence_id"][0] if counts.height else UNKNOWN_SEQUENCE_ID
@@ -100,8 +103,10 @@ def repair_sequence(seq: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
         counter = counter.cast(pl.Float64, strict=False)
         whole = counter.is_not_null() & counter.is_finite() & (counter == counter.floor())
         if not whole.all():
-            problems.append(f"{int((~whole).fill_null(True).sum())} row(s) without an integer sequence_counter: "
-                            "rows renumbered in file order")
+            problems.append(
+                f"{int((~whole).fill_null(True).sum())} row(s) without an integer sequence_counter: "
+                "rows renumbered in file order"
+            )
             df = df.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("sequence_counter"))
         else:
             df = df.with_columns(counter.cast(pl.Int64).alias("sequence_counter"))
@@ -128,12 +133,16 @@ def _numeric_sensors(df: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
         ).row(0, named=True)
         bad = {c: n for c, n in lost.items() if n}
         if bad:
-            problems.append(f"non-numeric text in {sum(bad.values())} cell(s) of {', '.join(list(bad)[:5])}"
-                            f"{' ...' if len(bad) > 5 else ''}: read as missing")
+            problems.append(
+                f"non-numeric text in {sum(bad.values())} cell(s) of {', '.join(list(bad)[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}: read as missing"
+            )
         df = df.with_columns(e.cast(pl.Float64, strict=False).alias(c) for e, c in zip(cleaned, text))
     if other:
-        problems.append("sensor column(s) of a non-numeric dtype read as missing: "
-                        + ", ".join(f"{c} ({schema[c]})" for c in other[:5]))
+        problems.append(
+            "sensor column(s) of a non-numeric dtype read as missing: "
+            + ", ".join(f"{c} ({schema[c]})" for c in other[:5])
+        )
         df = df.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in other)
     return df, problems
 
@@ -152,7 +161,8 @@ def repair_demographics(demo: pl.DataFrame | None, subject: str | None) -> tuple
         return demo, []
     if demo.height == 1 and subject is not None:
         return demo.with_columns(pl.lit(subject).alias("subject")), [
-            "demographics without a subject column: its one row taken as this sequence's subject"]
+            "demographics without a subject column: its one row taken as this sequence's subject"
+        ]
     return None, [f"demographics without a subject column ({demo.height} rows): predicted without demographics"]
 
 
@@ -200,6 +210,7 @@ def load_class_prior(weights_path: Path, oof_dir: Path) -> ClassPrior:
         if y.ndim != 1 or y.size == 0 or y.min() < 0 or y.max() >= N_CLASSES:
             raise PriorError(f"{y_path}: not a vector of class indices 0..{N_CLASSES - 1}")
         return ClassPrior(_checked(class_prior_from_labels(y), y_path), str(y_path))
-    log.warning("no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", weights_path, y_path,
-                GESTURES[0])
+    log.warning(
+        "no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", weights_path, y_path, GESTURES[0]
+    )
     return ClassPrior(np.full(N_CLASSES, 1.0 / N_CLASSES), "uniform")

@@ -68,8 +68,13 @@ class Protocol:
         return self.kind != "none" and bool(self.slots)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "kind": self.kind, "orientations": list(self.orientations),
-                "slots": [{"orientation": o, "gesture": g, "capacity": c} for o, g, c in self.slots], "info": self.info}
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "orientations": list(self.orientations),
+            "slots": [{"orientation": o, "gesture": g, "capacity": c} for o, g, c in self.slots],
+            "info": self.info,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "protocol") -> Protocol:
@@ -105,8 +110,12 @@ def _at_most_table(counts: dict[str, Counter], min_share: float) -> tuple[dict[A
     return (table, share) if share >= min_share and table else None
 
 
-def learn_protocol(subjects: list[str] | np.ndarray, orientations: list[str] | np.ndarray,
-                   gestures: list[str] | np.ndarray, min_share: float = 0.8) -> Protocol:
+def learn_protocol(
+    subjects: list[str] | np.ndarray,
+    orientations: list[str] | np.ndarray,
+    gestures: list[str] | np.ndarray,
+    min_share: float = 0.8,
+) -> Protocol:
     """The constraint the training subjects consistently follow, from their labels.
 
     First tried: each (orientation, gesture) pair at most c times per subject, c the most
@@ -123,9 +132,14 @@ def learn_protocol(subjects: list[str] | np.ndarray, orientations: list[str] | n
         gesture_counts.setdefault(s, Counter())[g] += 1
     n_subj = len(pair_counts)
     per_subject = sorted(sum(c.values()) for c in pair_counts.values())
-    info: dict[str, Any] = {"n_subjects": n_subj, "min_share": min_share,
-                            "sequences_per_subject": {"min": per_subject[0] if per_subject else 0,
-                                                      "max": per_subject[-1] if per_subject else 0}}
+    info: dict[str, Any] = {
+        "n_subjects": n_subj,
+        "min_share": min_share,
+        "sequences_per_subject": {
+            "min": per_subject[0] if per_subject else 0,
+            "max": per_subject[-1] if per_subject else 0,
+        },
+    }
     if n_subj < 2:
         info["reason"] = f"{n_subj} training subject(s): no regularity can be established"
         log.info("subject post-processing: %s; it will do nothing", info["reason"])
@@ -135,18 +149,31 @@ def learn_protocol(subjects: list[str] | np.ndarray, orientations: list[str] | n
         table, share = pair
         orients = tuple(sorted({o for o, _ in table}))
         slots = tuple((o, g, c) for (o, g), c in sorted(table.items()))
-        info |= {"share_within": share, "n_slots": len(slots), "capacity_total": sum(c for *_, c in slots),
-                 "capacities": dict(Counter(c for *_, c in slots))}
-        log.info("protocol learned: %d (orientation, gesture) pairs, %d sequences per subject at most; "
-                 "%.0f%% of %d training subjects within it", len(slots), info["capacity_total"], 100 * share, n_subj)
+        info |= {
+            "share_within": share,
+            "n_slots": len(slots),
+            "capacity_total": sum(c for *_, c in slots),
+            "capacities": dict(Counter(c for *_, c in slots)),
+        }
+        log.info(
+            "protocol learned: %d (orientation, gesture) pairs, %d sequences per subject at most; "
+            "%.0f%% of %d training subjects within it",
+            len(slots),
+            info["capacity_total"],
+            100 * share,
+            n_subj,
+        )
         return Protocol("pair", slots, orients, info)
     ges = _at_most_table(gesture_counts, min_share)
     if ges is not None:
         table, share = ges
         slots = tuple((ANY_ORIENTATION, g, c) for g, c in sorted(table.items()))
         info |= {"share_within": share, "n_slots": len(slots), "capacity_total": sum(c for *_, c in slots)}
-        log.info("protocol learned per gesture only (pairs irregular): %d gestures; %.0f%% of subjects within it",
-                 len(slots), 100 * share)
+        log.info(
+            "protocol learned per gesture only (pairs irregular): %d gestures; %.0f%% of subjects within it",
+            len(slots),
+            100 * share,
+        )
         return Protocol("gesture", slots, (), info)
     info["reason"] = f"fewer than {min_share:.0%} of the subjects share one per-pair or per-gesture count table"
     log.info("subject post-processing: no protocol (%s); it will do nothing", info["reason"])
@@ -164,13 +191,31 @@ def orientation_features(table: FrameTable, cfg: Config) -> tuple[np.ndarray, li
 
 
 def _orientation_params(cfg: Config, n_class: int) -> dict[str, Any]:
-    return {"objective": "multiclass", "num_class": n_class, "learning_rate": 0.08, "num_leaves": 15,
-            "min_data_in_leaf": 10, "feature_fraction": 0.8, "lambda_l2": 1.0, "num_threads": cfg.run.n_threads,
-            "deterministic": True, "force_col_wise": True, "verbosity": -1, "seed": cfg.run.seed}
+    return {
+        "objective": "multiclass",
+        "num_class": n_class,
+        "learning_rate": 0.08,
+        "num_leaves": 15,
+        "min_data_in_leaf": 10,
+        "feature_fraction": 0.8,
+        "lambda_l2": 1.0,
+        "num_threads": cfg.run.n_threads,
+        "deterministic": True,
+        "force_col_wise": True,
+        "verbosity": -1,
+        "seed": cfg.run.seed,
+    }
 
 
-def fit_orientation_model(X: np.ndarray, orient_idx: np.ndarray, n_class: int, fold_ids: np.ndarray, cfg: Config,
-                          feature_names: list[str], rounds: int = 150) -> tuple[Any, np.ndarray]:
+def fit_orientation_model(
+    X: np.ndarray,
+    orient_idx: np.ndarray,
+    n_class: int,
+    fold_ids: np.ndarray,
+    cfg: Config,
+    feature_names: list[str],
+    rounds: int = 150,
+) -> tuple[Any, np.ndarray]:
     """OOF probabilities on the shared folds, and one booster trained on every sequence for serving."""
     import lightgbm as lgb
 
@@ -178,8 +223,9 @@ def fit_orientation_model(X: np.ndarray, orient_idx: np.ndarray, n_class: int, f
     params = _orientation_params(cfg, n_class)
     for k in np.unique(fold_ids):
         tr, va = fold_ids != k, fold_ids == k
-        booster = lgb.train(params, lgb.Dataset(X[tr], label=orient_idx[tr], feature_name=feature_names),
-                            num_boost_round=rounds)
+        booster = lgb.train(
+            params, lgb.Dataset(X[tr], label=orient_idx[tr], feature_name=feature_names), num_boost_round=rounds
+        )
         oof[va] = booster.predict(X[va])
     final = lgb.train(params, lgb.Dataset(X, label=orient_idx, feature_name=feature_names), num_boost_round=rounds)
     return final, oof
@@ -249,8 +295,11 @@ class SubjectAssigner:
             st.rows.pop(next(iter(st.rows)))
             if not st.warned_history:
                 st.warned_history = True
-                log.warning("subject %s: more than %d sequences; the oldest are forgotten by the assignment",
-                            subject, self.max_history)
+                log.warning(
+                    "subject %s: more than %d sequences; the oldest are forgotten by the assignment",
+                    subject,
+                    self.max_history,
+                )
         L = np.stack(list(st.rows.values()))
         cols = self.col_slot
         if len(L) > len(cols):  # more sequences than slots: relax every capacity by the same factor
@@ -259,15 +308,23 @@ class SubjectAssigner:
             if not st.warned_over:
                 st.warned_over = True
                 self.n_over_capacity += 1
-                log.warning("subject %s: %d sequences for %d protocol slots; capacities relaxed x%d", subject, len(L),
-                            len(self.col_slot), k)
+                log.warning(
+                    "subject %s: %d sequences for %d protocol slots; capacities relaxed x%d",
+                    subject,
+                    len(L),
+                    len(self.col_slot),
+                    k,
+                )
         rows, assigned = linear_sum_assignment(-L[:, cols])
         slot = int(cols[assigned[np.flatnonzero(rows == len(L) - 1)[0]]])
         return int(self.slot_gesture[slot])
 
     def summary(self) -> dict[str, Any]:
-        return {"subjects": len(self.state), "sequences": sum(len(s.rows) for s in self.state.values()),
-                "subjects_over_capacity": self.n_over_capacity}
+        return {
+            "subjects": len(self.state),
+            "sequences": sum(len(s.rows) for s in self.state.values()),
+            "subjects_over_capacity": self.n_over_capacity,
+        }
 
 
 class SubjectPostProcessor:
@@ -292,8 +349,11 @@ class SubjectPostProcessor:
         d = read_json(path)
         protocol = Protocol.from_dict(d, str(path))
         if not protocol.active:
-            log.info("%s: training showed no protocol (%s): no subject post-processing", path,
-                     protocol.info.get("reason", "kind none"))
+            log.info(
+                "%s: training showed no protocol (%s): no subject post-processing",
+                path,
+                protocol.info.get("reason", "kind none"),
+            )
             return cls(protocol, None, cfg)
         orientation = None
         model_path = Path(ensemble_dir) / ORIENTATION_MODEL_FILE
@@ -308,7 +368,9 @@ class SubjectPostProcessor:
                 except lgb.basic.LightGBMError as e:
                     raise ProtocolError(f"{model_path}: not a readable LightGBM model file: {e}") from None
                 names = list(d.get("orientation_features") or [])
-                if list(booster.feature_name()) != names or int(booster.num_model_per_iteration()) != len(protocol.orientations):
+                if list(booster.feature_name()) != names or int(booster.num_model_per_iteration()) != len(
+                    protocol.orientations
+                ):
                     raise ProtocolError(f"{model_path} does not match {path} (features or orientation classes)")
                 orientation = OrientationModel(booster, protocol.orientations, names, cfg)
         log.info("subject post-processing from %s: %s protocol, %d slots", path, protocol.kind, len(protocol.slots))
@@ -322,20 +384,28 @@ class SubjectPostProcessor:
         if not subject:
             self.calls_without_subject += 1
             if self.calls_without_subject == 1:
-                log.warning("sequence %s has no subject: answered without subject post-processing "
-                            "(further cases are only counted)", table.sequence_ids[0])
+                log.warning(
+                    "sequence %s has no subject: answered without subject post-processing "
+                    "(further cases are only counted)",
+                    table.sequence_ids[0],
+                )
             return plain
         t0 = time.perf_counter()
         op = self.orientation.predict_proba(table) if self.orientation is not None else None
-        out = self.assigner.answer(subject, slot_log_proba(self.protocol, np.asarray(proba)[None, :], op)[0],
-                                   str(table.sequence_ids[0]))
+        out = self.assigner.answer(
+            subject, slot_log_proba(self.protocol, np.asarray(proba)[None, :], op)[0], str(table.sequence_ids[0])
+        )
         self.seconds += time.perf_counter() - t0
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "kind": self.protocol.kind if self.protocol else None,
-                "calls_without_subject": self.calls_without_subject, "seconds": self.seconds,
-                **(self.assigner.summary() if self.assigner else {})}
+        return {
+            "enabled": self.enabled,
+            "kind": self.protocol.kind if self.protocol else None,
+            "calls_without_subject": self.calls_without_subject,
+            "seconds": self.seconds,
+            **(self.assigner.summary() if self.assigner else {}),
+        }
 
 
 def subject_of(sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> str:
@@ -353,9 +423,17 @@ def subject_of(sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> str
 # --------------------------------------------------------------------------- OOF simulation
 
 
-def simulate_online(protocol: Protocol, y: np.ndarray, gesture_proba: np.ndarray, orient_proba: np.ndarray | None,
-                    subjects: np.ndarray, n_orders: int, seed: int, max_history: int = 400,
-                    fold_ids: np.ndarray | None = None) -> dict[str, Any]:
+def simulate_online(
+    protocol: Protocol,
+    y: np.ndarray,
+    gesture_proba: np.ndarray,
+    orient_proba: np.ndarray | None,
+    subjects: np.ndarray,
+    n_orders: int,
+    seed: int,
+    max_history: int = 400,
+    fold_ids: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Feed each subject's sequences in ``n_orders`` random orders through a fresh assigner; score each order.
 
     Subjects are independent (state is per subject), so interleaving them changes nothing and
@@ -380,17 +458,30 @@ def simulate_online(protocol: Protocol, y: np.ndarray, gesture_proba: np.ndarray
             m = fold_ids == k
             fold_scores.setdefault(k, []).append(score_indices(y[m], pred[m]))
     sc = np.asarray(scores)
-    out: dict[str, Any] = {"no_pp": base, "mean": float(sc.mean()), "min": float(sc.min()), "max": float(sc.max()),
-                           "std": float(sc.std()), "gain_mean": float(sc.mean() - base),
-                           "gain_min": float(sc.min() - base), "gain_max": float(sc.max() - base),
-                           "orders": int(n_orders), "scores": sc.tolist()}
+    out: dict[str, Any] = {
+        "no_pp": base,
+        "mean": float(sc.mean()),
+        "min": float(sc.min()),
+        "max": float(sc.max()),
+        "std": float(sc.std()),
+        "gain_mean": float(sc.mean() - base),
+        "gain_min": float(sc.min() - base),
+        "gain_max": float(sc.max() - base),
+        "orders": int(n_orders),
+        "scores": sc.tolist(),
+    }
     if folds:
         out["per_fold"] = {}
         for k in folds:
             m = fold_ids == k
             b, f = score_indices(y[m], plain[m]), np.asarray(fold_scores[k])
-            out["per_fold"][k] = {"no_pp": b, "mean": float(f.mean()), "min": float(f.min()), "max": float(f.max()),
-                                  "gain_mean": float(f.mean() - b)}
+            out["per_fold"][k] = {
+                "no_pp": b,
+                "mean": float(f.mean()),
+                "min": float(f.min()),
+                "max": float(f.max()),
+                "gain_mean": float(f.mean() - b),
+            }
     return out
 
 
@@ -413,8 +504,9 @@ def _blended_oof(oof_dir: Path, weights: dict[str, Any]) -> tuple[np.ndarray, di
     return oofs[0].y_true, out
 
 
-def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFrame, y: np.ndarray,
-                     fold_ids: np.ndarray, cfg: Config) -> dict[str, Any]:
+def fit_and_evaluate(
+    out_dir: str | Path, table: FrameTable, labels: pl.DataFrame, y: np.ndarray, fold_ids: np.ndarray, cfg: Config
+) -> dict[str, Any]:
     """Learn the protocol and the orientation model, write them beside weights.json, and simulate the gateway on OOF.
 
     Writes ``ensemble/protocol.json``, ``ensemble/orientation_model.txt`` and ``oof/subject_pp_replay.json``.
@@ -424,8 +516,9 @@ def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFram
     t0 = time.perf_counter()
     subjects = labels["subject"].to_numpy().astype(str)
     orients = labels["orientation"].to_numpy().astype(str)
-    protocol = learn_protocol(subjects, orients, labels["gesture"].to_numpy().astype(str),
-                              cfg.ensemble.subject_pp_min_share)
+    protocol = learn_protocol(
+        subjects, orients, labels["gesture"].to_numpy().astype(str), cfg.ensemble.subject_pp_min_share
+    )
     pdict = protocol.to_dict()
     summary: dict[str, Any] = {"protocol": {"kind": protocol.kind, **protocol.info}}
     orient_oof = None
@@ -433,14 +526,16 @@ def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFram
         X, names = orientation_features(table, cfg)
         o_idx = np.array([protocol.orientations.index(o) if o in protocol.orientations else -1 for o in orients])
         known = o_idx >= 0  # an orientation of no slot: not a class of the model
-        booster, oof_k = fit_orientation_model(X[known], o_idx[known], len(protocol.orientations), fold_ids[known], cfg,
-                                                names)
+        booster, oof_k = fit_orientation_model(
+            X[known], o_idx[known], len(protocol.orientations), fold_ids[known], cfg, names
+        )
         orient_oof = np.full((len(X), len(protocol.orientations)), 1.0 / len(protocol.orientations))
         orient_oof[known] = oof_k
         acc = float((oof_k.argmax(1) == o_idx[known]).mean())
         summary["orientation_oof_accuracy"] = acc
         summary["orientation_oof_accuracy_per_fold"] = {
-            int(k): float((oof_k.argmax(1) == o_idx[known])[fold_ids[known] == k].mean()) for k in np.unique(fold_ids)}
+            int(k): float((oof_k.argmax(1) == o_idx[known])[fold_ids[known] == k].mean()) for k in np.unique(fold_ids)
+        }
         log.info("orientation model: OOF accuracy %.4f over %d classes", acc, len(protocol.orientations))
         pdict["orientation_features"] = names
         with atomic_path(ens_dir / ORIENTATION_MODEL_FILE) as tmp:
@@ -454,19 +549,31 @@ def fit_and_evaluate(out_dir: str | Path, table: FrameTable, labels: pl.DataFram
         n_orders, seed = cfg.ensemble.subject_pp_orders, cfg.run.seed
         rng = np.random.default_rng(seed)
         imu_mask = rng.random(len(y)) < 0.5  # test-like: half the sequences IMU-only, as in the hidden test
-        views = {"full": blended["full"], "imu_only": blended["imu_only"],
-                 "mixed": np.where(imu_mask[:, None], blended["imu_only"], blended["full"])}
+        views = {
+            "full": blended["full"],
+            "imu_only": blended["imu_only"],
+            "mixed": np.where(imu_mask[:, None], blended["imu_only"], blended["full"]),
+        }
         sims: dict[str, Any] = {}
         for name, p in views.items():
-            sims[name] = simulate_online(protocol, y, p, orient_oof, subjects, n_orders, seed,
-                                         cfg.ensemble.subject_pp_max_history, fold_ids)
-            log.info("subject PP OOF simulation (%s view, %d orders): %.4f -> mean %.4f (min %.4f, max %.4f; "
-                     "gain %+.4f)", name, n_orders, sims[name]["no_pp"], sims[name]["mean"], sims[name]["min"],
-                     sims[name]["max"], sims[name]["gain_mean"])
+            sims[name] = simulate_online(
+                protocol, y, p, orient_oof, subjects, n_orders, seed, cfg.ensemble.subject_pp_max_history, fold_ids
+            )
+            log.info(
+                "subject PP OOF simulation (%s view, %d orders): %.4f -> mean %.4f (min %.4f, max %.4f; gain %+.4f)",
+                name,
+                n_orders,
+                sims[name]["no_pp"],
+                sims[name]["mean"],
+                sims[name]["min"],
+                sims[name]["max"],
+                sims[name]["gain_mean"],
+            )
         summary["simulation"] = sims
         if orient_oof is not None:  # what the orientation model adds: the same replays, slots scored by gesture only
-            r = simulate_online(protocol, y, views["mixed"], None, subjects, n_orders, seed,
-                                cfg.ensemble.subject_pp_max_history)
+            r = simulate_online(
+                protocol, y, views["mixed"], None, subjects, n_orders, seed, cfg.ensemble.subject_pp_max_history
+            )
             summary["simulation_mixed_without_orientation"] = {k: v for k, v in r.items() if k != "scores"}
     elif not protocol.active:
         summary["simulation"] = None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +138,18 @@ GESTURE_SPECS: dict[str, tuple[str, str, float, float, float]] = {
     "Write name in air": ("air_front", "write", 0.04, 1.0, 0.12),
     "Write name on leg": ("thigh", "write", 0.03, 1.0, 0.10),
 }
-PATTERNS: tuple[str, ...] = ("pull", "pinch", "scratch", "drink", "tray", "glasses", "pull_air", "text", "wave", "write")
+PATTERNS: tuple[str, ...] = (
+    "pull",
+    "pinch",
+    "scratch",
+    "drink",
+    "tray",
+    "glasses",
+    "pull_air",
+    "text",
+    "wave",
+    "write",
+)
 
 # Rest pose per posture: (position, forearm direction, dorsal direction)
 REST_POSES: dict[str, tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]] = {
@@ -149,7 +160,7 @@ REST_POSES: dict[str, tuple[tuple[float, ...], tuple[float, ...], tuple[float, .
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _base_quats() -> dict[str, np.ndarray]:
     """Device->torso quaternions of every location and rest pose, and torso->world of each posture."""
     out: dict[str, np.ndarray] = {}
@@ -162,9 +173,9 @@ def _base_quats() -> dict[str, np.ndarray]:
     out["post:" + BACK] = Rotation.from_rotvec([0.0, -np.pi / 2, 0.0]).as_quat()  # front faces up
     # on the non-dominant (left) side: torso +y points down, the front is horizontal
     out["post:" + SIDE] = Rotation.from_matrix(
-        np.column_stack([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])).as_quat()
+        np.column_stack([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [-1.0, 0.0, 0.0]])
+    ).as_quat()
     return out
-
 
 
 def _frame(fwd, dorsal) -> np.ndarray:
@@ -182,16 +193,24 @@ def _frame(fwd, dorsal) -> np.ndarray:
 # left<->right grid flip is the mirror image.  Rays are cast on a 5x5 sub-grid and the
 # inverse distance (linear across a plane) is interpolated to the 8x8 pixels.
 # ----------------------------------------------------------------------------------
-_SENSOR_DIRS = np.array([
-    _n([0.0, 0.6, 0.8]),  # 1: on the face, tilted toward the hand
-    _n([0.0, 0.95, -0.3]),  # 2: distal edge, looking along the fingers
-    _n([0.8, 0.5, -0.3]),  # 3: radial side, looking toward the hand
-    _n([0.0, 0.5, -0.87]),  # 4: palmar side, sees what the palm faces
-    _n([-0.8, 0.5, -0.3]),  # 5: ulnar side (mirror of 3)
-])
-_SENSOR_OFFSETS = np.array([
-    [0.0, 0.005, 0.012], [0.0, 0.02, 0.006], [0.018, 0.0, 0.006], [0.0, 0.01, -0.012], [-0.018, 0.0, 0.006],
-])
+_SENSOR_DIRS = np.array(
+    [
+        _n([0.0, 0.6, 0.8]),  # 1: on the face, tilted toward the hand
+        _n([0.0, 0.95, -0.3]),  # 2: distal edge, looking along the fingers
+        _n([0.8, 0.5, -0.3]),  # 3: radial side, looking toward the hand
+        _n([0.0, 0.5, -0.87]),  # 4: palmar side, sees what the palm faces
+        _n([-0.8, 0.5, -0.3]),  # 5: ulnar side (mirror of 3)
+    ]
+)
+_SENSOR_OFFSETS = np.array(
+    [
+        [0.0, 0.005, 0.012],
+        [0.0, 0.02, 0.006],
+        [0.018, 0.0, 0.006],
+        [0.0, 0.01, -0.012],
+        [-0.018, 0.0, 0.006],
+    ]
+)
 _COARSE = 5
 _FOV_HALF = np.deg2rad(22.5)
 
@@ -265,8 +284,16 @@ def _demographics(rng: np.random.Generator, sid: str) -> dict:
     right = bool(rng.random() >= 0.11)
     stw = int(np.clip(round(height * 0.305 + rng.normal(0, 2.5)), 38, 72))
     etw = float(np.clip(round(height * 0.15 + rng.normal(0, 1.5)), 17, 40))
-    return dict(subject=sid, adult_child=adult, age=age, sex=sex, handedness=int(right),
-                height_cm=round(height * 2) / 2, shoulder_to_wrist_cm=stw, elbow_to_wrist_cm=etw)
+    return dict(
+        subject=sid,
+        adult_child=adult,
+        age=age,
+        sex=sex,
+        handedness=int(right),
+        height_cm=round(height * 2) / 2,
+        shoulder_to_wrist_cm=stw,
+        elbow_to_wrist_cm=etw,
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -282,13 +309,24 @@ def _smooth_noise(rng: np.random.Generator, n: int, dims: int, sigma_samples: fl
     w = rng.standard_normal((n + 8 * int(sigma_samples) + 8, dims))
     f = gaussian_filter1d(w, sigma_samples, axis=0, mode="wrap")
     pad = 4 * int(sigma_samples) + 4
-    f = f[pad:pad + n]
+    f = f[pad : pad + n]
     s = f.std(axis=0, keepdims=True) + 1e-12 if n > 4 else 1.0
     return f / s * std
 
 
-def _pattern(kind: str, tau: np.ndarray, dur: float, amp: float, freq: float, rot: float, ph: float,
-             rng: np.random.Generator, nrm: np.ndarray, tan: np.ndarray, style: dict) -> tuple[np.ndarray, np.ndarray]:
+def _pattern(
+    kind: str,
+    tau: np.ndarray,
+    dur: float,
+    amp: float,
+    freq: float,
+    rot: float,
+    ph: float,
+    rng: np.random.Generator,
+    nrm: np.ndarray,
+    tan: np.ndarray,
+    style: dict,
+) -> tuple[np.ndarray, np.ndarray]:
     """Displacement (torso frame) and wrist rotation vector (device frame) of a motion pattern.
 
     ``tau`` is time since the gesture began (s); amplitudes are already subject-scaled.
@@ -318,8 +356,10 @@ def _pattern(kind: str, tau: np.ndarray, dur: float, amp: float, freq: float, ro
     elif kind == "scratch":
         s = np.sin(w2p)
         jitter = 1.0 + 0.25 * _smooth_noise(rng, n, 1, 6, 1.0)[:, 0]
-        disp = env[:, None] * (amp * jitter * s)[:, None] * _n(tan + style["scr_slant"] * side) \
+        disp = (
+            env[:, None] * (amp * jitter * s)[:, None] * _n(tan + style["scr_slant"] * side)
             + env[:, None] * (0.3 * amp * np.abs(s))[:, None] * nrm
+        )
         rv[:, 0] = env * rot * jitter * np.sin(w2p + 0.6)
     elif kind == "wave":
         s = np.sin(w2p)
@@ -395,7 +435,7 @@ def _seq_lengths(rng: np.random.Generator, speed: float) -> tuple[int, int, int,
     first = int(np.clip(round(rng.lognormal(np.log(16.0), 1.05)), 5, 640))
     move = int(min(first, max(6, round(rng.uniform(10, 20) / speed))))
     hold = int(rng.integers(4, 17))
-    gest = int(np.clip(round(rng.normal(31.0, 3.0) / speed ** 0.3), 22, 48))
+    gest = int(np.clip(round(rng.normal(31.0, 3.0) / speed**0.3), 22, 48))
     idle = first - move
     total = idle + move + hold + gest
     if total < 29:
@@ -403,8 +443,7 @@ def _seq_lengths(rng: np.random.Generator, speed: float) -> tuple[int, int, int,
     return idle, move, hold, gest
 
 
-def _make_sequence(subj: _Subject, style: dict, orientation: str, gesture: str,
-                   rng: np.random.Generator) -> _Seq:
+def _make_sequence(subj: _Subject, style: dict, orientation: str, gesture: str, rng: np.random.Generator) -> _Seq:
     s = subj.scale
     loc_key, kind, amp0, freq0, rot0 = GESTURE_SPECS[gesture]
     lying = orientation in (BACK, SIDE)
@@ -457,7 +496,7 @@ def _make_sequence(subj: _Subject, style: dict, orientation: str, gesture: str,
     a_b = a_f.reshape(L, OVERSAMPLE, 3).mean(axis=1)
     pos10 = pos[::OVERSAMPLE] + _smooth_noise(rng, L, 3, 10, 0.006 * s)  # slow drift: ToF only
     rv10 = _smooth_noise(rng, L, 3, 3, 0.02)
-    rv10[L - gest:] += rv_f[::OVERSAMPLE]
+    rv10[L - gest :] += rv_f[::OVERSAMPLE]
 
     post_rv = np.zeros((3, 3))
     if orientation == LEAN:
@@ -474,10 +513,28 @@ def _make_sequence(subj: _Subject, style: dict, orientation: str, gesture: str,
     hip = np.array([0.0, -0.10, 0.02]) * s
     thigh_c = np.stack([hip + th_dir * 0.15 * s, hip + th_dir * 0.33 * s])
     behavior1 = schema.BEHAVIORS[0] if rng.random() < 0.5 else schema.BEHAVIORS[1]
-    return _Seq(gesture, orientation, kind, behavior1, idle + move, hold, gest, a_b, pos10, sm[::OVERSAMPLE], rv10,
-                loc_key, tgt_rv, rest_rv, post_rv, style["heading"] + float(rng.normal(0, 0.35)), target, nrm,
-                thigh_c, env_d)
-
+    return _Seq(
+        gesture,
+        orientation,
+        kind,
+        behavior1,
+        idle + move,
+        hold,
+        gest,
+        a_b,
+        pos10,
+        sm[::OVERSAMPLE],
+        rv10,
+        loc_key,
+        tgt_rv,
+        rest_rv,
+        post_rv,
+        style["heading"] + float(rng.normal(0, 0.35)),
+        target,
+        nrm,
+        thigh_c,
+        env_d,
+    )
 
 
 def _make_style(rng: np.random.Generator, s: float) -> dict:
@@ -536,13 +593,19 @@ def _kinematics(seqs: list[_Seq], subj: _Subject) -> _Kin:
     lens = np.array([q.length for q in seqs])
     rep = np.repeat(np.arange(len(seqs)), lens)
     r_tgt = Rotation.from_quat(np.stack([bq["loc:" + q.loc_key] for q in seqs])) * Rotation.from_rotvec(
-        np.stack([q.tgt_rv for q in seqs]))
+        np.stack([q.tgt_rv for q in seqs])
+    )
     r_rest = Rotation.from_quat(np.stack([bq["rest:" + q.orientation] for q in seqs])) * Rotation.from_rotvec(
-        np.stack([q.rest_rv for q in seqs]))
+        np.stack([q.rest_rv for q in seqs])
+    )
     rel = (r_rest.inv() * r_tgt).as_rotvec()
     pr = np.stack([q.post_rv for q in seqs])
-    r_wb = (Rotation.from_quat(np.stack([bq["post:" + q.orientation] for q in seqs]))
-            * Rotation.from_rotvec(pr[:, 0]) * Rotation.from_rotvec(pr[:, 1]) * Rotation.from_rotvec(pr[:, 2]))
+    r_wb = (
+        Rotation.from_quat(np.stack([bq["post:" + q.orientation] for q in seqs]))
+        * Rotation.from_rotvec(pr[:, 0])
+        * Rotation.from_rotvec(pr[:, 1])
+        * Rotation.from_rotvec(pr[:, 2])
+    )
     reach = np.concatenate([q.reach for q in seqs])
     rv = np.concatenate([q.rv for q in seqs])
     r_bd = r_rest[rep] * Rotation.from_rotvec(reach[:, None] * rel[rep]) * Rotation.from_rotvec(rv)
@@ -586,8 +649,9 @@ def _kinematics(seqs: list[_Seq], subj: _Subject) -> _Kin:
 _RAY_CACHE: dict[str, np.ndarray] = {}
 
 
-def _proximity(seqs: list[_Seq], kin: _Kin, subj: _Subject, rng: np.random.Generator,
-               thm_base: np.ndarray, skin: float) -> tuple[np.ndarray, np.ndarray]:
+def _proximity(
+    seqs: list[_Seq], kin: _Kin, subj: _Subject, rng: np.random.Generator, thm_base: np.ndarray, skin: float
+) -> tuple[np.ndarray, np.ndarray]:
     """ToF (N, 320) and thermopile (N, 5) readings for the rows in ``kin``."""
     if not _RAY_CACHE:
         _RAY_CACHE["rays"] = _ray_dirs().reshape(-1, 3).T.astype(np.float32).copy()  # (3, 125)
@@ -662,7 +726,9 @@ def _proximity(seqs: list[_Seq], kin: _Kin, subj: _Subject, rng: np.random.Gener
     if len(rows):
         (ox, oy, oz), (ux, uy, uz) = sub(rows)
         c = kin.obj_c[rows, None, None, :].astype(np.float32)
-        obj_label = update(rows, _hit_sphere(ox, oy, oz, ux, uy, uz, c, kin.obj_r[rows, None, None].astype(np.float32)), 0.0)
+        obj_label = update(
+            rows, _hit_sphere(ox, oy, oz, ux, uy, uz, c, kin.obj_r[rows, None, None].astype(np.float32)), 0.0
+        )
 
     # background clutter (the other arm, clothing, furniture): some sensors of some sequences see a
     # surface 17-27 cm away whatever the gesture, so far-range readings are a nuisance, not a cue
@@ -701,9 +767,9 @@ def _proximity(seqs: list[_Seq], kin: _Kin, subj: _Subject, rng: np.random.Gener
     a = 1.0 - np.exp(-1.0 / (FS * 0.8))
     start = 0
     for q in seqs:
-        x = thm_target[start:start + q.length]
+        x = thm_target[start : start + q.length]
         y, _ = lfilter([a], [1.0, -(1 - a)], x, axis=0, zi=(1 - a) * x[:1])
-        thm[start:start + q.length] = y
+        thm[start : start + q.length] = y
         start += q.length
     thm += rng.normal(0, 0.06, thm.shape).astype(np.float32)
     return tof, thm
@@ -742,7 +808,9 @@ class _SubjectRows:
     sensors: np.ndarray  # (N, 332) float32, NaN = missing
 
 
-def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, allow_rot_missing: bool) -> _SubjectRows:
+def _simulate_subject(
+    subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, allow_rot_missing: bool
+) -> _SubjectRows:
     rng = subj.rng
     style = _make_style(rng, subj.scale)
     pairs = [p for p in VALID_PAIRS for _ in range(REPEATS)]
@@ -782,11 +850,10 @@ def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, 
             sensors[sl, 3:7] = np.nan
         if rng.random() < TOF_SENSOR_MISSING_P:
             k = int(rng.integers(0, 5))
-            sensors[sl, 12 + 64 * k:12 + 64 * (k + 1)] = np.nan
+            sensors[sl, 12 + 64 * k : 12 + 64 * (k + 1)] = np.nan
         if rng.random() < THM_SENSOR_MISSING_P:
             sensors[sl, 7 + int(rng.integers(0, 5))] = np.nan
     return _SubjectRows(list(seq_ids), seqs, sensors)
-
 
 
 @dataclass
@@ -801,8 +868,14 @@ class SynthDataset:
 
 
 _DEMO_SCHEMA = {
-    "subject": pl.String, "adult_child": pl.Int64, "age": pl.Int64, "sex": pl.Int64, "handedness": pl.Int64,
-    "height_cm": pl.Float64, "shoulder_to_wrist_cm": pl.Int64, "elbow_to_wrist_cm": pl.Float64,
+    "subject": pl.String,
+    "adult_child": pl.Int64,
+    "age": pl.Int64,
+    "sex": pl.Int64,
+    "handedness": pl.Int64,
+    "height_cm": pl.Float64,
+    "shoulder_to_wrist_cm": pl.Int64,
+    "elbow_to_wrist_cm": pl.Float64,
 }
 
 
@@ -834,7 +907,7 @@ def _frame_from_rows(parts: list[tuple[_Subject, _SubjectRows]], with_labels: bo
         src_off = 0
         while src_off < len(block):
             n = int(lens[k])
-            sensors[dst[k]:dst[k] + n] = block[src_off:src_off + n]
+            sensors[dst[k] : dst[k] + n] = block[src_off : src_off + n]
             src_off += n
             k += 1
     blocks.clear()
@@ -865,16 +938,22 @@ def _frame_from_rows(parts: list[tuple[_Subject, _SubjectRows]], with_labels: bo
         cols["phase"] = pl.Series(["Transition", "Gesture"]).gather(pl.Series((code == 3).astype(np.uint32)))
     df = pl.DataFrame(cols)
     df = df.with_columns(
-        (pl.col("sequence_id") + "_" + pl.col("sequence_counter").cast(pl.String).str.zfill(6)).alias("row_id"))
+        (pl.col("sequence_id") + "_" + pl.col("sequence_counter").cast(pl.String).str.zfill(6)).alias("row_id")
+    )
     sens = pl.DataFrame([pl.Series(c, sensors[:, j], nan_to_null=True) for j, c in enumerate(schema.SENSOR_COLS)])
     del sensors
     df = pl.concat([df, sens], how="horizontal")
     return df.select(schema.TRAIN_COLUMNS if with_labels else schema.TEST_COLUMNS)
 
 
-def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = None,
-             test_imu_only_fraction: float = 0.5, n_rotated_test_subjects: int = 0,
-             n_rotated_train_subjects: int | None = None) -> SynthDataset:
+def generate(
+    n_subjects: int = 81,
+    seed: int = 0,
+    n_test_subjects: int | None = None,
+    test_imu_only_fraction: float = 0.5,
+    n_rotated_test_subjects: int = 0,
+    n_rotated_train_subjects: int | None = None,
+) -> SynthDataset:
     """Generate a train set of ``n_subjects`` and a test set of different subjects.
 
     ``n_rotated_train_subjects`` (default: 2 when there are at least 40 subjects, else 0)
@@ -903,7 +982,9 @@ def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = 
     if not 0 <= n_rot_train <= n_subjects:
         raise ValueError(f"n_rotated_train_subjects must be in [0, {n_subjects}], got {n_rot_train}")
     if not 0 <= n_rotated_test_subjects <= n_test:
-        raise ValueError(f"n_rotated_test_subjects must be in [0, {n_test}] (the test subjects), got {n_rotated_test_subjects}")
+        raise ValueError(
+            f"n_rotated_test_subjects must be in [0, {n_test}] (the test subjects), got {n_rotated_test_subjects}"
+        )
     rotated = set(grng.choice(n_subjects, size=n_rot_train, replace=False).tolist()) if n_rot_train else set()
     n_test_seq = n_test * n_seq_each
     imu_flat = np.zeros(n_test_seq, dtype=bool)
@@ -919,8 +1000,18 @@ def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = 
         sid = f"SUBJ_{int(subj_nums[i]):06d}"
         d = _demographics(rng, sid)
         demos.append(d)
-        subj = _Subject(sid, d["adult_child"], d["age"], d["sex"], bool(d["handedness"]), d["height_cm"],
-                        d["shoulder_to_wrist_cm"], d["elbow_to_wrist_cm"], i in rotated, rng)
+        subj = _Subject(
+            sid,
+            d["adult_child"],
+            d["age"],
+            d["sex"],
+            bool(d["handedness"]),
+            d["height_cm"],
+            d["shoulder_to_wrist_cm"],
+            d["elbow_to_wrist_cm"],
+            i in rotated,
+            rng,
+        )
         subj.scale = subj.height / 170.0
         subj.arm = subj.shoulder_to_wrist / 52.0
         subj.speed = float(np.exp(rng.normal(0, 0.15)))
@@ -939,26 +1030,40 @@ def generate(n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = 
     train = _frame_from_rows(train_parts, with_labels=True)
     test = _frame_from_rows(test_parts, with_labels=False)
     sol = sorted((sid, q.gesture) for _, rows in test_parts for sid, q in zip(rows.seq_ids, rows.seqs))
-    test_solution = pl.DataFrame({"sequence_id": [a for a, _ in sol], "gesture": [b for _, b in sol]},
-                                 schema={"sequence_id": pl.String, "gesture": pl.String})
+    test_solution = pl.DataFrame(
+        {"sequence_id": [a for a, _ in sol], "gesture": [b for _, b in sol]},
+        schema={"sequence_id": pl.String, "gesture": pl.String},
+    )
     tr_demo = pl.DataFrame(demos[:n_subjects], schema=_DEMO_SCHEMA).select(schema.DEMOGRAPHIC_COLS).sort("subject")
     te_demo = pl.DataFrame(demos[n_subjects:], schema=_DEMO_SCHEMA).select(schema.DEMOGRAPHIC_COLS).sort("subject")
-    rot = {"train": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i < n_subjects),
-           "test": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i >= n_subjects)}
+    rot = {
+        "train": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i < n_subjects),
+        "test": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i >= n_subjects),
+    }
     return SynthDataset(train, test, tr_demo, te_demo, test_solution, rot)
 
 
-def write_dataset(out_dir: str | os.PathLike, n_subjects: int = 81, seed: int = 0, n_test_subjects: int | None = None,
-                  test_imu_only_fraction: float = 0.5, n_rotated_test_subjects: int = 0,
-                  n_rotated_train_subjects: int | None = None) -> dict[str, Path]:
+def write_dataset(
+    out_dir: str | os.PathLike,
+    n_subjects: int = 81,
+    seed: int = 0,
+    n_test_subjects: int | None = None,
+    test_imu_only_fraction: float = 0.5,
+    n_rotated_test_subjects: int = 0,
+    n_rotated_train_subjects: int | None = None,
+) -> dict[str, Path]:
     """Generate and write the five CSV files atomically; returns their paths by stem."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ds = generate(n_subjects, seed, n_test_subjects, test_imu_only_fraction, n_rotated_test_subjects,
-                  n_rotated_train_subjects)
+    ds = generate(
+        n_subjects, seed, n_test_subjects, test_imu_only_fraction, n_rotated_test_subjects, n_rotated_train_subjects
+    )
     frames = {
-        "train": ds.train, "test": ds.test, "train_demographics": ds.train_demographics,
-        "test_demographics": ds.test_demographics, "test_solution": ds.test_solution,
+        "train": ds.train,
+        "test": ds.test,
+        "train_demographics": ds.train_demographics,
+        "test_demographics": ds.test_demographics,
+        "test_solution": ds.test_solution,
     }
     paths: dict[str, Path] = {}
     for name, df in frames.items():
@@ -977,7 +1082,9 @@ def write_dataset(out_dir: str | os.PathLike, n_subjects: int = 81, seed: int = 
     # which subjects wear the device rotated: the truth for scoring the detector, like test_solution.csv
     info = out / "synth_info.json"
     tmp = out / f".synth_info.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"rotated_subjects": ds.rotated_subjects, "n_subjects": n_subjects, "seed": seed}, indent=2))
+    tmp.write_text(
+        json.dumps({"rotated_subjects": ds.rotated_subjects, "n_subjects": n_subjects, "seed": seed}, indent=2)
+    )
     os.replace(tmp, info)
     paths["synth_info"] = info
     return paths

@@ -89,9 +89,16 @@ def configure_threads(cfg: Config, role: str) -> Config:
     cfg.run.n_threads = n
     torch_state = _configure_torch(n)
     nice = lower_priority(TRAIN_NICENESS) if role == "train" else _niceness()
-    log.info("threads (%s): %d intra-op, %d inter-op of %d usable core(s); torch %s; OpenMP env %s; niceness %s",
-             role, n, interop_threads(n), available_cores(), torch_state,
-             {k: os.environ.get(k) for k in OPENMP_ENV}, nice)
+    log.info(
+        "threads (%s): %d intra-op, %d inter-op of %d usable core(s); torch %s; OpenMP env %s; niceness %s",
+        role,
+        n,
+        interop_threads(n),
+        available_cores(),
+        torch_state,
+        {k: os.environ.get(k) for k in OPENMP_ENV},
+        nice,
+    )
     return cfg
 
 

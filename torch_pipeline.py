@@ -183,7 +183,7 @@ def autocast_context(device: torch.device, enabled: bool) -> contextlib.Abstract
 def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """Drop the ``module.`` prefix that nn.DataParallel adds, so bundles load into a bare model."""
     prefix = "module."
-    return OrderedDict((k[len(prefix):] if k.startswith(prefix) else k, v) for k, v in state_dict.items())
+    return OrderedDict((k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in state_dict.items())
 
 
 def unwrap_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
@@ -380,8 +380,15 @@ def train_fold(
         score = 0.5 * (s_full + s_imu)
         log.info(
             "torch fold %d epoch %d/%d: train loss %.4f, val score full %.4f imu %.4f (mean %.4f), lr %.2e, %.1f s",
-            fold, epoch, n_epochs, total_loss / max(seen, 1), s_full, s_imu, score,
-            optimizer.param_groups[0]["lr"], time.perf_counter() - started,
+            fold,
+            epoch,
+            n_epochs,
+            total_loss / max(seen, 1),
+            s_full,
+            s_imu,
+            score,
+            optimizer.param_groups[0]["lr"],
+            time.perf_counter() - started,
         )
         if best is None or score > best.best_score:
             best = EpochChoice(unwrap_state_dict(model), epoch, score, s_full, s_imu, p_full, p_imu)
@@ -411,8 +418,9 @@ def load_checkpoint(path: Path, device: torch.device, fallback_args: dict[str, A
     else:
         args, state = dict(fallback_args), obj
     if args.get("n_channels") != len(features.FRAME_FEATURES):
-        raise bundle.BundleError(f"{path}: model expects {args.get('n_channels')} channels, "
-                                 f"features give {len(features.FRAME_FEATURES)}")
+        raise bundle.BundleError(
+            f"{path}: model expects {args.get('n_channels')} channels, features give {len(features.FRAME_FEATURES)}"
+        )
     model = TimeSeriesNet(**args)
     try:
         model.load_state_dict(strip_module_prefix(state))
@@ -439,8 +447,13 @@ class TorchPipeline(MemberPipeline):
     def prepare(self, data: TrainingData, cfg: Config) -> _Context:
         device = select_device(cfg)
         model_args = model_args_from_config(len(data.table.feature_names), cfg)
-        log.info("torch member: %d sequences, %d channels, device %s, %d epochs", data.n_sequences,
-                 len(data.table.feature_names), device, epochs_for(cfg))
+        log.info(
+            "torch member: %d sequences, %d channels, device %s, %d epochs",
+            data.n_sequences,
+            len(data.table.feature_names),
+            device,
+            epochs_for(cfg),
+        )
         return _Context(device, model_args)
 
     def fold_files(self, fold: int) -> list[str]:
@@ -549,20 +562,37 @@ def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
     bundle_dir = Path(bundle_dir)
     meta = TorchPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
     if meta.get("torch_version") != torch.__version__:
-        log.warning("torch bundle %s was written by torch %s, running torch %s",
-                    bundle_dir, meta.get("torch_version"), torch.__version__)
+        log.warning(
+            "torch bundle %s was written by torch %s, running torch %s",
+            bundle_dir,
+            meta.get("torch_version"),
+            torch.__version__,
+        )
     device = select_device(cfg)
     models, scalers, pad_lens = [], [], []
     for fold in meta["folds"]:
         models.append(load_checkpoint(bundle_dir / meta["fold_files"][str(fold)], device, meta["model_args"]))
         scalers.append(features.ScalerStats.from_dict(meta["scalers"][str(fold)]))
         pad_lens.append(int(meta["pad_len"][str(fold)]))
-    return TorchMember(models, scalers, pad_lens, tuple(meta["feature_names"]), device,
-                       amp_enabled(device, cfg), meta)
+    return TorchMember(models, scalers, pad_lens, tuple(meta["feature_names"]), device, amp_enabled(device, cfg), meta)
 
 
 __all__ = [
-    "MEMBER", "PAD_SIDE", "TimeSeriesNet", "TorchMember", "TorchPipeline", "is_available", "load_member",
-    "select_device", "autocast_context", "amp_enabled", "strip_module_prefix", "unwrap_state_dict", "augment_batch",
-    "build_fold_arrays", "model_args_from_config", "save_checkpoint", "load_checkpoint",
+    "MEMBER",
+    "PAD_SIDE",
+    "TimeSeriesNet",
+    "TorchMember",
+    "TorchPipeline",
+    "is_available",
+    "load_member",
+    "select_device",
+    "autocast_context",
+    "amp_enabled",
+    "strip_module_prefix",
+    "unwrap_state_dict",
+    "augment_batch",
+    "build_fold_arrays",
+    "model_args_from_config",
+    "save_checkpoint",
+    "load_checkpoint",
 ]

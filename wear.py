@@ -38,8 +38,18 @@ FORMAT_VERSION = 1
 # Sensor k (1-based) of a rotated wearer sits where sensor SWAP[k] of a normal wearer does.
 _SENSOR_PERM = [0, 3, 4, 1, 2]  # 0-based: 2<->4, 3<->5
 DETECTOR_FEATURES: tuple[str, ...] = (
-    "acc_x_mean", "acc_y_mean", "acc_x_tail", "acc_y_tail", "acc_xz_tail", "acc_yz_tail",
-    "thm_2m4", "thm_3m5", "tof_2m4", "tof_3m5", "tofvalid_2m4", "tofvalid_3m5",
+    "acc_x_mean",
+    "acc_y_mean",
+    "acc_x_tail",
+    "acc_y_tail",
+    "acc_xz_tail",
+    "acc_yz_tail",
+    "thm_2m4",
+    "thm_3m5",
+    "tof_2m4",
+    "tof_3m5",
+    "tofvalid_2m4",
+    "tofvalid_3m5",
 )
 _N_GROUPS = 5  # subject groups for choosing the threshold on held-out subjects
 _N_ORDERS = 50  # random arrival orders per held-out subject when choosing the threshold (cheap: cumsums)
@@ -72,7 +82,12 @@ def rotate_rows(raw: pl.DataFrame) -> pl.DataFrame:
     thm = df.select(THM_COLS).to_numpy()[:, _SENSOR_PERM]
     tof = df.select(TOF_COLS).to_numpy().reshape(-1, N_TOF_SENSORS, 8, 8)[:, _SENSOR_PERM, ::-1, ::-1]
     tof = tof.reshape(-1, N_TOF_SENSORS * TOF_PIXELS)
-    cols = dict(zip(ACC_COLS, acc.T)) | dict(zip(ROT_COLS, quat.T)) | dict(zip(THM_COLS, thm.T)) | dict(zip(TOF_COLS, tof.T))
+    cols = (
+        dict(zip(ACC_COLS, acc.T))
+        | dict(zip(ROT_COLS, quat.T))
+        | dict(zip(THM_COLS, thm.T))
+        | dict(zip(TOF_COLS, tof.T))
+    )
     return df.with_columns(pl.Series(c, v, dtype=pl.Float32, nan_to_null=True) for c, v in cols.items())
 
 
@@ -92,9 +107,12 @@ def correct_subjects(raw: pl.DataFrame, subjects: list[str] | set[str]) -> pl.Da
 
 def detector_features(table: FrameTable, tail_fraction: float = 0.4) -> np.ndarray:
     """(n_seq, len(DETECTOR_FEATURES)) features that change sign when the device is worn rotated."""
-    idx = feature_index(["acc_x", "acc_y", "acc_z", "acc_mag"]
-                        + [f"thm{k}" for k in range(2, 6)]
-                        + [f"tof{k}_mean" for k in range(2, 6)] + [f"tof{k}_valid_ratio" for k in range(2, 6)])
+    idx = feature_index(
+        ["acc_x", "acc_y", "acc_z", "acc_mag"]
+        + [f"thm{k}" for k in range(2, 6)]
+        + [f"tof{k}_mean" for k in range(2, 6)]
+        + [f"tof{k}_valid_ratio" for k in range(2, 6)]
+    )
     v = table.values[:, idx].astype(np.float64)
     mag = np.maximum(v[:, 3:4], 1e-3)
     unit = v[:, :3] / mag  # gravity dominates: the direction of "up" in the device frame
@@ -107,12 +125,22 @@ def detector_features(table: FrameTable, tail_fraction: float = 0.4) -> np.ndarr
     sens = np.add.reduceat(v[:, 4:], starts, axis=0) / lengths[:, None]
     thm, tof, valid = sens[:, 0:4], sens[:, 4:8], sens[:, 8:12]  # sensors 2..5
     has = table.has_tof_thm.astype(np.float64)[:, None]  # IMU-only sequences: no thm/tof evidence
-    out = np.column_stack([
-        whole[:, 0], whole[:, 1], tail[:, 0], tail[:, 1], tail[:, 0] * tail[:, 2], tail[:, 1] * tail[:, 2],
-        has[:, 0] * (thm[:, 0] - thm[:, 2]), has[:, 0] * (thm[:, 1] - thm[:, 3]),
-        has[:, 0] * (tof[:, 0] - tof[:, 2]) / 100.0, has[:, 0] * (tof[:, 1] - tof[:, 3]) / 100.0,
-        has[:, 0] * (valid[:, 0] - valid[:, 2]), has[:, 0] * (valid[:, 1] - valid[:, 3]),
-    ])
+    out = np.column_stack(
+        [
+            whole[:, 0],
+            whole[:, 1],
+            tail[:, 0],
+            tail[:, 1],
+            tail[:, 0] * tail[:, 2],
+            tail[:, 1] * tail[:, 2],
+            has[:, 0] * (thm[:, 0] - thm[:, 2]),
+            has[:, 0] * (thm[:, 1] - thm[:, 3]),
+            has[:, 0] * (tof[:, 0] - tof[:, 2]) / 100.0,
+            has[:, 0] * (tof[:, 1] - tof[:, 3]) / 100.0,
+            has[:, 0] * (valid[:, 0] - valid[:, 2]),
+            has[:, 0] * (valid[:, 1] - valid[:, 3]),
+        ]
+    )
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -234,15 +262,25 @@ def fit_wear(table: FrameTable, cfg: Config, seed: int = 0) -> tuple[dict[str, A
             "sequences_to_detect_max": int(max(found)) if found else None,
         },
     }
-    log.info("wear detector: per-sequence held-out accuracy %.3f; threshold %.2f; rotated copies detected in %d/%d "
-             "orders (median after %s sequences); normal subjects flagged in %d/%d orders; rotated training "
-             "subjects: %s", seq_acc, threshold, len(found), len(detect_at), info["held_out"]["sequences_to_detect_median"],
-             n_normal_fp, len(per_subject) * _N_ORDERS, rotated or "none")
+    log.info(
+        "wear detector: per-sequence held-out accuracy %.3f; threshold %.2f; rotated copies detected in %d/%d "
+        "orders (median after %s sequences); normal subjects flagged in %d/%d orders; rotated training "
+        "subjects: %s",
+        seq_acc,
+        threshold,
+        len(found),
+        len(detect_at),
+        info["held_out"]["sequences_to_detect_median"],
+        n_normal_fp,
+        len(per_subject) * _N_ORDERS,
+        rotated or "none",
+    )
     return info, rotated
 
 
-def prepare_training_rows(rows: pl.DataFrame, demographics: pl.DataFrame, table: FrameTable, cfg: Config,
-                          ensemble_dir: Path) -> tuple[pl.DataFrame, bool]:
+def prepare_training_rows(
+    rows: pl.DataFrame, demographics: pl.DataFrame, table: FrameTable, cfg: Config, ensemble_dir: Path
+) -> tuple[pl.DataFrame, bool]:
     """Fit the detector, write ``wear.json``, and rotate back the training subjects it finds.
 
     Returns (rows, changed). With ``ENSEMBLE_WEAR_DETECT=0`` nothing is fitted or changed.
@@ -250,9 +288,12 @@ def prepare_training_rows(rows: pl.DataFrame, demographics: pl.DataFrame, table:
     path = Path(ensemble_dir) / WEAR_FILE
     n_subjects = len(set(np.asarray(table.subjects).astype(str).tolist()) - {""})
     if not cfg.ensemble.wear_detect or n_subjects < 2:
-        log.info("wear detection %s: training rows used as recorded",
-                 "switched off (ENSEMBLE_WEAR_DETECT=0)" if not cfg.ensemble.wear_detect
-                 else f"skipped ({n_subjects} training subject(s))")
+        log.info(
+            "wear detection %s: training rows used as recorded",
+            "switched off (ENSEMBLE_WEAR_DETECT=0)"
+            if not cfg.ensemble.wear_detect
+            else f"skipped ({n_subjects} training subject(s))",
+        )
         if path.exists():  # a detector of an earlier run must not serve with these bundles
             path.unlink()
             log.info("removed the earlier run's %s", path)
@@ -306,18 +347,24 @@ class WearDetector:
         d = read_json(path)
         try:
             if d["format_version"] != FORMAT_VERSION or list(d["feature_names"]) != list(DETECTOR_FEATURES):
-                raise WearError(f"{path}: written by another version of wear.py (format {d.get('format_version')}, "
-                                f"features {d.get('feature_names')}); retrain")
+                raise WearError(
+                    f"{path}: written by another version of wear.py (format {d.get('format_version')}, "
+                    f"features {d.get('feature_names')}); retrain"
+                )
             det = Detector(np.asarray(d["coef"], np.float64), np.asarray(d["scale"], np.float64))
             if det.coef.shape != (len(DETECTOR_FEATURES),) or det.scale.shape != det.coef.shape:
-                raise WearError(f"{path}: coef/scale of shapes {det.coef.shape}/{det.scale.shape}, "
-                                f"expected ({len(DETECTOR_FEATURES)},)")
+                raise WearError(
+                    f"{path}: coef/scale of shapes {det.coef.shape}/{det.scale.shape}, "
+                    f"expected ({len(DETECTOR_FEATURES)},)"
+                )
             out = cls(det, float(d["threshold"]), int(d["min_sequences"]), float(d["tail_fraction"]), True)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, WearError):
                 raise
             raise WearError(f"{path} is not a wear file of this project ({type(e).__name__}: {e})") from None
-        log.info("wear detection from %s: threshold %.2f after >= %d sequence(s)", path, out.threshold, out.min_sequences)
+        log.info(
+            "wear detection from %s: threshold %.2f after >= %d sequence(s)", path, out.threshold, out.min_sequences
+        )
         return out
 
     def observe(self, subject: str, table: FrameTable, corrected: bool = False) -> bool:
@@ -333,8 +380,13 @@ class WearDetector:
         ev.per_sequence[str(table.sequence_ids[0])] = -lo if corrected else lo
         if not ev.rotated and ev.n >= self.min_sequences and ev.log_odds > self.threshold:
             ev.rotated = True
-            log.info("subject %s taken as wearing the device rotated 180 degrees (evidence %.1f after %d sequences): "
-                     "its rows are corrected from now on", subject, ev.log_odds, ev.n)
+            log.info(
+                "subject %s taken as wearing the device rotated 180 degrees (evidence %.1f after %d sequences): "
+                "its rows are corrected from now on",
+                subject,
+                ev.log_odds,
+                ev.n,
+            )
         return ev.rotated
 
     def rows_for_features(self, subject: str, sequence: pl.DataFrame) -> pl.DataFrame:
@@ -344,8 +396,9 @@ class WearDetector:
             return rotate_rows(sequence)
         return sequence
 
-    def corrected_table(self, subject: str, sequence: pl.DataFrame, demographics: pl.DataFrame | None,
-                        table: FrameTable, cfg: Config) -> FrameTable:
+    def corrected_table(
+        self, subject: str, sequence: pl.DataFrame, demographics: pl.DataFrame | None, table: FrameTable, cfg: Config
+    ) -> FrameTable:
         """The sequence's frame table from corrected rows when its subject is a rotated wearer.
 
         ``table`` was built from ``rows_for_features(subject, sequence)``: corrected already when the
@@ -361,11 +414,17 @@ class WearDetector:
         return sorted(s for s, ev in self.state.items() if ev.rotated)
 
     def summary(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "threshold": self.threshold, "subjects_seen": len(self.state),
-                "rotated_subjects": self.rotated_subjects()}
+        return {
+            "enabled": self.enabled,
+            "threshold": self.threshold,
+            "subjects_seen": len(self.state),
+            "rotated_subjects": self.rotated_subjects(),
+        }
 
 
-def score_against_truth(detected: list[str], data_dir: str | Path, submission: str | Path | None = None) -> dict[str, Any]:
+def score_against_truth(
+    detected: list[str], data_dir: str | Path, submission: str | Path | None = None
+) -> dict[str, Any]:
     """Detector precision/recall and the hold-out split by wear, when the generator's ``synth_info.json`` exists."""
     info_path = Path(data_dir) / "synth_info.json"
     if not info_path.exists():
@@ -373,17 +432,24 @@ def score_against_truth(detected: list[str], data_dir: str | Path, submission: s
     truth = set(read_json(info_path).get("rotated_subjects", {}).get("test", []))
     found = set(detected)
     tp = len(truth & found)
-    out: dict[str, Any] = {"true_rotated": sorted(truth), "detected": sorted(found), "true_positives": tp,
-                           "precision": tp / len(found) if found else None,
-                           "recall": tp / len(truth) if truth else None}
+    out: dict[str, Any] = {
+        "true_rotated": sorted(truth),
+        "detected": sorted(found),
+        "true_positives": tp,
+        "precision": tp / len(found) if found else None,
+        "recall": tp / len(truth) if truth else None,
+    }
     solution = Path(data_dir) / "test_solution.csv"
     test_csv = Path(data_dir) / "test.csv"
     if submission is not None and Path(submission).exists() and solution.exists() and test_csv.exists():
         from metric import score_components
 
         subj = pl.scan_csv(test_csv).select("sequence_id", "subject").unique().collect()
-        joined = (pl.read_csv(solution).join(pl.read_parquet(submission), on="sequence_id", suffix="_pred")
-                  .join(subj, on="sequence_id"))
+        joined = (
+            pl.read_csv(solution)
+            .join(pl.read_parquet(submission), on="sequence_id", suffix="_pred")
+            .join(subj, on="sequence_id")
+        )
         for flag, name in ((True, "holdout_rotated_subjects"), (False, "holdout_normal_subjects")):
             part = joined.filter(pl.col("subject").is_in(sorted(truth)) == flag)
             if part.height:

@@ -113,8 +113,9 @@ def _env(threads: int | None) -> dict[str, str]:
 
 
 def _run(args: list[str], threads: int | None = None, timeout: float = 900) -> dict[str, Any]:
-    proc = subprocess.run(_cmd(*args), env=_env(threads), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          check=False)
+    proc = subprocess.run(
+        _cmd(*args), env=_env(threads), capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"worker {' '.join(args)} exited {proc.returncode}: {proc.stderr[-1500:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -127,8 +128,9 @@ class Competitor:
         # stdout to a file, not a pipe: a pipe nobody reads fills up and would stall the competitor
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log = open(log_path, "w")  # noqa: SIM115  (closed in __exit__)
-        self.proc = subprocess.Popen(_cmd(*args, "--loop"), env=_env(None), stdout=self.log,
-                                     stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.proc = subprocess.Popen(
+            _cmd(*args, "--loop"), env=_env(None), stdout=self.log, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+        )
         deadline = time.monotonic() + ready_timeout
         while READY not in log_path.read_text(errors="replace"):  # imported, loaded, warmed up
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -184,9 +186,15 @@ def run_benchmark(out: Path, quick: bool = False, members: list[str] | None = No
 
     out.mkdir(parents=True, exist_ok=True)
     n_sequences, n_calls = (96, 50) if quick else (256, 200)
-    result: dict[str, Any] = {"cores": threads.available_cores(), "quick": quick, "target_ratio": TARGET_RATIO,
-                              "train_sequences": n_sequences, "calls": n_calls,
-                              "note": "other processes on the machine make these numbers noisy", "members": {}}
+    result: dict[str, Any] = {
+        "cores": threads.available_cores(),
+        "quick": quick,
+        "target_ratio": TARGET_RATIO,
+        "train_sequences": n_sequences,
+        "calls": n_calls,
+        "note": "other processes on the machine make these numbers noisy",
+        "members": {},
+    }
     for member in members or list(MEMBERS):
         need = {"lgbm": "lightgbm", "torch": "torch", "keras": "tensorflow"}[member]
         if importlib.util.find_spec(need) is None:
@@ -211,11 +219,13 @@ def _print_member(member: str, r: dict[str, Any]) -> None:
         return
     s1, s2, c = r["serve_1_thread"], r["serve_2_thread"], r["serve_beside_training"]
     rat = r["ratios"]
-    print(f"{member}: predict p50 1 thread {s1['p50_ms']:.1f} ms, 2 threads {s2['p50_ms']:.1f} ms; "
-          f"beside training {c['p50_ms']:.1f} ms (x{rat['predict_p50_beside_training']:.2f} p50, "
-          f"x{rat['predict_p95_beside_training']:.2f} p95); train {r['train_alone_s']:.1f} s alone, "
-          f"{r['train_beside_serving_s']:.1f} s beside serving (x{rat['train_beside_serving']:.2f}); "
-          f"{'within' if r['within_target'] else 'OVER'} target x{TARGET_RATIO}")
+    print(
+        f"{member}: predict p50 1 thread {s1['p50_ms']:.1f} ms, 2 threads {s2['p50_ms']:.1f} ms; "
+        f"beside training {c['p50_ms']:.1f} ms (x{rat['predict_p50_beside_training']:.2f} p50, "
+        f"x{rat['predict_p95_beside_training']:.2f} p95); train {r['train_alone_s']:.1f} s alone, "
+        f"{r['train_beside_serving_s']:.1f} s beside serving (x{rat['train_beside_serving']:.2f}); "
+        f"{'within' if r['within_target'] else 'OVER'} target x{TARGET_RATIO}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

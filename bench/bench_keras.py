@@ -1,7 +1,8 @@
 """Keras member benchmark: CPU training throughput, and prediction latency with every fold kept in memory
 (compiled fold-averaging tf.function) versus loading every .keras file in each call (the original design).
 
-Run from the repository root: ``python -m bench.bench_keras --out /tmp/bench_keras [--folds 5] [--calls 200] [--threads 2]``.
+Run from the repository root:
+``python -m bench.bench_keras --out /tmp/bench_keras [--folds 5] [--calls 200] [--threads 2]``.
 ``main.py bench`` calls ``run_benchmark``. Models have the default ``KerasConfig`` sizes
 (128/256/256 IMU filters, 64/128 ToF filters, 128 RNN units), randomly initialised:
 latency and throughput do not depend on the weights. Data are random raw rows with the
@@ -37,12 +38,17 @@ def _train_throughput(cfg: Config, table: Any, n_train: int) -> dict[str, float]
     y = np.eye(N_CLASSES, dtype=np.float32)[np.arange(len(idx)) % N_CLASSES]
     args = kp.model_args(cfg, len(imu_idx), len(tof_idx), cfg.features.pad_len)
     out: dict[str, float] = {}
-    for name, build, inputs in (("full", kp.build_full_model, (x[..., imu_idx], x[..., tof_idx], m)),
-                                ("imu", kp.build_imu_model, (x[..., imu_idx], m))):
+    for name, build, inputs in (
+        ("full", kp.build_full_model, (x[..., imu_idx], x[..., tof_idx], m)),
+        ("imu", kp.build_imu_model, (x[..., imu_idx], m)),
+    ):
         keras.utils.set_random_seed(0)
         model = build(args)
-        model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                      loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1), run_eagerly=False)
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+            run_eagerly=False,
+        )
         ds = tf.data.Dataset.from_tensor_slices((inputs, y)).batch(cfg.keras.batch_size).prefetch(tf.data.AUTOTUNE)
         t0 = time.perf_counter()
         model.fit(ds, epochs=1, verbose=0)  # traces the train step
@@ -71,8 +77,14 @@ def _make_bundle(cfg: Config, table: Any, bundle_dir: Path, n_folds: int) -> Non
     kp.KerasPipeline().write_bundle(bundle_dir, work, cfg.features.pad_len, "bench", records, cfg, "bench", {})
 
 
-def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads: int = 2,
-                  n_train: int = 256, n_reload_calls: int | None = None) -> dict:
+def run_benchmark(
+    out_dir: Path,
+    n_folds: int = 5,
+    n_calls: int = 200,
+    n_threads: int = 2,
+    n_train: int = 256,
+    n_reload_calls: int | None = None,
+) -> dict:
     """Training throughput and per-sequence latency (in memory vs reload per call); writes keras_bench.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,8 +97,14 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
     if not ok:
         return {"member": "keras", "skipped": why}
 
-    result: dict[str, Any] = {"member": "keras", "device": "cpu", "threads": n_threads, "n_folds": n_folds,
-                              "pad_len": cfg.features.pad_len, "tensorflow": why}
+    result: dict[str, Any] = {
+        "member": "keras",
+        "device": "cpu",
+        "threads": n_threads,
+        "n_folds": n_folds,
+        "pad_len": cfg.features.pad_len,
+        "tensorflow": why,
+    }
     result["training"] = _train_throughput(cfg, table, n_train)
 
     bundle_dir = out_dir / "bundles" / "keras"
@@ -108,8 +126,11 @@ def run_benchmark(out_dir: Path, n_folds: int = 5, n_calls: int = 200, n_threads
         t = time.perf_counter()
         member.predict_proba(one)
         (times_full if table.has_tof_thm[i] else times_imu).append(time.perf_counter() - t)
-    result["in_memory"] = {"all": latency_ms(times_full + times_imu), "full_sensor": latency_ms(times_full),
-                           "imu_only": latency_ms(times_imu)}
+    result["in_memory"] = {
+        "all": latency_ms(times_full + times_imu),
+        "full_sensor": latency_ms(times_full),
+        "imu_only": latency_ms(times_imu),
+    }
     member.predict_proba(table)  # traces the plain graph used for big batches
     t = time.perf_counter()
     member.predict_proba(table)
@@ -138,14 +159,24 @@ def main() -> None:
         return
     tr = r["training"]
     print(f"keras benchmark ({r['tensorflow']}; {r['threads']} threads; pad_len {r['pad_len']}; {r['n_folds']} folds)")
-    print(f"training  full model : {tr['full_train_seq_per_s']:8.1f} seq/s  ({tr['full_params']:,} params; "
-          f"first epoch incl. tracing {tr['full_first_epoch_s']:.1f} s)")
-    print(f"training  IMU model  : {tr['imu_train_seq_per_s']:8.1f} seq/s  ({tr['imu_params']:,} params; "
-          f"first epoch incl. tracing {tr['imu_first_epoch_s']:.1f} s)")
-    print(f"load bundle once     : {r['load_s']:.2f} s; first calls (XLA compile, both routes) {r['first_call_s']:.2f} s")
+    print(
+        f"training  full model : {tr['full_train_seq_per_s']:8.1f} seq/s  ({tr['full_params']:,} params; "
+        f"first epoch incl. tracing {tr['full_first_epoch_s']:.1f} s)"
+    )
+    print(
+        f"training  IMU model  : {tr['imu_train_seq_per_s']:8.1f} seq/s  ({tr['imu_params']:,} params; "
+        f"first epoch incl. tracing {tr['imu_first_epoch_s']:.1f} s)"
+    )
+    print(
+        f"load bundle once     : {r['load_s']:.2f} s; first calls (XLA compile, both routes) {r['first_call_s']:.2f} s"
+    )
     print(f"{'per-sequence latency':22s} {'p50 ms':>9s} {'p95 ms':>9s} {'mean ms':>9s} {'n':>5s}")
-    rows = [("in memory (all)", r["in_memory"]["all"]), ("in memory (full)", r["in_memory"]["full_sensor"]),
-            ("in memory (IMU-only)", r["in_memory"]["imu_only"]), ("reload per call", r["reload_per_call"])]
+    rows = [
+        ("in memory (all)", r["in_memory"]["all"]),
+        ("in memory (full)", r["in_memory"]["full_sensor"]),
+        ("in memory (IMU-only)", r["in_memory"]["imu_only"]),
+        ("reload per call", r["reload_per_call"]),
+    ]
     for name, s in rows:
         print(f"{name:22s} {s['p50_ms']:9.1f} {s['p95_ms']:9.1f} {s['mean_ms']:9.1f} {s['n']:5d}")
     print(f"speed-up (p50): x{r['speedup_p50']:.0f}; batched in memory: {r['in_memory_batch_seq_per_s']:.0f} seq/s")

@@ -31,8 +31,13 @@ def synthetic_raw(n_sequences: int, seed: int = 0, imu_only_share: float = 0.0) 
         "sequence_id": np.char.add("SEQ_", np.char.zfill(seq.astype(str), 6)),
         "sequence_counter": np.concatenate([np.arange(k) for k in lengths]),
         "subject": np.char.add("SUBJ_", (seq % 10).astype(str)),
-        "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
-        "rot_w": quat[:, 0], "rot_x": quat[:, 1], "rot_y": quat[:, 2], "rot_z": quat[:, 3],
+        "acc_x": acc[:, 0],
+        "acc_y": acc[:, 1],
+        "acc_z": acc[:, 2],
+        "rot_w": quat[:, 0],
+        "rot_x": quat[:, 1],
+        "rot_y": quat[:, 2],
+        "rot_z": quat[:, 3],
     }
     for c in THM_COLS:
         data[c] = np.where(imu_only, np.nan, 28 + rng.normal(0, 1, n)).astype(np.float32)
@@ -58,5 +63,9 @@ def latency_ms(times_s: list[float]) -> dict[str, float]:
     if not times_s:
         return {"p50_ms": float("nan"), "p95_ms": float("nan"), "mean_ms": float("nan"), "n": 0}
     arr = np.asarray(times_s) * 1000.0
-    return {"p50_ms": float(np.percentile(arr, 50)), "p95_ms": float(np.percentile(arr, 95)),
-            "mean_ms": float(arr.mean()), "n": int(len(arr))}
+    return {
+        "p50_ms": float(np.percentile(arr, 50)),
+        "p95_ms": float(np.percentile(arr, 95)),
+        "mean_ms": float(arr.mean()),
+        "n": int(len(arr)),
+    }

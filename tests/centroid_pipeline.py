@@ -69,8 +69,11 @@ class CentroidPipeline(MemberPipeline):
             c[k] = x[split.train][data.y[split.train] == k].mean(0)
         io_utils.write_npy(work / f"fold{split.fold}_centroids.npy", c)
         member = CentroidMember([c], cfg.member(self.name).temperature)
-        return FoldResult(member.predict_proba(data.table.select(split.valid)),
-                          member.predict_proba(data.imu_table.select(split.valid)), {"n_train": len(split.train)})
+        return FoldResult(
+            member.predict_proba(data.table.select(split.valid)),
+            member.predict_proba(data.imu_table.select(split.valid)),
+            {"n_train": len(split.train)},
+        )
 
     def load(self, bundle_dir: Path, cfg: Config) -> CentroidMember:
         meta = self.read_bundle(bundle_dir, self.feature_names(None, cfg))

@@ -13,8 +13,14 @@ from schema import ACC_COLS, ROT_COLS, THM_COLS, TOF_COLS
 SHARED_CMI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmi"
 
 
-def make_sequence(seq_id: str, n: int, seed: int = 0, subject: str = "SUBJ_000001", gesture: str = "Wave hello",
-                  imu_only: bool = False) -> pl.DataFrame:
+def make_sequence(
+    seq_id: str,
+    n: int,
+    seed: int = 0,
+    subject: str = "SUBJ_000001",
+    gesture: str = "Wave hello",
+    imu_only: bool = False,
+) -> pl.DataFrame:
     """One physically consistent sequence: a slow rotation with gravity in the accelerometer."""
     rng = np.random.default_rng(seed)
     t = np.arange(n) * 0.1
@@ -54,15 +60,29 @@ def make_table(lengths: list[int], seed: int = 0) -> pl.DataFrame:
 
 def demographics(subjects: list[str], handedness: int = 1) -> pl.DataFrame:
     k = len(subjects)
-    return pl.DataFrame({
-        "subject": subjects, "adult_child": [1] * k, "age": [30.0] * k, "sex": [1] * k,
-        "handedness": [handedness] * k, "height_cm": [170.0] * k, "shoulder_to_wrist_cm": [52.0] * k,
-        "elbow_to_wrist_cm": [26.0] * k,
-    })
+    return pl.DataFrame(
+        {
+            "subject": subjects,
+            "adult_child": [1] * k,
+            "age": [30.0] * k,
+            "sex": [1] * k,
+            "handedness": [handedness] * k,
+            "height_cm": [170.0] * k,
+            "shoulder_to_wrist_cm": [52.0] * k,
+            "elbow_to_wrist_cm": [26.0] * k,
+        }
+    )
 
 
-def labelled_rows(n_subjects: int = 3, classes: tuple[int, ...] = tuple(range(6)), reps: int = 3, seed: int = 0,
-                  imu_only_every: int = 0, min_len: int = 30, max_len: int = 50) -> pl.DataFrame:
+def labelled_rows(
+    n_subjects: int = 3,
+    classes: tuple[int, ...] = tuple(range(6)),
+    reps: int = 3,
+    seed: int = 0,
+    imu_only_every: int = 0,
+    min_len: int = 30,
+    max_len: int = 50,
+) -> pl.DataFrame:
     """Train-layout rows (every column of train.csv) whose gesture is plain in every sensor group.
 
     Each class shakes an accelerometer axis (learnable from the IMU), and
@@ -119,8 +139,9 @@ def labels_of(raw: pl.DataFrame, sequence_ids: np.ndarray) -> np.ndarray:
     return np.array([GESTURES.index(per_seq[s]) for s in sequence_ids], dtype=np.int64)
 
 
-def training_data(raw: pl.DataFrame, n_folds: int = 2, demographics: pl.DataFrame | None = None,
-                  cfg: object = None, seed: int = 42):
+def training_data(
+    raw: pl.DataFrame, n_folds: int = 2, demographics: pl.DataFrame | None = None, cfg: object = None, seed: int = 42
+):
     """``member_base.TrainingData`` for ``raw``: both views, labels, subject-grouped stratified folds."""
     import cv
     import features
@@ -135,8 +156,9 @@ def training_data(raw: pl.DataFrame, n_folds: int = 2, demographics: pl.DataFram
     return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))
 
 
-def imu_separable_rows(classes: tuple[int, ...] = (0, 1, 8), n_per_class: int = 30, n_subjects: int = 4,
-                       seed: int = 1) -> pl.DataFrame:
+def imu_separable_rows(
+    classes: tuple[int, ...] = (0, 1, 8), n_per_class: int = 30, n_subjects: int = 4, seed: int = 1
+) -> pl.DataFrame:
     """Minimal rows (IMU + thermopiles, no ToF, identity rotation) whose class is plain in the accelerometer.
 
     Each class shakes its own axis at 1.5 Hz; the thermopiles warm with the class too. Small networks learn
@@ -159,8 +181,13 @@ def imu_separable_rows(classes: tuple[int, ...] = (0, 1, 8), n_per_class: int = 
                 "sequence_counter": np.arange(n),
                 "subject": [f"SUBJ_{k % n_subjects:03d}"] * n,
                 "gesture": [GESTURES[c]] * n,
-                "acc_x": acc[:, 0], "acc_y": acc[:, 1], "acc_z": acc[:, 2],
-                "rot_w": np.ones(n), "rot_x": np.zeros(n), "rot_y": np.zeros(n), "rot_z": np.zeros(n),
+                "acc_x": acc[:, 0],
+                "acc_y": acc[:, 1],
+                "acc_z": acc[:, 2],
+                "rot_w": np.ones(n),
+                "rot_x": np.zeros(n),
+                "rot_y": np.zeros(n),
+                "rot_z": np.zeros(n),
             }
             data.update({col: thm[:, j] for j, col in enumerate(THM_COLS)})
             frames.append(pl.DataFrame(data))

@@ -53,8 +53,9 @@ def test_folds_grouped_stratified_and_reused(tmp_path):
     again = cv.load_or_make_folds(tmp_path / "folds.csv", seq, subj, gest, 5, 999)  # reused: seed ignored
     assert cv.folds_hash(again) == cv.folds_hash(folds)
     with pytest.raises(cv.FoldsError, match="without a fold"):
-        cv.load_or_make_folds(tmp_path / "folds.csv", np.append(seq, "SEQ_X"), np.append(subj, "S"),
-                              np.append(gest, GESTURES[0]), 5, 42)
+        cv.load_or_make_folds(
+            tmp_path / "folds.csv", np.append(seq, "SEQ_X"), np.append(subj, "S"), np.append(gest, GESTURES[0]), 5, 42
+        )
     # fewer subjects than folds cannot be split by subject
     with pytest.raises(cv.FoldsError, match="cannot fill"):
         cv.make_folds(seq[:4], np.array(["A", "A", "B", "B"]), gest[:4], 5, 0)
@@ -75,6 +76,7 @@ def test_member_oof_round_trip_and_mismatch(tmp_path):
     # a second member on other folds is refused when read
     cv.write_member_oof(tmp_path, "torch", seq, y, fold, p, p, "abc")
     import json
+
     s = json.loads((tmp_path / "torch_summary.json").read_text())
     s["folds_hash"] = "other"
     (tmp_path / "torch_summary.json").write_text(json.dumps(s))

@@ -36,9 +36,7 @@ class FakeMember:
 def _specs(tmp_path: Path, members: dict[str, FakeMember]) -> list[ensemble.MemberSpec]:
     for name in members:
         (tmp_path / "bundles" / name).mkdir(parents=True, exist_ok=True)
-    return [
-        ensemble.MemberSpec(name=n, load_member=lambda d, c, m=m: m) for n, m in members.items()
-    ]
+    return [ensemble.MemberSpec(name=n, load_member=lambda d, c, m=m: m) for n, m in members.items()]
 
 
 def test_predictor_blends_with_renormalised_default_weights(tmp_path):
@@ -55,8 +53,12 @@ def test_predictor_blends_with_renormalised_default_weights(tmp_path):
 def test_fitted_weights_and_imu_only_view(tmp_path):
     cfg = load_config({}, out_dir=str(tmp_path))
     members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}
-    weights = {"views": {"full": {"weights": {"lgbm": 0.9, "torch": 0.1}},
-                         "imu_only": {"weights": {"lgbm": 0.1, "torch": 0.9}}}}
+    weights = {
+        "views": {
+            "full": {"weights": {"lgbm": 0.9, "torch": 0.1}},
+            "imu_only": {"weights": {"lgbm": 0.1, "torch": 0.9}},
+        }
+    }
     write_json(tmp_path / "ensemble" / "weights.json", weights)
     pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
     assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[0]
@@ -132,8 +134,9 @@ def test_local_gateway_on_the_real_test_file(tmp_path):
         seen.append((sequence["sequence_id"][0], sequence.height, demographics.height, sequence.columns))
         return "Text on phone"
 
-    res = inference_server.run_local_gateway(predict, SHARED_CMI / "test.csv", SHARED_CMI / "test_demographics.csv",
-                                             tmp_path / "submission.parquet", seed=1)
+    res = inference_server.run_local_gateway(
+        predict, SHARED_CMI / "test.csv", SHARED_CMI / "test_demographics.csv", tmp_path / "submission.parquet", seed=1
+    )
     sub = pl.read_parquet(tmp_path / "submission.parquet")
     assert sub.columns == ["sequence_id", "gesture"] and sub.height == 2
     assert sorted((s, n, d) for s, n, d, _ in seen) == [("SEQ_000001", 56, 1), ("SEQ_000011", 51, 1)]
@@ -153,21 +156,24 @@ def test_gateway_hands_over_string_typed_columns_and_checks_answers(tmp_path):
         dtypes.append(sequence.schema[THM_COLS[0]])
         return "Glasses on/off"
 
-    inference_server.run_local_gateway(predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
-                                       tmp_path / "submission.parquet")
+    inference_server.run_local_gateway(
+        predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv", tmp_path / "submission.parquet"
+    )
     assert any(d != pl.Float64 for d in dtypes)  # the trap is reproduced
 
     def predict(sequence, demographics):  # noqa: F811
         return "Hair pull" if sequence["sequence_id"][0] == "SEQ_000001" else "Wave hello"
 
     with pytest.raises(inference_server.GatewayError, match="1 of 3"):
-        inference_server.run_local_gateway(predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
-                                           tmp_path / "sub2.parquet")
+        inference_server.run_local_gateway(
+            predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv", tmp_path / "sub2.parquet"
+        )
     assert not (tmp_path / "sub2.parquet").exists()
     assert pl.read_parquet(tmp_path / "sub2_partial.parquet").height == 2
     with pytest.raises(inference_server.GatewayError, match="named 'predict'"):
-        inference_server.run_local_gateway(lambda s, d: "Wave hello", tmp_path / "test.csv",
-                                           tmp_path / "test_demographics.csv", tmp_path / "s.parquet")
+        inference_server.run_local_gateway(
+            lambda s, d: "Wave hello", tmp_path / "test.csv", tmp_path / "test_demographics.csv", tmp_path / "s.parquet"
+        )
     _ = TOF_COLS
 
 
@@ -202,8 +208,12 @@ def test_predictor_applies_the_class_bias_of_the_view(tmp_path):
     members = {"lgbm": FakeMember(5)}  # 0.83 on class 5, 0.01 elsewhere
     bias = [0.0] * 18
     bias[3] = 5.0  # e^5 * 0.01 > 0.83: class 3 wins where the bias applies
-    weights = {"views": {"full": {"weights": {"lgbm": 1.0}, "calibration": {"class_bias": bias}},
-                         "imu_only": {"weights": {"lgbm": 1.0}, "calibration": {"class_bias": None}}}}
+    weights = {
+        "views": {
+            "full": {"weights": {"lgbm": 1.0}, "calibration": {"class_bias": bias}},
+            "imu_only": {"weights": {"lgbm": 1.0}, "calibration": {"class_bias": None}},
+        }
+    }
     write_json(tmp_path / "ensemble" / "weights.json", weights)
     pred = ensemble.Predictor(load_config({}), _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
     assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[3]
@@ -225,14 +235,22 @@ def test_member_bundle_path_low_memory_mode_and_fail_if_missing(tmp_path, caplog
         def load(bundle_dir, cfg):
             loads.append(Path(bundle_dir))
             return FakeMember(cls)
+
         return load
 
     elsewhere = tmp_path / "attached" / "torch_bundle"
     elsewhere.mkdir(parents=True)
     (tmp_path / "bundles" / "lgbm").mkdir(parents=True)
     specs = [ensemble.MemberSpec("lgbm", loader(0)), ensemble.MemberSpec("torch", loader(5))]
-    cfg = load_config({"TORCH_BUNDLE_PATH": str(elsewhere), "LOAD_TORCH_FOLDS_IN_MEMORY": "0",
-                       "ENSEMBLE_W_LGBM": "0.1", "ENSEMBLE_W_TORCH": "0.9"}, out_dir=str(tmp_path))
+    cfg = load_config(
+        {
+            "TORCH_BUNDLE_PATH": str(elsewhere),
+            "LOAD_TORCH_FOLDS_IN_MEMORY": "0",
+            "ENSEMBLE_W_LGBM": "0.1",
+            "ENSEMBLE_W_TORCH": "0.9",
+        },
+        out_dir=str(tmp_path),
+    )
     with caplog.at_level(logging.WARNING):
         pred = ensemble.Predictor(cfg, specs, bundle_root=tmp_path / "bundles")
     assert "LOAD_TORCH_FOLDS_IN_MEMORY=0" in caplog.text

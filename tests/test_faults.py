@@ -56,8 +56,9 @@ def test_files(tmp_path):
 
 def _earlier_submission(out: Path) -> bytes:
     sub = out / "submission.parquet"
-    pl.DataFrame({"sequence_id": [f"SEQ_{i:06d}" for i in range(N_SEQ)], "gesture": ["Wave hello"] * N_SEQ}
-                 ).write_parquet(sub)
+    pl.DataFrame(
+        {"sequence_id": [f"SEQ_{i:06d}" for i in range(N_SEQ)], "gesture": ["Wave hello"] * N_SEQ}
+    ).write_parquet(sub)
     return sub.read_bytes()
 
 
@@ -106,12 +107,18 @@ def test_killed_gateway_leaves_no_new_or_half_written_submission(test_files, ear
     test_csv, demo_csv, out = test_files
     before = _earlier_submission(out) if earlier else None
     marker = out.parent / "reached_call_4"
-    script = _GATEWAY_SCRIPT.format(root=str(ROOT), marker=str(marker), test=str(test_csv), demo=str(demo_csv),
-                                    out=str(out / "submission.parquet"))
+    script = _GATEWAY_SCRIPT.format(
+        root=str(ROOT), marker=str(marker), test=str(test_csv), demo=str(demo_csv), out=str(out / "submission.parquet")
+    )
     proc = subprocess.Popen([PY, "-c", script], cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _kill_when(proc, marker.exists, 60, "the gateway's 4th call",
-                   lambda: proc.stderr.read().decode(errors="replace")[-600:])
+        _kill_when(
+            proc,
+            marker.exists,
+            60,
+            "the gateway's 4th call",
+            lambda: proc.stderr.read().decode(errors="replace")[-600:],
+        )
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -216,8 +223,11 @@ def test_killed_bundle_rebuild_leaves_the_old_bundle_whole(tmp_path):
         io_utils.write_json(tmp / "metadata.json", {"member": "lgbm"})
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     marker = tmp_path / "half_built"
-    proc = subprocess.Popen([PY, "-c", _DIR_SCRIPT.format(root=str(ROOT), target=str(target), marker=str(marker))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [PY, "-c", _DIR_SCRIPT.format(root=str(ROOT), target=str(target), marker=str(marker))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _kill_when(proc, marker.exists, 60, "the bundle writer got going")
     finally:
@@ -226,22 +236,36 @@ def test_killed_bundle_rebuild_leaves_the_old_bundle_whole(tmp_path):
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old bundle, whole
     assert not (target.parent / ".lgbm.old").exists()
     # the half-built one stays under a hidden temporary name nobody loads
-    assert all(p.name.startswith(".lgbm.") and p.name.endswith(".tmp")
-               for p in target.parent.iterdir() if p.name != "lgbm")
+    assert all(
+        p.name.startswith(".lgbm.") and p.name.endswith(".tmp") for p in target.parent.iterdir() if p.name != "lgbm"
+    )
 
 
 # --------------------------------------------------------------------------- training killed and restarted
 
 
 def _train_cmd(data: Path, out: Path) -> list[str]:
-    return [PY, str(ROOT / "main.py"), "train", "--members", "lgbm", "--debug", "--data-dir", str(data),
-            "--out", str(out)]
+    return [
+        PY,
+        str(ROOT / "main.py"),
+        "train",
+        "--members",
+        "lgbm",
+        "--debug",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(out),
+    ]
 
 
 def _env() -> dict[str, str]:
     # our own settings only: a developer's STRICT/CMI_*/LGBM_* must not leak into the runs
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CMI_", "FEAT_", "LGBM_", "DL_", "KERAS_", "ENSEMBLE_", "USE_", "STRICT"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CMI_", "FEAT_", "LGBM_", "DL_", "KERAS_", "ENSEMBLE_", "USE_", "STRICT"))
+    }
     env.update(CMI_N_FOLDS="3", CMI_N_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     return env
 
@@ -252,19 +276,31 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
     from io_utils import read_npy
 
     data = tmp_path / "data"
-    subprocess.run([PY, str(ROOT / "main.py"), "synth", "--out", str(data), "--subjects", "4"], check=True,
-                   env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    subprocess.run(
+        [PY, str(ROOT / "main.py"), "synth", "--out", str(data), "--subjects", "4"],
+        check=True,
+        env=_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=300,
+    )
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     # the reference run goes alongside the run that gets killed: the two cores are used, the wall time halves
     errs = [open(tmp_path / "clean.err", "wb"), open(tmp_path / "killed.err", "wb")]
-    ref = subprocess.Popen(_train_cmd(data, clean), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                           stderr=errs[0])
-    victim = subprocess.Popen(_train_cmd(data, killed), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=errs[1])
+    ref = subprocess.Popen(_train_cmd(data, clean), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=errs[0])
+    victim = subprocess.Popen(
+        _train_cmd(data, killed), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=errs[1]
+    )
     try:
         log = killed / "logs" / "run.log"
-        _kill_when(victim, lambda: log.exists() and "lgbm fold 0" in log.read_text(errors="replace"), 240,
-                   "fold 0 finished", lambda: (tmp_path / "killed.err").read_text(errors="replace")[-800:])
+        _kill_when(
+            victim,
+            lambda: log.exists() and "lgbm fold 0" in log.read_text(errors="replace"),
+            240,
+            "fold 0 finished",
+            lambda: (tmp_path / "killed.err").read_text(errors="replace")[-800:],
+        )
         assert ref.wait(300) == 0, (tmp_path / "clean.err").read_text(errors="replace")[-800:]
     finally:
         for p in (ref, victim):
@@ -280,8 +316,15 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
     assert not (killed / "oof" / "oof_lgbm_proba.npy").exists()
 
     with open(tmp_path / "restart.err", "wb") as err:
-        subprocess.run(_train_cmd(data, killed), env=_env(), cwd=tmp_path, check=True, timeout=300,
-                       stdout=subprocess.DEVNULL, stderr=err)
+        subprocess.run(
+            _train_cmd(data, killed),
+            env=_env(),
+            cwd=tmp_path,
+            check=True,
+            timeout=300,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     assert "reusing folds" in log.read_text(errors="replace")  # the killed run's folds.csv was complete
     for name in ("oof_lgbm_proba.npy", "oof_lgbm_imu_proba.npy", "y_true.npy", "sequence_ids.npy", "fold_ids.npy"):
         a, b = read_npy(clean / "oof" / name), read_npy(killed / "oof" / name)

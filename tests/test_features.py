@@ -15,8 +15,22 @@ from tests.factory import SHARED_CMI, demographics, make_sequence, make_table
 def test_channel_layout():
     assert len(F.FRAME_FEATURES) >= 18 and len(set(F.FRAME_FEATURES)) == len(F.FRAME_FEATURES)
     assert set(F.IMU_FEATURES).isdisjoint(F.TOFTHM_FEATURES)
-    for name in ("linear_acc_x", "omega_z", "linear_acc_mag", "omega_mag", "tof_mean", "tof_std", "tof_min",
-                 "tof_max", "tof_valid_ratio", "thm_mean", "thm_std", "thm_min", "thm_max", "thm_valid_ratio"):
+    for name in (
+        "linear_acc_x",
+        "omega_z",
+        "linear_acc_mag",
+        "omega_mag",
+        "tof_mean",
+        "tof_std",
+        "tof_min",
+        "tof_max",
+        "tof_valid_ratio",
+        "thm_mean",
+        "thm_std",
+        "thm_min",
+        "thm_max",
+        "thm_valid_ratio",
+    ):
         assert name in F.FRAME_FEATURES
 
 
@@ -58,8 +72,9 @@ def test_world_frame_physics_of_a_known_motion():
     v = {name: t.values[:, i] for i, name in enumerate(F.FRAME_FEATURES)}
     assert np.abs(v["linear_acc_mag"]).max() < 1e-3
     assert np.abs(v["omega_mag"]).max() < 1e-3
-    np.testing.assert_allclose(np.stack([v["gravity_x"], v["gravity_y"], v["gravity_z"]], 1)[0],
-                               rot.inv().apply([0, 0, 1]), atol=1e-5)
+    np.testing.assert_allclose(
+        np.stack([v["gravity_x"], v["gravity_y"], v["gravity_z"]], 1)[0], rot.inv().apply([0, 0, 1]), atol=1e-5
+    )
 
 
 def test_angular_velocity_of_a_constant_spin_and_sign_flips():

@@ -52,16 +52,27 @@ def trained(tmp_path_factory):
     synth.write_dataset(root / "data", n_subjects=5, seed=3)
     # an explicit env mapping: the developer's shell (CMI_*) must not change the test. STRICT=1: these
     # tests check the errors; the serving (degraded) mode is tested in test_serving_hostile.py.
-    cfg = config.load_config({"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"}, data_dir=str(root / "data"),
-                             out_dir=str(root / "out"), debug=True)
+    cfg = config.load_config(
+        {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"},
+        data_dir=str(root / "data"),
+        out_dir=str(root / "out"),
+        debug=True,
+    )
     main.stage_train(cfg, ["lgbm"], main.StageTimer())
     test = data.read_test(root / "data")  # cleanly typed Float32 rows
     demo = data.read_demographics(root / "data" / "test_demographics.csv")
     has = test.group_by("sequence_id", maintain_order=True).agg(pl.col("thm_1").is_not_null().any().alias("h"))
     sid = has.filter(pl.col("h"))["sequence_id"][0]  # a full-sensor sequence
     seq = test.filter(pl.col("sequence_id") == sid)
-    return SimpleNamespace(cfg=cfg, root=root, bundles=root / "out" / "bundles", test=test, demo_all=demo,
-                           seq=seq, demo=demo.filter(pl.col("subject") == seq["subject"][0]))
+    return SimpleNamespace(
+        cfg=cfg,
+        root=root,
+        bundles=root / "out" / "bundles",
+        test=test,
+        demo_all=demo,
+        seq=seq,
+        demo=demo.filter(pl.col("subject") == seq["subject"][0]),
+    )
 
 
 def _specs():
@@ -131,9 +142,13 @@ def test_rotation_all_nan_or_absent_is_the_same_degradation(trained, predictor):
 def test_inf_in_acc_thm_tof_reads_as_missing(trained, predictor):
     seq, demo = trained.seq, trained.demo
     with_inf, with_null = seq, seq
-    for col, rows, v in (("acc_x", [3, 4], float("inf")), ("acc_z", [0], -float("inf")),
-                         ("thm_2", [5, 9], float("inf")), ("tof_1_v0", [7], float("inf")),
-                         ("tof_3_v17", [1, 2, 3], -float("inf"))):
+    for col, rows, v in (
+        ("acc_x", [3, 4], float("inf")),
+        ("acc_z", [0], -float("inf")),
+        ("thm_2", [5, 9], float("inf")),
+        ("tof_1_v0", [7], float("inf")),
+        ("tof_3_v17", [1, 2, 3], -float("inf")),
+    ):
         with_inf = _set_cells(with_inf, col, rows, v)
         with_null = _set_cells(with_null, col, rows, None)
     _same_answer(predictor, with_inf, with_null, demo)
@@ -174,8 +189,13 @@ def test_string_null_tokens_equal_nulls(trained, predictor):
     seq, demo = trained.seq, trained.demo
     text = seq.with_columns(pl.col(TOFTHM).cast(pl.String))
     nulls = seq
-    for col, rows, token in (("thm_1", [0, 1, 2], "NaN"), ("thm_4", [10], ""), ("tof_5_v63", [4, 5], "NaN"),
-                             ("tof_1_v10", [6], " "), ("tof_2_v2", [8], "")):
+    for col, rows, token in (
+        ("thm_1", [0, 1, 2], "NaN"),
+        ("thm_4", [10], ""),
+        ("tof_5_v63", [4, 5], "NaN"),
+        ("tof_1_v10", [6], " "),
+        ("tof_2_v2", [8], ""),
+    ):
         text = _set_cells(text, col, rows, token, dtype=pl.String)
         nulls = _set_cells(nulls, col, rows, None)
     _same_answer(predictor, text, nulls, demo)
@@ -200,8 +220,9 @@ def test_gateway_with_string_typed_imu_only_file_and_real_predictor(trained, tmp
     rows.write_csv(tmp_path / "test.csv")
     demo.write_csv(tmp_path / "test_demographics.csv")
     pred = _predictor(trained)
-    inference_server.run_local_gateway(pred.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
-                                       tmp_path / "submission.parquet")
+    inference_server.run_local_gateway(
+        pred.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv", tmp_path / "submission.parquet"
+    )
     sub = dict(pl.read_parquet(tmp_path / "submission.parquet").iter_rows())
     assert set(sub) == set(order)
     for s in order:  # same answer as the cleanly typed rows
@@ -218,8 +239,9 @@ def test_gateway_keeps_the_other_answers_when_one_sequence_is_hostile(trained, t
     demo.write_csv(tmp_path / "test_demographics.csv")
     pred = _predictor(trained)
     with pytest.raises(inference_server.GatewayError, match=f"1 of 5 sequence.*{ids[2]}"):
-        inference_server.run_local_gateway(pred.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
-                                           tmp_path / "submission.parquet")
+        inference_server.run_local_gateway(
+            pred.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv", tmp_path / "submission.parquet"
+        )
     assert not (tmp_path / "submission.parquet").exists()
     partial = dict(pl.read_parquet(tmp_path / "submission_partial.parquet").iter_rows())
     assert set(partial) == set(ids) - {ids[2]}
@@ -248,15 +270,17 @@ def test_duplicated_counter_names_the_sequence(trained, predictor):
 
 def test_extra_unknown_columns_are_ignored(trained, predictor):
     seq = trained.seq
-    extra = seq.with_columns(pl.lit("junk").alias("firmware"), pl.lit(3.5).alias("battery"),
-                             pl.lit(None).alias("tof_6_v0"))
+    extra = seq.with_columns(
+        pl.lit("junk").alias("firmware"), pl.lit(3.5).alias("battery"), pl.lit(None).alias("tof_6_v0")
+    )
     _same_answer(predictor, extra, seq, trained.demo)
 
 
 def test_null_sequence_id_on_one_row_is_named_as_such(trained, predictor):
     seq = trained.seq
-    holed = seq.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(None).otherwise(pl.col("sequence_id"))
-                             .alias("sequence_id"))
+    holed = seq.with_columns(
+        pl.when(pl.int_range(pl.len()) == 2).then(None).otherwise(pl.col("sequence_id")).alias("sequence_id")
+    )
     with pytest.raises((features.FeatureError, ensemble.PredictorError)) as info:
         predictor.predict(holed, trained.demo)
     msg = str(info.value)
@@ -339,10 +363,16 @@ def test_huge_finite_reading_gives_gesture_or_names_column(trained, predictor, c
 
 # --------------------------------------------------------------------------- property-based
 
-_SPECIALS = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 3.0e38, -3.0e38, 1e-30, 0.0, -1.0, 255.0, 1e6],
-                     dtype=np.float32)
-_GROUPS = {"acc": list(ACC_COLS), "rot": list(ROT_COLS), "thm": list(THM_COLS), "tof": list(TOF_COLS),
-           "tof_1": [f"tof_1_v{p}" for p in range(64)]}
+_SPECIALS = np.array(
+    [np.nan, np.inf, -np.inf, 1e30, -1e30, 3.0e38, -3.0e38, 1e-30, 0.0, -1.0, 255.0, 1e6], dtype=np.float32
+)
+_GROUPS = {
+    "acc": list(ACC_COLS),
+    "rot": list(ROT_COLS),
+    "thm": list(THM_COLS),
+    "tof": list(TOF_COLS),
+    "tof_1": [f"tof_1_v{p}" for p in range(64)],
+}
 
 
 @st.composite
@@ -391,9 +421,13 @@ def hostile_sequences(draw):
     return raw
 
 
-_PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                            HealthCheck.data_too_large])
+_PROPERTY = settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _known_read_only_bug(e: Exception) -> bool:
@@ -424,8 +458,12 @@ def test_property_frame_table_is_finite_or_feature_error(raw):
 def test_property_predict_returns_gesture_or_clear_error(predictor, trained, raw, demo_kind):
     subject = raw["subject"][0]
     row = trained.demo.with_columns(pl.lit(subject).alias("subject"))
-    demo = {"row": row, "none": None, "empty": row.head(0),
-            "nulls": row.with_columns(pl.lit(None).alias(c) for c in DEMOGRAPHIC_FEATURES)}[demo_kind]
+    demo = {
+        "row": row,
+        "none": None,
+        "empty": row.head(0),
+        "nulls": row.with_columns(pl.lit(None).alias(c) for c in DEMOGRAPHIC_FEATURES),
+    }[demo_kind]
     try:
         answer = predictor.predict(raw, demo)
     except (features.FeatureError, ensemble.PredictorError, ValueError) as e:
@@ -455,6 +493,7 @@ def _swap(key):
     def fn(meta):
         names = meta[key]
         names[2], names[3] = names[3], names[2]
+
     return fn
 
 
@@ -475,42 +514,101 @@ def _reseal(d: Path) -> None:
     bundle.write_metadata(d, meta)
 
 
-@pytest.mark.parametrize("name,edit,target,what", [
-    ("metadata truncated", lambda d: (d / "metadata.json").write_bytes((d / "metadata.json").read_bytes()[:300]),
-     "metadata.json", "corrupt JSON"),
-    ("metadata empty", lambda d: (d / "metadata.json").write_text(""), "metadata.json", "corrupt JSON"),
-    ("metadata missing", lambda d: (d / "metadata.json").unlink(), "metadata.json", "missing file"),
-    ("feature order swapped", lambda d: _edit_meta(d / "metadata.json", _swap("feature_names")),
-     "metadata.json", "feature_names: first difference at position 2"),
-    ("imu feature order swapped", lambda d: _edit_meta(d / "metadata.json", _swap("feature_names_imu")),
-     "metadata.json", "feature_names_imu: first difference at position 2"),
-    ("class order changed", lambda d: _edit_meta(d / "metadata.json", _swap_classes),
-     "metadata.json", "classes: first difference at position 0"),
-    ("class dropped", lambda d: _edit_meta(d / "metadata.json", lambda m: m["classes"].pop()),
-     "metadata.json", "classes: bundle has 17, code expects 18"),
-    ("format version", lambda d: _edit_meta(d / "metadata.json", lambda m: m.update(format_version=99)),
-     "metadata.json", "format_version: bundle 99"),
-    ("feature settings", lambda d: _edit_meta(d / "metadata.json", lambda m: m["feature_config"].update(dt=0.2)),
-     "metadata.json", "dt: bundle 0.2"),
-    ("fold file missing", lambda d: (d / "fold2_imu.txt").unlink(), "fold2_imu.txt", "missing"),
-    ("model file garbage", lambda d: (d / "fold1_full.txt").write_bytes(bytes(range(256)) * 20),
-     "fold1_full.txt", "corrupt or truncated"),
-    ("model file emptied", lambda d: (d / "fold0_imu.txt").write_bytes(b""), "fold0_imu.txt",
-     "corrupt or truncated"),
-    ("sealed garbage", lambda d: ((d / "fold1_full.txt").write_bytes(bytes(range(256)) * 20), _reseal(d)),
-     "fold1_full.txt", "not a readable LightGBM model"),
-    ("present classes", lambda d: _edit_meta(d / "metadata.json",
-                                             lambda m: m["models"][0]["present_classes"].pop()),
-     "fold0_full.txt", "classes"),
-    ("full and imu files swapped", lambda d: (os.replace(d / "fold0_full.txt", d / "x"),
-                                              os.replace(d / "fold0_imu.txt", d / "fold0_full.txt"),
-                                              os.replace(d / "x", d / "fold0_imu.txt")),
-     "fold0_full.txt", "corrupt or truncated"),
-    ("full and imu files swapped, resealed", lambda d: (os.replace(d / "fold0_full.txt", d / "x"),
-                                                        os.replace(d / "fold0_imu.txt", d / "fold0_full.txt"),
-                                                        os.replace(d / "x", d / "fold0_imu.txt"), _reseal(d)),
-     "fold0_full.txt", "booster features differ"),
-])
+@pytest.mark.parametrize(
+    "name,edit,target,what",
+    [
+        (
+            "metadata truncated",
+            lambda d: (d / "metadata.json").write_bytes((d / "metadata.json").read_bytes()[:300]),
+            "metadata.json",
+            "corrupt JSON",
+        ),
+        ("metadata empty", lambda d: (d / "metadata.json").write_text(""), "metadata.json", "corrupt JSON"),
+        ("metadata missing", lambda d: (d / "metadata.json").unlink(), "metadata.json", "missing file"),
+        (
+            "feature order swapped",
+            lambda d: _edit_meta(d / "metadata.json", _swap("feature_names")),
+            "metadata.json",
+            "feature_names: first difference at position 2",
+        ),
+        (
+            "imu feature order swapped",
+            lambda d: _edit_meta(d / "metadata.json", _swap("feature_names_imu")),
+            "metadata.json",
+            "feature_names_imu: first difference at position 2",
+        ),
+        (
+            "class order changed",
+            lambda d: _edit_meta(d / "metadata.json", _swap_classes),
+            "metadata.json",
+            "classes: first difference at position 0",
+        ),
+        (
+            "class dropped",
+            lambda d: _edit_meta(d / "metadata.json", lambda m: m["classes"].pop()),
+            "metadata.json",
+            "classes: bundle has 17, code expects 18",
+        ),
+        (
+            "format version",
+            lambda d: _edit_meta(d / "metadata.json", lambda m: m.update(format_version=99)),
+            "metadata.json",
+            "format_version: bundle 99",
+        ),
+        (
+            "feature settings",
+            lambda d: _edit_meta(d / "metadata.json", lambda m: m["feature_config"].update(dt=0.2)),
+            "metadata.json",
+            "dt: bundle 0.2",
+        ),
+        ("fold file missing", lambda d: (d / "fold2_imu.txt").unlink(), "fold2_imu.txt", "missing"),
+        (
+            "model file garbage",
+            lambda d: (d / "fold1_full.txt").write_bytes(bytes(range(256)) * 20),
+            "fold1_full.txt",
+            "corrupt or truncated",
+        ),
+        (
+            "model file emptied",
+            lambda d: (d / "fold0_imu.txt").write_bytes(b""),
+            "fold0_imu.txt",
+            "corrupt or truncated",
+        ),
+        (
+            "sealed garbage",
+            lambda d: ((d / "fold1_full.txt").write_bytes(bytes(range(256)) * 20), _reseal(d)),
+            "fold1_full.txt",
+            "not a readable LightGBM model",
+        ),
+        (
+            "present classes",
+            lambda d: _edit_meta(d / "metadata.json", lambda m: m["models"][0]["present_classes"].pop()),
+            "fold0_full.txt",
+            "classes",
+        ),
+        (
+            "full and imu files swapped",
+            lambda d: (
+                os.replace(d / "fold0_full.txt", d / "x"),
+                os.replace(d / "fold0_imu.txt", d / "fold0_full.txt"),
+                os.replace(d / "x", d / "fold0_imu.txt"),
+            ),
+            "fold0_full.txt",
+            "corrupt or truncated",
+        ),
+        (
+            "full and imu files swapped, resealed",
+            lambda d: (
+                os.replace(d / "fold0_full.txt", d / "x"),
+                os.replace(d / "fold0_imu.txt", d / "fold0_full.txt"),
+                os.replace(d / "x", d / "fold0_imu.txt"),
+                _reseal(d),
+            ),
+            "fold0_full.txt",
+            "booster features differ",
+        ),
+    ],
+)
 def test_corrupt_bundle_fails_at_startup_naming_file(trained, bundle_copy, name, edit, target, what):
     lgbm_dir = bundle_copy / "lgbm"
     edit(lgbm_dir)
@@ -538,7 +636,13 @@ def test_truncated_model_file_is_a_bundle_error_not_a_crash(bundle_copy):
     # In a subprocess: the bug takes the interpreter down, which would end the whole test session.
     model = bundle_copy / "lgbm" / "fold1_full.txt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
-    proc = subprocess.run([PY, "-c", _LOAD_SCRIPT.format(root=str(ROOT), b=str(bundle_copy))],
-                          capture_output=True, text=True, errors="replace", timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [PY, "-c", _LOAD_SCRIPT.format(root=str(ROOT), b=str(bundle_copy))],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, f"loader process died with {proc.returncode}: {proc.stderr[-400:]}"
     assert "BUNDLE_ERROR" in proc.stdout and str(model) in proc.stdout, proc.stdout

@@ -75,8 +75,9 @@ def test_train_writes_bundle_and_oof(trained: dict, data: dict) -> None:
     out = trained["out"]
     b = out / "bundles" / "keras"
     names = sorted(p.name for p in b.iterdir())
-    assert names == sorted(["config.json", "metadata.json"] + [f"fold{k}_{v}.keras" for k in range(N_FOLDS)
-                                                                for v in ("full", "imu")])
+    assert names == sorted(
+        ["config.json", "metadata.json"] + [f"fold{k}_{v}.keras" for k in range(N_FOLDS) for v in ("full", "imu")]
+    )
     meta = json.loads((b / "metadata.json").read_text())
     assert meta["pad_len"] == 32 and meta["pad_side"] == "left" and meta["folds_hash"] == "fh_a"
     assert meta["feature_names"] == list(features.FRAME_FEATURES) and meta["classes"] == list(GESTURES)
@@ -103,8 +104,15 @@ def test_save_load_round_trip_identical(trained: dict, data: dict, member) -> No
     for k in range(N_FOLDS):
         va = np.flatnonzero(fold_ids == k)
         x, m = features.pad_batch(table, va, member.pad_len, member.scalers[k])
-        fn = kp._make_infer_fn(tf, [member.full_models[k]], [member.imu_models[k]], member.pad_len,
-                               len(imu_idx), len(tof_idx), compiled=False)  # as in training
+        fn = kp._make_infer_fn(
+            tf,
+            [member.full_models[k]],
+            [member.imu_models[k]],
+            member.pad_len,
+            len(imu_idx),
+            len(tof_idx),
+            compiled=False,
+        )  # as in training
         p = fn.route(x[None], m, table.has_tof_thm[va], imu_idx, tof_idx)
         np.testing.assert_allclose(p, oof[va], rtol=0, atol=1e-6)
     # Whole-member predictions: deterministic, and equal to the slow reload-per-call path.

@@ -54,9 +54,18 @@ def data() -> dict:
     imu_table = features.build_frame_table(features.drop_tof_thm(raw), demo, cfg.features)
     y = labels_of(raw, table.sequence_ids)
     folds = cv.make_folds(table.sequence_ids, table.subjects, y, N_FOLDS, cfg.run.seed)
-    return {"raw": raw, "demo": demo, "test_raw": test_raw, "test_demo": test_demo,
-            "cfg": cfg, "table": table, "imu_table": imu_table, "y": y,
-            "fold_ids": cv.fold_array(folds, table.sequence_ids), "folds_hash": cv.folds_hash(folds)}
+    return {
+        "raw": raw,
+        "demo": demo,
+        "test_raw": test_raw,
+        "test_demo": test_demo,
+        "cfg": cfg,
+        "table": table,
+        "imu_table": imu_table,
+        "y": y,
+        "fold_ids": cv.fold_array(folds, table.sequence_ids),
+        "folds_hash": cv.folds_hash(folds),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +77,7 @@ def trained(data: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 # ---- the classifier ---------------------------------------------------------------------------
+
 
 def test_is_available() -> None:
     ok, why = lp.is_available()
@@ -137,6 +147,7 @@ def test_params_follow_config() -> None:
 
 # ---- CV training, OOF and bundle ------------------------------------------------------------
 
+
 def test_train_member_writes_oof_and_bundle(data: dict, trained: dict) -> None:
     out, table = trained["out"], data["table"]
     oof = cv.read_member_oof(out / "oof", lp.MEMBER)
@@ -195,14 +206,17 @@ def test_classifier_save_load_identical(data: dict, tmp_path: Path) -> None:
     X, names = features.sequence_aggregates(data["table"], cfg.features)
     y, folds = data["y"], data["fold_ids"]
     model = lp.LGBMSequenceClassifier(lp.params_from_config(cfg), 5).fit(
-        X[folds != 1], y[folds != 1], X[folds == 1], y[folds == 1], feature_names=names)
+        X[folds != 1], y[folds != 1], X[folds == 1], y[folds == 1], feature_names=names
+    )
     model.save_model(tmp_path / "m.txt")
-    loaded = lp.LGBMSequenceClassifier.from_booster(lightgbm.Booster(model_file=str(tmp_path / "m.txt")),
-                                                    model.present_classes_)
+    loaded = lp.LGBMSequenceClassifier.from_booster(
+        lightgbm.Booster(model_file=str(tmp_path / "m.txt")), model.present_classes_
+    )
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
 
 
 # ---- mismatch errors ------------------------------------------------------------------------
+
 
 def _tampered_copy(src: Path, dst: Path, edit) -> Path:
     import shutil
@@ -248,6 +262,7 @@ def test_load_rejects_corrupt_model_file(data: dict, trained: dict, tmp_path: Pa
 
 # ---- routing --------------------------------------------------------------------------------
 
+
 def test_imu_only_sequences_get_the_imu_models_answer(data: dict, trained: dict) -> None:
     cfg, raw = data["cfg"], data["raw"]
     member = lp.load_member(trained["bundle"], cfg)
@@ -255,10 +270,12 @@ def test_imu_only_sequences_get_the_imu_models_answer(data: dict, trained: dict)
     one = raw.filter(pl.col("sequence_id").is_in(seq))
     # two sequences keep their thm/tof, two lose them: one mixed table, as in the hidden test
     imu_ids = seq[:2]
-    mixed = pl.concat([
-        features.drop_tof_thm(one.filter(pl.col("sequence_id").is_in(imu_ids))),
-        one.filter(~pl.col("sequence_id").is_in(imu_ids)),
-    ])
+    mixed = pl.concat(
+        [
+            features.drop_tof_thm(one.filter(pl.col("sequence_id").is_in(imu_ids))),
+            one.filter(~pl.col("sequence_id").is_in(imu_ids)),
+        ]
+    )
     table = features.build_frame_table(mixed, data["demo"], cfg.features)
     assert table.has_tof_thm.tolist() == [s not in imu_ids for s in table.sequence_ids]
     got = member.predict_proba(table)
@@ -273,8 +290,9 @@ def test_imu_only_sequences_get_the_imu_models_answer(data: dict, trained: dict)
     assert not np.allclose(imu_answer[route], full_answer[route])  # the routing matters
 
     # one sequence at a time (as predict() calls it) gives the same answer as the batch
-    single = member.predict_proba(features.build_frame_table(mixed.filter(pl.col("sequence_id") == imu_ids[0]),
-                                                             data["demo"], cfg.features))
+    single = member.predict_proba(
+        features.build_frame_table(mixed.filter(pl.col("sequence_id") == imu_ids[0]), data["demo"], cfg.features)
+    )
     np.testing.assert_allclose(single[0], got[list(table.sequence_ids).index(imu_ids[0])], rtol=0, atol=1e-12)
 
 

@@ -16,8 +16,14 @@ from metric import GESTURES
 pytestmark = pytest.mark.slow  # subprocesses running the CLI and the exported notebook end to end
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"CMI_N_FOLDS": "3", "TORCH_TRAIN": "0", "KERAS_TRAIN": "0", "USE_TORCH": "0", "USE_KERAS": "0",
-         "CMI_N_THREADS": "1"}
+SMALL = {
+    "CMI_N_FOLDS": "3",
+    "TORCH_TRAIN": "0",
+    "KERAS_TRAIN": "0",
+    "USE_TORCH": "0",
+    "USE_KERAS": "0",
+    "CMI_N_THREADS": "1",
+}
 
 
 def _run(args, env_extra, cwd=ROOT, timeout=600):
@@ -77,7 +83,9 @@ def test_train_serve_report_end_to_end(small_data, tmp_path):
 
 def test_serve_on_the_real_sample_test_file(small_data, tmp_path):
     out = tmp_path / "run"
-    assert _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(out), "--debug"], SMALL).returncode == 0
+    assert (
+        _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(out), "--debug"], SMALL).returncode == 0
+    )
     real = ROOT.parent / "shared" / "data" / "cmi"
     r = _run(["main.py", "serve", "--data-dir", str(real), "--out", str(out)], SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -146,9 +154,19 @@ def test_exported_notebook_first_cell_shows_the_original_switches(monkeypatch):
     from config import load_config
 
     first = notebook_export.notebook_code(_write_notebook(notebook_export))[0]
-    for name in ("USE_TORCH", "TORCH_TRAIN", "USE_KERAS", "KERAS_TRAIN", "ENSEMBLE_WEIGHTS", "TORCH_BUNDLE_PATH",
-                 "KERAS_BUNDLE_PATH", "LOAD_TORCH_FOLDS_IN_MEMORY", "LOAD_KERAS_FOLDS_IN_MEMORY",
-                 "FAIL_IF_TORCH_MISSING", "KERAS_EARLY_EXIT_IF_BEST_EXISTS"):
+    for name in (
+        "USE_TORCH",
+        "TORCH_TRAIN",
+        "USE_KERAS",
+        "KERAS_TRAIN",
+        "ENSEMBLE_WEIGHTS",
+        "TORCH_BUNDLE_PATH",
+        "KERAS_BUNDLE_PATH",
+        "LOAD_TORCH_FOLDS_IN_MEMORY",
+        "LOAD_KERAS_FOLDS_IN_MEMORY",
+        "FAIL_IF_TORCH_MISSING",
+        "KERAS_EARLY_EXIT_IF_BEST_EXISTS",
+    ):
         assert f'"{name}"' in first, name
     # Every switch it proposes, uncommented, is accepted by the config.
     env = dict(re.findall(r'"([A-Z_]+)": "([^"]*)"', first))

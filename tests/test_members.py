@@ -33,10 +33,22 @@ TEST_MEMBER_ENTRY = "tests.centroid_pipeline:CentroidPipeline"
 # Tiny settings per member: seconds of training. Every registered member needs a line here.
 TINY: dict[str, dict[str, str]] = {
     "lgbm": {"LGBM_DEBUG_N_ESTIMATORS": "15", "LGBM_NUM_LEAVES": "7", "LGBM_MIN_CHILD_SAMPLES": "3"},
-    "torch": {"TORCH_CONV1_CHANNELS": "8", "TORCH_CONV2_CHANNELS": "16", "TORCH_RNN_HIDDEN": "8",
-              "TORCH_HEAD_HIDDEN": "16", "TORCH_DEBUG_EPOCHS": "2", "TORCH_BATCH_SIZE": "16"},
-    "keras": {"KERAS_IMU_FILTERS": "8,8,8", "KERAS_TOF_FILTERS": "8,8", "KERAS_RNN_UNITS": "8",
-              "KERAS_DEBUG_EPOCHS": "1", "KERAS_BATCH_SIZE": "16", "FEAT_PAD_LEN": "32"},
+    "torch": {
+        "TORCH_CONV1_CHANNELS": "8",
+        "TORCH_CONV2_CHANNELS": "16",
+        "TORCH_RNN_HIDDEN": "8",
+        "TORCH_HEAD_HIDDEN": "16",
+        "TORCH_DEBUG_EPOCHS": "2",
+        "TORCH_BATCH_SIZE": "16",
+    },
+    "keras": {
+        "KERAS_IMU_FILTERS": "8,8,8",
+        "KERAS_TOF_FILTERS": "8,8",
+        "KERAS_RNN_UNITS": "8",
+        "KERAS_DEBUG_EPOCHS": "1",
+        "KERAS_BATCH_SIZE": "16",
+        "FEAT_PAD_LEN": "32",
+    },
     TEST_MEMBER: {},
 }
 # Keras costs TensorFlow's start-up and graph building: part of `make test`, not of the quick loop.
@@ -79,8 +91,14 @@ def trained(data, tmp_path_factory):
                 out = tmp_path_factory.mktemp(f"member_{name}")
                 cfg = tiny_cfg(name, out)
                 summary = pipeline.train(data["td"], cfg, out)
-                cache[name] = {"pipeline": pipeline, "cfg": cfg, "out": out, "summary": summary,
-                               "bundle": out / "bundles" / name, "member": pipeline.load(out / "bundles" / name, cfg)}
+                cache[name] = {
+                    "pipeline": pipeline,
+                    "cfg": cfg,
+                    "out": out,
+                    "summary": summary,
+                    "bundle": out / "bundles" / name,
+                    "member": pipeline.load(out / "bundles" / name, cfg),
+                }
         return cache[name]
 
     return get
@@ -113,10 +131,16 @@ def test_registry_lists_the_members_in_blend_order_and_each_has_a_config_section
 
 
 def test_a_new_member_gets_its_switches_and_weight_from_its_section():
-    cfg = load_config({"USE_CENTROID": "0", "CENTROID_TRAIN": "0", "ENSEMBLE_W_CENTROID": "0.3",
-                       "CENTROID_TEMPERATURE": "2.5"}, config_class=ConfigWithCentroid)
+    cfg = load_config(
+        {"USE_CENTROID": "0", "CENTROID_TRAIN": "0", "ENSEMBLE_W_CENTROID": "0.3", "CENTROID_TEMPERATURE": "2.5"},
+        config_class=ConfigWithCentroid,
+    )
     assert (cfg.centroid.use, cfg.centroid.train, cfg.centroid.weight, cfg.centroid.temperature) == (
-        False, False, 0.3, 2.5)
+        False,
+        False,
+        0.3,
+        2.5,
+    )
     with pytest.raises(ConfigError, match="CENTROID_TEMPERATUR"):
         load_config({"CENTROID_TEMPERATUR": "1"}, config_class=ConfigWithCentroid)
 
@@ -164,8 +188,9 @@ def test_imu_only_sequences_take_the_imu_only_view(name, trained, data):
     full_rows = np.flatnonzero(td.table.has_tof_thm)[:4]
     p_imu_view = t["member"].predict_proba(td.imu_table.select(full_rows))
     raw = data["raw"]
-    stripped = features.build_frame_table(features.drop_tof_thm(
-        raw.filter(raw["sequence_id"].is_in(list(td.table.sequence_ids[full_rows])))))
+    stripped = features.build_frame_table(
+        features.drop_tof_thm(raw.filter(raw["sequence_id"].is_in(list(td.table.sequence_ids[full_rows]))))
+    )
     assert not stripped.has_tof_thm.any()
     np.testing.assert_allclose(t["member"].predict_proba(stripped), p_imu_view, atol=1e-5)
     p_full_view = t["member"].predict_proba(td.table.select(full_rows))
@@ -231,15 +256,19 @@ def test_complete_bundle_is_skipped_and_force_retrains(name, trained, data, monk
     # Other settings of the member's own section: no longer complete, retrained.
     other = tiny_cfg(name, t["out"])
     other.run.seed = 11
-    assert pipeline.fingerprint(pipeline.prepare(data["td"], other), data["td"], other) != \
-        json.loads((t["bundle"] / "metadata.json").read_text())["fingerprint"]
+    assert (
+        pipeline.fingerprint(pipeline.prepare(data["td"], other), data["td"], other)
+        != json.loads((t["bundle"] / "metadata.json").read_text())["fingerprint"]
+    )
     # Switches and the blend weight do not change what is trained.
     switched = tiny_cfg(name, t["out"])
     switched.member(name).weight = 0.9
     switched.member(name).use = False
     ctx = pipeline.prepare(data["td"], switched)
-    assert pipeline.fingerprint(ctx, data["td"], switched) == \
-        json.loads((t["bundle"] / "metadata.json").read_text())["fingerprint"]
+    assert (
+        pipeline.fingerprint(ctx, data["td"], switched)
+        == json.loads((t["bundle"] / "metadata.json").read_text())["fingerprint"]
+    )
 
 
 @pytest.mark.slow
@@ -311,12 +340,20 @@ def test_early_exit_switch_off_retrains(name, trained, data, monkeypatch, caplog
     pipeline = t["pipeline"]
     calls: list[int] = []
     real = type(pipeline).fit_fold
-    monkeypatch.setattr(type(pipeline), "fit_fold",
-                        lambda self, ctx, td, split, cfg, work: calls.append(split.fold) or real(
-                            self, ctx, td, split, cfg, work))
-    cfg = load_config({**{"CMI_N_THREADS": "1", "CMI_SEED": "3", "CMI_DEBUG": "1", "CMI_N_FOLDS": "2"}, **TINY[name],
-                       f"{name.upper()}_EARLY_EXIT_IF_BEST_EXISTS": "0"}, config_class=ConfigWithCentroid,
-                      out_dir=str(t["out"]))
+    monkeypatch.setattr(
+        type(pipeline),
+        "fit_fold",
+        lambda self, ctx, td, split, cfg, work: calls.append(split.fold) or real(self, ctx, td, split, cfg, work),
+    )
+    cfg = load_config(
+        {
+            **{"CMI_N_THREADS": "1", "CMI_SEED": "3", "CMI_DEBUG": "1", "CMI_N_FOLDS": "2"},
+            **TINY[name],
+            f"{name.upper()}_EARLY_EXIT_IF_BEST_EXISTS": "0",
+        },
+        config_class=ConfigWithCentroid,
+        out_dir=str(t["out"]),
+    )
     with caplog.at_level(logging.INFO, logger="member_base"):
         pipeline.train(data["td"], cfg, t["out"])
     assert calls == [0, 1] and "skip-if-trained is off" in caplog.text

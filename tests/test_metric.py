@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 
 from metric import (
-    score_indices, GESTURES, NON_TARGET_GESTURES, TARGET_GESTURES, InvalidGestureError, competition_score, per_class_f1,
-    score_components, score_proba,
+    GESTURES,
+    NON_TARGET_GESTURES,
+    TARGET_GESTURES,
+    InvalidGestureError,
+    competition_score,
+    per_class_f1,
+    score_components,
+    score_indices,
+    score_proba,
 )
 
 

@@ -53,9 +53,12 @@ def trained(tmp_path_factory):
     """A real lgbm bundle (3 folds, debug size) trained through main.stage_train; weights.json holds the prior."""
     root = tmp_path_factory.mktemp("serving_hostile")
     synth.write_dataset(root / "data", n_subjects=3, seed=5, n_test_subjects=2)  # small: the file's budget
-    cfg = config.load_config({"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "LGBM_DEBUG_N_ESTIMATORS": "20"},
-                             data_dir=str(root / "data"),
-                             out_dir=str(root / "out"), debug=True)
+    cfg = config.load_config(
+        {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "LGBM_DEBUG_N_ESTIMATORS": "20"},
+        data_dir=str(root / "data"),
+        out_dir=str(root / "out"),
+        debug=True,
+    )
     assert not cfg.run.strict  # an explicit env mapping: serving mode whatever the suite's STRICT=1 says
     main.stage_train(cfg, ["lgbm"], main.StageTimer())
     test = data.read_test(root / "data")
@@ -63,10 +66,19 @@ def trained(tmp_path_factory):
     has = test.group_by("sequence_id", maintain_order=True).agg(pl.col("thm_1").is_not_null().any().alias("h"))
     sid = has.filter(pl.col("h"))["sequence_id"][0]
     seq = test.filter(pl.col("sequence_id") == sid)
-    strict_cfg = config.load_config({"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"},
-                                    out_dir=str(root / "out"), debug=True)
-    return SimpleNamespace(cfg=cfg, strict_cfg=strict_cfg, root=root, bundles=root / "out" / "bundles", test=test,
-                           demo_all=demo, seq=seq, demo=demo.filter(pl.col("subject") == seq["subject"][0]))
+    strict_cfg = config.load_config(
+        {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"}, out_dir=str(root / "out"), debug=True
+    )
+    return SimpleNamespace(
+        cfg=cfg,
+        strict_cfg=strict_cfg,
+        root=root,
+        bundles=root / "out" / "bundles",
+        test=test,
+        demo_all=demo,
+        seq=seq,
+        demo=demo.filter(pl.col("subject") == seq["subject"][0]),
+    )
 
 
 def _predictor(trained, strict: bool = False) -> ensemble.Predictor:
@@ -102,57 +114,115 @@ def _other_sequence(t) -> pl.DataFrame:
 CASES = {
     "zero rows": (lambda t: (t.seq.head(0), t.demo), "zero rows"),
     "one row": (lambda t: (t.seq.head(1), t.demo), None),
-    "20,000 rows": (lambda t: (_renumbered(pl.concat([t.seq] * (20_000 // t.seq.height + 1)).head(20_000)), t.demo),
-                    None),
-    "acc all null": (lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in ACC_COLS), t.demo),
-                     None),
+    "20,000 rows": (
+        lambda t: (_renumbered(pl.concat([t.seq] * (20_000 // t.seq.height + 1)).head(20_000)), t.demo),
+        None,
+    ),
+    "acc all null": (
+        lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in ACC_COLS), t.demo),
+        None,
+    ),
     "acc columns absent": (lambda t: (t.seq.drop(ACC_COLS), t.demo), "missing required column"),
-    "rot null": (lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in ROT_COLS), t.demo),
-                 None),
-    "rot zero": (lambda t: (t.seq.with_columns(pl.lit(0.0, dtype=pl.Float32).alias(c) for c in ROT_COLS), t.demo),
-                 None),
+    "rot null": (
+        lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.Float32).alias(c) for c in ROT_COLS), t.demo),
+        None,
+    ),
+    "rot zero": (
+        lambda t: (t.seq.with_columns(pl.lit(0.0, dtype=pl.Float32).alias(c) for c in ROT_COLS), t.demo),
+        None,
+    ),
     "rot unnormalised": (lambda t: (t.seq.with_columns(pl.col(ROT_COLS) * 3.7), t.demo), None),
-    "+-inf and 1e30": (lambda t: (_set(_set(_set(t.seq, "acc_x", [1, 2], float("inf")), "rot_w", [3], -float("inf")),
-                                       "thm_1", [0, 4], 1e30), t.demo), None),
-    "acc all 1e30": (lambda t: (t.seq.with_columns(pl.lit(1e30, dtype=pl.Float32).alias(c) for c in ACC_COLS), t.demo),
-                     None),
+    "+-inf and 1e30": (
+        lambda t: (
+            _set(_set(_set(t.seq, "acc_x", [1, 2], float("inf")), "rot_w", [3], -float("inf")), "thm_1", [0, 4], 1e30),
+            t.demo,
+        ),
+        None,
+    ),
+    "acc all 1e30": (
+        lambda t: (t.seq.with_columns(pl.lit(1e30, dtype=pl.Float32).alias(c) for c in ACC_COLS), t.demo),
+        None,
+    ),
     "sensors String": (lambda t: (t.seq.with_columns(pl.col(SENSOR_COLS).cast(pl.String)), t.demo), None),
     "sensors Int64": (lambda t: (t.seq.with_columns(pl.col(SENSOR_COLS).fill_null(0).cast(pl.Int64)), t.demo), None),
     "sensors Float64": (lambda t: (t.seq.with_columns(pl.col(SENSOR_COLS).cast(pl.Float64)), t.demo), None),
     "thm/tof/rot absent": (lambda t: (t.seq.drop(TOFTHM + list(ROT_COLS)), t.demo), None),
-    "unknown extra columns": (lambda t: (t.seq.with_columns(pl.lit("x").alias("firmware"), pl.lit(1.5).alias("tof_9_v0")),
-                                         t.demo), None),
-    "shuffled column order": (lambda t: (t.seq.select(np.random.default_rng(0).permutation(t.seq.columns).tolist()),
-                                         t.demo), None),
+    "unknown extra columns": (
+        lambda t: (t.seq.with_columns(pl.lit("x").alias("firmware"), pl.lit(1.5).alias("tof_9_v0")), t.demo),
+        None,
+    ),
+    "shuffled column order": (
+        lambda t: (t.seq.select(np.random.default_rng(0).permutation(t.seq.columns).tolist()), t.demo),
+        None,
+    ),
     "duplicated rows": (lambda t: (pl.concat([t.seq, t.seq.slice(3, 5)]), t.demo), "share a \\(sequence_id"),
-    "duplicated counters": (lambda t: (pl.concat([t.seq, _set(t.seq.slice(3, 2), "acc_x", [0, 1], 50.0)]), t.demo),
-                            "share a \\(sequence_id"),
+    "duplicated counters": (
+        lambda t: (pl.concat([t.seq, _set(t.seq.slice(3, 2), "acc_x", [0, 1], 50.0)]), t.demo),
+        "share a \\(sequence_id",
+    ),
     "unsorted counters": (lambda t: (t.seq.sample(fraction=1.0, shuffle=True, seed=3), t.demo), None),
-    "null counters": (lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.Int64).alias("sequence_counter")), t.demo),
-                      "integer sequence_counter"),
-    "text tokens": (lambda t: (_set(_set(t.seq.with_columns(pl.col(["acc_y", "thm_2"]).cast(pl.String)), "acc_y", [2],
-                                         "12,5e", pl.String), "thm_2", [0, 1], "n/a", pl.String), t.demo),
-                    "non-numeric text"),
+    "null counters": (
+        lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.Int64).alias("sequence_counter")), t.demo),
+        "integer sequence_counter",
+    ),
+    "text tokens": (
+        lambda t: (
+            _set(
+                _set(t.seq.with_columns(pl.col(["acc_y", "thm_2"]).cast(pl.String)), "acc_y", [2], "12,5e", pl.String),
+                "thm_2",
+                [0, 1],
+                "n/a",
+                pl.String,
+            ),
+            t.demo,
+        ),
+        "non-numeric text",
+    ),
     "boolean sensor column": (lambda t: (t.seq.with_columns(pl.lit(True).alias("thm_5")), t.demo), "Boolean"),
     "LazyFrame": (lambda t: (t.seq.lazy(), t.demo.lazy()), None),
-    "two sequence_ids": (lambda t: (pl.concat([t.seq, _other_sequence(t)], how="diagonal_relaxed"), t.demo),
-                         "sequences; it answers one"),
-    "null sequence_id": (lambda t: (t.seq.with_columns(pl.when(pl.int_range(pl.len()) < 3).then(None)
-                                                       .otherwise(pl.col("sequence_id")).alias("sequence_id")), t.demo),
-                         "no sequence_id"),
-    "all sequence_id null": (lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.String).alias("sequence_id")), t.demo),
-                             "no sequence_id"),
-    "ToF out of range": (lambda t: (t.seq.with_columns(pl.lit(5000.0, dtype=pl.Float32).alias("tof_1_v0"),
-                                                       pl.lit(-50.0, dtype=pl.Float32).alias("tof_2_v3")), t.demo), None),
-    "thermopile 100 C": (lambda t: (t.seq.with_columns(pl.lit(100.0, dtype=pl.Float32).alias(c) for c in THM_COLS),
-                                    t.demo), None),
-    "thermopile -40 C": (lambda t: (t.seq.with_columns(pl.lit(-40.0, dtype=pl.Float32).alias(c) for c in THM_COLS),
-                                    t.demo), None),
+    "two sequence_ids": (
+        lambda t: (pl.concat([t.seq, _other_sequence(t)], how="diagonal_relaxed"), t.demo),
+        "sequences; it answers one",
+    ),
+    "null sequence_id": (
+        lambda t: (
+            t.seq.with_columns(
+                pl.when(pl.int_range(pl.len()) < 3).then(None).otherwise(pl.col("sequence_id")).alias("sequence_id")
+            ),
+            t.demo,
+        ),
+        "no sequence_id",
+    ),
+    "all sequence_id null": (
+        lambda t: (t.seq.with_columns(pl.lit(None, dtype=pl.String).alias("sequence_id")), t.demo),
+        "no sequence_id",
+    ),
+    "ToF out of range": (
+        lambda t: (
+            t.seq.with_columns(
+                pl.lit(5000.0, dtype=pl.Float32).alias("tof_1_v0"), pl.lit(-50.0, dtype=pl.Float32).alias("tof_2_v3")
+            ),
+            t.demo,
+        ),
+        None,
+    ),
+    "thermopile 100 C": (
+        lambda t: (t.seq.with_columns(pl.lit(100.0, dtype=pl.Float32).alias(c) for c in THM_COLS), t.demo),
+        None,
+    ),
+    "thermopile -40 C": (
+        lambda t: (t.seq.with_columns(pl.lit(-40.0, dtype=pl.Float32).alias(c) for c in THM_COLS), t.demo),
+        None,
+    ),
     "demographics 0 rows": (lambda t: (t.seq, t.demo.head(0)), None),
-    "demographics 2 rows": (lambda t: (t.seq, pl.concat([t.demo, t.demo.with_columns(pl.lit(99.0).alias("age"))],
-                                                        how="vertical_relaxed")), None),
-    "demographics all null": (lambda t: (t.seq, t.demo.with_columns(pl.lit(None).alias(c) for c in DEMOGRAPHIC_FEATURES)),
-                              None),
+    "demographics 2 rows": (
+        lambda t: (t.seq, pl.concat([t.demo, t.demo.with_columns(pl.lit(99.0).alias("age"))], how="vertical_relaxed")),
+        None,
+    ),
+    "demographics all null": (
+        lambda t: (t.seq, t.demo.with_columns(pl.lit(None).alias(c) for c in DEMOGRAPHIC_FEATURES)),
+        None,
+    ),
     "demographics missing columns": (lambda t: (t.seq, t.demo.select("subject", "age")), None),
     "demographics no subject": (lambda t: (t.seq, t.demo.drop("subject")), "no 'subject' column"),
     "demographics String": (lambda t: (t.seq, t.demo.with_columns(pl.col(DEMOGRAPHIC_FEATURES).cast(pl.String))), None),
@@ -193,16 +263,19 @@ def _fresh_answer(trained, seq, demo) -> tuple[str, dict]:
     return answer, pred.summary()
 
 
-@pytest.mark.parametrize("name,same_as", [
-    ("duplicated rows", lambda t: t.seq),  # exact duplicates: one row per counter is the original
-    ("unsorted counters", lambda t: t.seq),
-    ("null sequence_id", lambda t: t.seq),
-    ("shuffled column order", lambda t: t.seq),
-    ("LazyFrame", lambda t: t.seq),
-    ("pandas frames", lambda t: t.seq),
-    ("two sequence_ids", lambda t: t.seq if t.seq.height >= _other_sequence(t).height else _other_sequence(t)),
-    ("text tokens", lambda t: _set(_set(t.seq, "acc_y", [2], None), "thm_2", [0, 1], None)),
-])
+@pytest.mark.parametrize(
+    "name,same_as",
+    [
+        ("duplicated rows", lambda t: t.seq),  # exact duplicates: one row per counter is the original
+        ("unsorted counters", lambda t: t.seq),
+        ("null sequence_id", lambda t: t.seq),
+        ("shuffled column order", lambda t: t.seq),
+        ("LazyFrame", lambda t: t.seq),
+        ("pandas frames", lambda t: t.seq),
+        ("two sequence_ids", lambda t: t.seq if t.seq.height >= _other_sequence(t).height else _other_sequence(t)),
+        ("text tokens", lambda t: _set(_set(t.seq, "acc_y", [2], None), "thm_2", [0, 1], None)),
+    ],
+)
 def test_repairs_give_the_answer_of_the_clean_rows(trained, serving, name, same_as):
     seq, demo = CASES[name][0](trained)
     clean = same_as(trained)
@@ -299,15 +372,21 @@ def _corrupted_test_file(trained, out: Path) -> tuple[list[str], set[str]]:
 def test_gateway_writes_every_answer_and_lists_the_degraded(trained, tmp_path):
     ids, bad = _corrupted_test_file(trained, tmp_path)
     pred = _predictor(trained)
-    res = inference_server.run_local_gateway(pred.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
-                                             tmp_path / "submission.parquet", degraded=pred.degraded_sequences)
+    res = inference_server.run_local_gateway(
+        pred.predict,
+        tmp_path / "test.csv",
+        tmp_path / "test_demographics.csv",
+        tmp_path / "submission.parquet",
+        degraded=pred.degraded_sequences,
+    )
     sub = pl.read_parquet(tmp_path / "submission.parquet")
     assert sorted(sub["sequence_id"].to_list()) == sorted(ids) and set(sub["gesture"]) <= set(GESTURES)
     assert bad <= set(res.degraded) and not res.failures
     strict = _predictor(trained, strict=True)
     with pytest.raises(inference_server.GatewayError, match=f"of {len(ids)} sequence"):
-        inference_server.run_local_gateway(strict.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv",
-                                           tmp_path / "strict.parquet")
+        inference_server.run_local_gateway(
+            strict.predict, tmp_path / "test.csv", tmp_path / "test_demographics.csv", tmp_path / "strict.parquet"
+        )
 
 
 def test_stage_serve_retires_stale_outputs_and_reports_degraded(trained, tmp_path):
@@ -320,8 +399,13 @@ def test_stage_serve_retires_stale_outputs_and_reports_degraded(trained, tmp_pat
     out.mkdir()
     (out / "submission.parquet").write_text("stale")
     (out / "serve.json").write_text('{"stale": true}')
-    cfg = config.load_config({"CMI_N_THREADS": "1", "USE_TORCH": "0", "USE_KERAS": "0"}, data_dir=str(data_dir),
-                             out_dir=str(out), bundle_dir=str(trained.bundles), debug=True)
+    cfg = config.load_config(
+        {"CMI_N_THREADS": "1", "USE_TORCH": "0", "USE_KERAS": "0"},
+        data_dir=str(data_dir),
+        out_dir=str(out),
+        bundle_dir=str(trained.bundles),
+        debug=True,
+    )
     info = main.stage_serve(cfg, main.StageTimer())
     assert (out / "submission.parquet.stale").read_text() == "stale"
     assert json.loads((out / "serve.json.stale").read_text()) == {"stale": True}
@@ -371,23 +455,34 @@ def corrupted(draw, base: pl.DataFrame):
     if df.height and draw(st.booleans()):
         df = pl.concat([df, df.head(2)])  # duplicated counters
     if df.height and draw(st.booleans()):
-        df = df.with_columns(pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.col("sequence_id"))
-                             .alias("sequence_id"))
+        df = df.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0).then(None).otherwise(pl.col("sequence_id")).alias("sequence_id")
+        )
     if draw(st.booleans()):
         df = df.sample(fraction=1.0, shuffle=True, seed=1)
     return df
 
 
-_PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_PROPERTY = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @_PROPERTY
 @given(data=st.data(), demo_kind=st.sampled_from(["row", "none", "empty", "no_subject", "strings"]))
 def test_property_serving_always_answers_and_strict_names_the_problem(trained, serving, strict, data, demo_kind):
     raw = data.draw(corrupted(trained.seq))
-    demo = {"row": trained.demo, "none": None, "empty": trained.demo.head(0), "no_subject": trained.demo.drop("subject"),
-            "strings": trained.demo.with_columns(pl.col(DEMOGRAPHIC_FEATURES).cast(pl.String))}[demo_kind]
+    demo = {
+        "row": trained.demo,
+        "none": None,
+        "empty": trained.demo.head(0),
+        "no_subject": trained.demo.drop("subject"),
+        "strings": trained.demo.with_columns(pl.col(DEMOGRAPHIC_FEATURES).cast(pl.String)),
+    }[demo_kind]
     known = serving.predict(trained.seq, trained.demo)
     assert serving.predict(raw, demo) in GESTURES
     assert not _unexpected(serving)
@@ -399,8 +494,13 @@ def test_property_serving_always_answers_and_strict_names_the_problem(trained, s
 
 
 def test_repair_sequence_keeps_the_majority_id_and_prefers_rows_that_carried_it():
-    df = pl.DataFrame({"sequence_id": ["b", "a", None, "a", "b"], "sequence_counter": [0, 0, 1, 1, 1],
-                       **{c: [1.0, 2.0, 3.0, 4.0, 5.0] for c in ACC_COLS}})
+    df = pl.DataFrame(
+        {
+            "sequence_id": ["b", "a", None, "a", "b"],
+            "sequence_counter": [0, 0, 1, 1, 1],
+            **{c: [1.0, 2.0, 3.0, 4.0, 5.0] for c in ACC_COLS},
+        }
+    )
     out, problems = serving_guard.repair_sequence(df)
     # a 2-2 tie goes to the id seen first; the filled-in row loses to b's own row at counter 1
     assert out["sequence_id"].to_list() == ["b", "b"] and out["acc_x"].to_list() == [1.0, 5.0]

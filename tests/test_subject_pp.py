@@ -43,7 +43,9 @@ def _regular(n_subjects: int = 4) -> dict[str, list[tuple[str, str]]]:
 def test_regular_subjects_give_a_per_pair_protocol():
     p = learn_protocol(*_labels(_regular()))
     assert p.kind == "pair" and p.active
-    assert sorted(p.slots) == sorted((o, g, 2) for o, g in {(o, g) for o in ORIENTS for g in (A, B)} | {(ORIENTS[0], C)})
+    assert sorted(p.slots) == sorted(
+        (o, g, 2) for o, g in {(o, g) for o in ORIENTS for g in (A, B)} | {(ORIENTS[0], C)}
+    )
     assert p.orientations == tuple(sorted(ORIENTS))
     assert p.info["share_within"] == 1.0 and p.info["capacity_total"] == 10
     assert Protocol.from_dict(p.to_dict()) == p  # stored as data, read back the same
@@ -62,10 +64,15 @@ def test_irregular_pairs_fall_back_to_gesture_counts_then_to_nothing(caplog):
     # each subject does A and B four times each but in random postures: pairs irregular, gestures regular
     subj = {f"S{i}": [(ORIENTS[int(rng.integers(2))], g) for g in (A, B) for _ in range(4)] for i in range(6)}
     p = learn_protocol(*_labels(subj), min_share=0.9)
-    assert p.kind == "gesture" and sorted(p.slots) == [(subject_pp.ANY_ORIENTATION, A, 4), (subject_pp.ANY_ORIENTATION, B, 4)]
+    assert p.kind == "gesture" and sorted(p.slots) == [
+        (subject_pp.ANY_ORIENTATION, A, 4),
+        (subject_pp.ANY_ORIENTATION, B, 4),
+    ]
     # random gestures and counts: no regularity, so no post-processing (logged)
-    chaos = {f"S{i}": [(ORIENTS[0], GESTURES[int(rng.integers(18))]) for _ in range(int(rng.integers(5, 30)))]
-             for i in range(6)}
+    chaos = {
+        f"S{i}": [(ORIENTS[0], GESTURES[int(rng.integers(18))]) for _ in range(int(rng.integers(5, 30)))]
+        for i in range(6)
+    }
     with caplog.at_level(logging.INFO):
         p = learn_protocol(*_labels(chaos))
     assert p.kind == "none" and not p.active and p.info["reason"]
@@ -180,13 +187,18 @@ def _predictor(tmp_path: Path, env: dict[str, str], by_id: dict[str, np.ndarray]
 
 @pytest.mark.parametrize("switch, expect", [("1", [A, B, A]), ("0", [A, A, A])])
 def test_predictor_assigns_per_subject_and_the_switch_gives_argmax(tmp_path, switch, expect):
-    by_id = {"SEQ_000001": _proba({A: 0.9, B: 0.1}), "SEQ_000002": _proba({A: 0.6, B: 0.4}),
-             "SEQ_000003": _proba({A: 0.6, B: 0.4})}
+    by_id = {
+        "SEQ_000001": _proba({A: 0.9, B: 0.1}),
+        "SEQ_000002": _proba({A: 0.6, B: 0.4}),
+        "SEQ_000003": _proba({A: 0.6, B: 0.4}),
+    }
     pred = _predictor(tmp_path, {"ENSEMBLE_SUBJECT_PP": switch}, by_id)
-    answers = [pred.predict(make_sequence("SEQ_000001", 10, subject="SUBJ_000001"), demographics(["SUBJ_000001"])),
-               pred.predict(make_sequence("SEQ_000002", 10, subject="SUBJ_000001"), demographics(["SUBJ_000001"])),
-               # another subject has its own slots
-               pred.predict(make_sequence("SEQ_000003", 10, subject="SUBJ_000002"), demographics(["SUBJ_000002"]))]
+    answers = [
+        pred.predict(make_sequence("SEQ_000001", 10, subject="SUBJ_000001"), demographics(["SUBJ_000001"])),
+        pred.predict(make_sequence("SEQ_000002", 10, subject="SUBJ_000001"), demographics(["SUBJ_000001"])),
+        # another subject has its own slots
+        pred.predict(make_sequence("SEQ_000003", 10, subject="SUBJ_000002"), demographics(["SUBJ_000002"])),
+    ]
     assert answers == expect
     assert pred.summary()["subject_pp"]["enabled"] is (switch == "1")
 

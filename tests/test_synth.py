@@ -71,7 +71,8 @@ def test_id_formats(ds: synth.SynthDataset) -> None:
         # counters run 0..n-1 in file order within every sequence; files sorted by sequence_id
         firsts = df.group_by("sequence_id", maintain_order=True).agg(
             pl.col("sequence_counter").first().alias("c0"),
-            (pl.col("sequence_counter").diff().drop_nulls() == 1).all().alias("step"))
+            (pl.col("sequence_counter").diff().drop_nulls() == 1).all().alias("step"),
+        )
         assert (firsts["c0"] == 0).all() and firsts["step"].all()
         assert df["sequence_id"].is_sorted()
     assert ds.train_demographics["subject"].str.contains(r"^SUBJ_\d{6}$").all()
@@ -83,25 +84,38 @@ def test_label_columns(ds: synth.SynthDataset) -> None:
     assert set(tr["orientation"].unique()) <= set(schema.ORIENTATIONS)
     assert set(tr["behavior"].unique()) <= set(schema.BEHAVIORS)
     assert set(tr["phase"].unique()) == {"Transition", "Gesture"}
-    exp_type = pl.when(pl.col("gesture").is_in(list(TARGET_GESTURES))).then(pl.lit("Target")).otherwise(pl.lit("Non-Target"))
-    assert (tr.select((pl.col("sequence_type") == exp_type).all()).item())
+    exp_type = (
+        pl.when(pl.col("gesture").is_in(list(TARGET_GESTURES))).then(pl.lit("Target")).otherwise(pl.lit("Non-Target"))
+    )
+    assert tr.select((pl.col("sequence_type") == exp_type).all()).item()
     per_seq = tr.group_by("sequence_id").agg(
-        pl.col("gesture").n_unique().alias("ng"), pl.col("orientation").n_unique().alias("no"),
-        pl.col("subject").n_unique().alias("ns"))
+        pl.col("gesture").n_unique().alias("ng"),
+        pl.col("orientation").n_unique().alias("no"),
+        pl.col("subject").n_unique().alias("ns"),
+    )
     assert (per_seq["ng"] == 1).all() and (per_seq["no"] == 1).all() and (per_seq["ns"] == 1).all()
 
 
 def test_phase_order_gesture_at_end(ds: synth.SynthDataset) -> None:
     tr = ds.train
-    code = (pl.when(pl.col("behavior") == "Performs gesture").then(3)
-            .when(pl.col("behavior") == "Hand at target location").then(2).otherwise(1))
-    chk = tr.with_columns(code.alias("b")).group_by("sequence_id", maintain_order=True).agg(
-        (pl.col("b").diff().drop_nulls() >= 0).all().alias("monotone"),
-        (pl.col("phase").last() == "Gesture").alias("ends_in_gesture"),
-        (pl.col("phase").first() == "Transition").alias("starts_in_transition"),
-        ((pl.col("phase") == "Gesture") == (pl.col("behavior") == "Performs gesture")).all().alias("consistent"),
-        pl.col("behavior").first().is_in(list(schema.BEHAVIORS[:2])).alias("first_is_move"),
-        (pl.col("phase") == "Transition").mean().alias("trans_share"),
+    code = (
+        pl.when(pl.col("behavior") == "Performs gesture")
+        .then(3)
+        .when(pl.col("behavior") == "Hand at target location")
+        .then(2)
+        .otherwise(1)
+    )
+    chk = (
+        tr.with_columns(code.alias("b"))
+        .group_by("sequence_id", maintain_order=True)
+        .agg(
+            (pl.col("b").diff().drop_nulls() >= 0).all().alias("monotone"),
+            (pl.col("phase").last() == "Gesture").alias("ends_in_gesture"),
+            (pl.col("phase").first() == "Transition").alias("starts_in_transition"),
+            ((pl.col("phase") == "Gesture") == (pl.col("behavior") == "Performs gesture")).all().alias("consistent"),
+            pl.col("behavior").first().is_in(list(schema.BEHAVIORS[:2])).alias("first_is_move"),
+            (pl.col("phase") == "Transition").mean().alias("trans_share"),
+        )
     )
     for c in ("monotone", "ends_in_gesture", "starts_in_transition", "consistent", "first_is_move"):
         assert chk[c].all(), c
@@ -140,15 +154,26 @@ def test_tof_and_thm_ranges(ds: synth.SynthDataset) -> None:
 
 def test_nulls_only_for_missing_sensors(ds: synth.SynthDataset) -> None:
     tr = ds.train
-    for c in ("row_id", "sequence_id", "sequence_counter", "subject", "gesture", "phase", "behavior",
-              "acc_x", "acc_y", "acc_z"):
+    for c in (
+        "row_id",
+        "sequence_id",
+        "sequence_counter",
+        "subject",
+        "gesture",
+        "phase",
+        "behavior",
+        "acc_x",
+        "acc_y",
+        "acc_z",
+    ):
         assert tr[c].null_count() == 0, c
     # a sensor is either fully present or fully missing within a sequence
-    groups = [list(schema.ROT_COLS)] + [[c] for c in THM] + [TOF[64 * k:64 * (k + 1)] for k in range(5)]
+    groups = [list(schema.ROT_COLS)] + [[c] for c in THM] + [TOF[64 * k : 64 * (k + 1)] for k in range(5)]
     for df in (tr, ds.test):
         for cols in groups:
             per = df.group_by("sequence_id").agg(
-                pl.any_horizontal([pl.col(c).is_null() for c in cols]).mean().alias("m"))
+                pl.any_horizontal([pl.col(c).is_null() for c in cols]).mean().alias("m")
+            )
             assert per["m"].is_in([0.0, 1.0]).all(), cols[0]
 
 
@@ -156,7 +181,8 @@ def test_imu_only_share_of_test(ds: synth.SynthDataset) -> None:
     te = ds.test
     per = te.group_by("sequence_id").agg(
         pl.all_horizontal([pl.col(c).is_null() for c in THM + TOF]).all().alias("imu_only"),
-        pl.any_horizontal([pl.col(c).is_null() for c in THM + TOF]).mean().alias("any_null"))
+        pl.any_horizontal([pl.col(c).is_null() for c in THM + TOF]).mean().alias("any_null"),
+    )
     share = per["imu_only"].mean()
     assert abs(share - 0.5) < 0.02
     full = per.filter(~pl.col("imu_only"))
@@ -207,12 +233,17 @@ def test_deterministic_for_a_seed() -> None:
     a = synth.generate(n_subjects=1, seed=42, n_test_subjects=1)
     b = synth.generate(n_subjects=1, seed=42, n_test_subjects=1)
     c = synth.generate(n_subjects=1, seed=43, n_test_subjects=1)
-    for x, y in ((a.train, b.train), (a.test, b.test), (a.train_demographics, b.train_demographics),
-                 (a.test_solution, b.test_solution)):
+    for x, y in (
+        (a.train, b.train),
+        (a.test, b.test),
+        (a.train_demographics, b.train_demographics),
+        (a.test_solution, b.test_solution),
+    ):
         assert x.equals(y)
     assert not a.train.equals(c.train)
     assert a.train["subject"][0] != c.train["subject"][0] or not np.array_equal(
-        a.train["acc_x"].to_numpy(), c.train["acc_x"].to_numpy()[: a.train.height])
+        a.train["acc_x"].to_numpy(), c.train["acc_x"].to_numpy()[: a.train.height]
+    )
 
 
 # ---------------------------------------------------------------- content
@@ -239,8 +270,14 @@ def test_length_distribution(ds6: synth.SynthDataset) -> None:
 
 def test_posture_changes_gravity_direction(ds6: synth.SynthDataset) -> None:
     # same gesture, hand at the target: the mean gravity direction in the device frame depends on posture
-    g = (ds6.train.filter((pl.col("gesture") == "Cheek - pinch skin") & (pl.col("behavior") == "Hand at target location"))
-         .group_by("orientation").agg(pl.col("acc_x", "acc_y", "acc_z").mean()).sort("orientation"))
+    g = (
+        ds6.train.filter(
+            (pl.col("gesture") == "Cheek - pinch skin") & (pl.col("behavior") == "Hand at target location")
+        )
+        .group_by("orientation")
+        .agg(pl.col("acc_x", "acc_y", "acc_z").mean())
+        .sort("orientation")
+    )
     v = g.select("acc_x", "acc_y", "acc_z").to_numpy()
     v = v / np.linalg.norm(v, axis=1, keepdims=True)
     cos = v @ v.T
@@ -278,7 +315,7 @@ def test_left_handed_mirroring_flips_acc_x() -> None:
         start, acc_x = 0, {}
         for q in rows.seqs:
             if q.orientation == synth.SEATED:
-                acc_x.setdefault(q.gesture, []).append(rows.sensors[start:start + q.length, 0])
+                acc_x.setdefault(q.gesture, []).append(rows.sensors[start : start + q.length, 0])
             start += q.length
         means.append({g: float(np.concatenate(v).mean()) for g, v in acc_x.items()})
     strong = [g for g, m in means[0].items() if abs(m) > 1.0]
@@ -291,9 +328,12 @@ def test_left_handed_mirroring_flips_acc_x() -> None:
 def test_proximity_sensors_respond_to_skin(ds6: synth.SynthDataset) -> None:
     tr = ds6.train
     near = pl.min_horizontal([pl.when(pl.col(c) >= 0).then(pl.col(c)).otherwise(None) for c in TOF])
-    stats = (tr.filter(pl.col("phase") == "Gesture")
-             .with_columns(near.alias("near"), pl.max_horizontal(THM).alias("thm_max"))
-             .group_by("gesture").agg(pl.col("near").median(), pl.col("thm_max").mean()))
+    stats = (
+        tr.filter(pl.col("phase") == "Gesture")
+        .with_columns(near.alias("near"), pl.max_horizontal(THM).alias("thm_max"))
+        .group_by("gesture")
+        .agg(pl.col("near").median(), pl.col("thm_max").mean())
+    )
     by = {r["gesture"]: r for r in stats.iter_rows(named=True)}
     # at the neck the ToF sees skin close by and the thermopiles warm; waving in the air does not
     assert by["Neck - pinch skin"]["near"] < 90
@@ -304,8 +344,12 @@ def test_proximity_sensors_respond_to_skin(ds6: synth.SynthDataset) -> None:
 
 def test_sensor_rows_differ_between_tof_sensors(ds6: synth.SynthDataset) -> None:
     g = ds6.train.filter(pl.col("gesture") == "Neck - scratch")
-    fr = [g.select(pl.mean_horizontal([(pl.col(c) == -1).cast(pl.Float32) for c in TOF[64 * k:64 * (k + 1)]]).mean()).item()
-          for k in range(5)]
+    fr = [
+        g.select(
+            pl.mean_horizontal([(pl.col(c) == -1).cast(pl.Float32) for c in TOF[64 * k : 64 * (k + 1)]]).mean()
+        ).item()
+        for k in range(5)
+    ]
     assert max(fr) - min(fr) > 0.2
 
 
@@ -331,12 +375,15 @@ def test_write_dataset_roundtrip(tmp_path: Path) -> None:
 
 
 def test_rotated_wearer_matches_the_real_convention() -> None:
-    """Worn 180 degrees about device z: acc_x, acc_y negated, quaternion turned about z, sensors 2<->4, 3<->5, grids turned."""
+    """Worn 180 degrees about device z: acc_x, acc_y negated, quaternion turned about z, sensors 2<->4 and
+    3<->5 swapped, grids turned."""
     out = []
     for rotated in (False, True):
         rng = np.random.default_rng(321)
         subj = synth._Subject("SUBJ_000001", 1, 30, 1, True, 172.0, 52, 26.0, rotated, rng)
-        out.append(synth._simulate_subject(subj, [f"SEQ_{i:06d}" for i in range(102)], np.zeros(102, bool), False).sensors)
+        out.append(
+            synth._simulate_subject(subj, [f"SEQ_{i:06d}" for i in range(102)], np.zeros(102, bool), False).sensors
+        )
     a, b = (x.astype(np.float64) for x in out)
     assert np.allclose(b[:, 0:2], -a[:, 0:2], atol=1 / 256) and np.allclose(b[:, 2], a[:, 2])
     ok = ~np.isnan(a[:, 3])
@@ -355,8 +402,10 @@ def test_rotated_test_subjects_option() -> None:
     assert len(rot.rotated_subjects["test"]) == 1 and rot.rotated_subjects["train"] == []
     assert rot.train.equals(plain.train)  # the option touches nothing else
     who = rot.rotated_subjects["test"][0]
-    for df_r, df_p, same in ((rot.test.filter(pl.col("subject") != who), plain.test.filter(pl.col("subject") != who), True),
-                             (rot.test.filter(pl.col("subject") == who), plain.test.filter(pl.col("subject") == who), False)):
+    for df_r, df_p, same in (
+        (rot.test.filter(pl.col("subject") != who), plain.test.filter(pl.col("subject") != who), True),
+        (rot.test.filter(pl.col("subject") == who), plain.test.filter(pl.col("subject") == who), False),
+    ):
         x_r, x_p = df_r["acc_x"].to_numpy(), df_p["acc_x"].to_numpy()
         assert np.array_equal(x_r, x_p) if same else np.allclose(x_r, -x_p, atol=1 / 256)
     with pytest.raises(ValueError, match="n_rotated_test_subjects"):

@@ -186,8 +186,16 @@ def trained(tables, tmp_path_factory):
     cfg = tiny_cfg(out)
     fold_ids = np.array([int(s[-1]) % 2 for s in table.subjects])  # subject-grouped, 2 folds
     summary = tp.TorchPipeline().train(TrainingData(table, imu_table, y, fold_ids, "hash123"), cfg, out)
-    return {"summary": summary, "out": out, "cfg": cfg, "fold_ids": fold_ids, "table": table,
-            "imu_table": imu_table, "y": y, "raw": raw}
+    return {
+        "summary": summary,
+        "out": out,
+        "cfg": cfg,
+        "fold_ids": fold_ids,
+        "table": table,
+        "imu_table": imu_table,
+        "y": y,
+        "raw": raw,
+    }
 
 
 def test_tiny_model_learns_a_separable_task(trained):
@@ -235,8 +243,15 @@ def test_bundle_round_trip_reproduces_oof(trained):
     full = np.load(trained["out"] / "oof" / "oof_torch_proba.npy")  # rows sorted by sequence id, as the table
     imu = np.load(trained["out"] / "oof" / "oof_torch_imu_proba.npy")
     for k in (0, 1):
-        single = tp.TorchMember([member.models[k]], [member.scalers[k]], [member.pad_lens[k]],
-                                member.feature_names_, member.device, False, member.metadata)
+        single = tp.TorchMember(
+            [member.models[k]],
+            [member.scalers[k]],
+            [member.pad_lens[k]],
+            member.feature_names_,
+            member.device,
+            False,
+            member.metadata,
+        )
         val = np.flatnonzero(trained["fold_ids"] == k)
         np.testing.assert_allclose(single.predict_proba(trained["table"].select(val)), full[val], atol=1e-5)
         np.testing.assert_allclose(single.predict_proba(trained["imu_table"].select(val)), imu[val], atol=1e-5)
@@ -262,10 +277,10 @@ def test_imu_only_test_sequences_take_the_imu_only_view(trained):
     member = tp.load_member(trained["out"] / "bundles" / "torch", trained["cfg"])
     t_imu = features.build_frame_table(features.drop_tof_thm(first))
     assert not t_imu.has_tof_thm[0]
-    np.testing.assert_allclose(member.predict_proba(t_imu), member.predict_proba(trained["imu_table"].select([0])),
-                               atol=1e-6)
-    assert not np.allclose(member.predict_proba(t_imu), member.predict_proba(trained["table"].select([0])),
-                           atol=1e-6)
+    np.testing.assert_allclose(
+        member.predict_proba(t_imu), member.predict_proba(trained["imu_table"].select([0])), atol=1e-6
+    )
+    assert not np.allclose(member.predict_proba(t_imu), member.predict_proba(trained["table"].select([0])), atol=1e-6)
 
 
 def test_checkpoint_that_does_not_fit_its_arguments_is_a_bundle_error(trained, tmp_path):

@@ -21,7 +21,12 @@ def _generator_rotated(seq: pl.DataFrame) -> pl.DataFrame:
     acc, quat, thm, tof = s[:, 0:3].copy(), s[:, 3:7].copy(), s[:, 7:12].copy(), s[:, 12:].copy()
     synth._rotate_about_z(acc, quat, thm, tof)
     quat[quat[:, 0] < 0] *= -1
-    cols = dict(zip(ACC_COLS, acc.T)) | dict(zip(ROT_COLS, quat.T)) | dict(zip(THM_COLS, thm.T)) | dict(zip(TOF_COLS, tof.T))
+    cols = (
+        dict(zip(ACC_COLS, acc.T))
+        | dict(zip(ROT_COLS, quat.T))
+        | dict(zip(THM_COLS, thm.T))
+        | dict(zip(TOF_COLS, tof.T))
+    )
     return seq.with_columns(pl.Series(c, v, dtype=pl.Float32) for c, v in cols.items())
 
 
@@ -77,8 +82,9 @@ def test_correct_subjects_touches_only_the_listed_subjects():
 
 @pytest.fixture(scope="module")
 def generated():
-    return synth.generate(n_subjects=5, seed=4, n_test_subjects=2, n_rotated_test_subjects=1,
-                          n_rotated_train_subjects=1)
+    return synth.generate(
+        n_subjects=5, seed=4, n_test_subjects=2, n_rotated_test_subjects=1, n_rotated_train_subjects=1
+    )
 
 
 def test_detector_finds_the_rotated_generated_subjects(generated):
@@ -89,8 +95,13 @@ def test_detector_finds_the_rotated_generated_subjects(generated):
     assert rotated == ds.rotated_subjects["train"]  # the rotated training subject is found
     assert info["held_out"]["rotated_copy_orders_detected"] >= 0.6 * info["held_out"]["rotated_copy_orders"]
     assert info["held_out"]["normal_subject_orders_flagged"] == 0
-    det = wear.WearDetector(wear.Detector(np.array(info["coef"]), np.array(info["scale"])), info["threshold"],
-                            info["min_sequences"], info["tail_fraction"], True)
+    det = wear.WearDetector(
+        wear.Detector(np.array(info["coef"]), np.array(info["scale"])),
+        info["threshold"],
+        info["min_sequences"],
+        info["tail_fraction"],
+        True,
+    )
     test = ds.test.partition_by("sequence_id", maintain_order=True)
     for seq in test:
         subject = seq["subject"][0]
@@ -134,14 +145,20 @@ def test_predictor_corrects_a_rotated_subject_once_detected(generated, tmp_path,
         pred.predict(seq, ds.test_demographics.filter(pl.col("subject") == who))
     assert pred.summary()["wear"]["rotated_subjects"] == ([who] if switch == "1" else [])
     last = seqs[-1]
-    raw_x = float(build_frame_table(last, ds.test_demographics, cfg.features).values[:, FRAME_FEATURES.index("acc_x")].mean())
+    raw_x = float(
+        build_frame_table(last, ds.test_demographics, cfg.features).values[:, FRAME_FEATURES.index("acc_x")].mean()
+    )
     seen = member.seen[last["sequence_id"][0]]
     assert seen == pytest.approx(-raw_x if switch == "1" else raw_x, abs=1e-3)  # the member saw corrected rows
 
 
 def test_training_switch_off_leaves_rows_and_removes_a_stale_detector(tmp_path):
-    seq = pl.concat([make_sequence("SEQ_000001", 20, subject="SUBJ_000001"),
-                     make_sequence("SEQ_000002", 20, subject="SUBJ_000002", seed=2)])
+    seq = pl.concat(
+        [
+            make_sequence("SEQ_000001", 20, subject="SUBJ_000001"),
+            make_sequence("SEQ_000002", 20, subject="SUBJ_000002", seed=2),
+        ]
+    )
     cfg = load_config({"ENSEMBLE_WEAR_DETECT": "0"})
     (tmp_path / wear.WEAR_FILE).write_text("{}")
     rows, changed = wear.prepare_training_rows(seq, None, build_frame_table(seq), cfg, tmp_path)
