@@ -361,7 +361,7 @@ class Predictor:
         if not self.members:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
         self.class_bias: dict[str, np.ndarray] = {}
-        self.weights = self._load_weights(specs, weights_path)
+        self.weights = self._load_weights(sources, weights_path)
         self.prior = serving_guard.load_class_prior(
             Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json",
             self.bundle_root.parent / "oof",
