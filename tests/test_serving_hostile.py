@@ -82,7 +82,7 @@ def trained(tmp_path_factory):
 
 
 def _predictor(trained, strict: bool = False) -> ensemble.Predictor:
-    specs = ensemble.member_specs_from_modules({"lgbm": lgbm_pipeline})
+    specs = [lgbm_pipeline.LGBMPipeline()]
     return ensemble.Predictor(trained.strict_cfg if strict else trained.cfg, specs, bundle_root=trained.bundles)
 
 
