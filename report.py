@@ -184,6 +184,7 @@ def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
         ):
             if key in truth:
                 lines.append(f"- hold-out, {label}: {truth[key]['score']:.4f}")
+    return lines
 
 
 def _degraded_lines(predictor: dict[str, Any], max_listed: int = 20) -> list[str]:
