@@ -23,6 +23,8 @@ from metric import GESTURES
 from schema import TEST_COLUMNS
 from tests.factory import demographics, make_sequence
 
+pytestmark = pytest.mark.slow  # subprocesses killed mid-training and mid-serving
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 N_SEQ = 8

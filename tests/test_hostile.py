@@ -35,6 +35,8 @@ import synth
 from metric import GESTURES
 from schema import ACC_COLS, DEMOGRAPHIC_FEATURES, ROT_COLS, SENSOR_COLS, TEST_COLUMNS, THM_COLS, TOF_COLS
 
+pytestmark = pytest.mark.slow  # trains a real bundle through main.stage_train, then many property-based cases
+
 pytest.importorskip("lightgbm")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,6 +18,8 @@ from member_base import TrainingData
 from metric import GESTURES, N_CLASSES, score_proba
 from tests.factory import SHARED_CMI, labels_of
 
+pytestmark = pytest.mark.slow  # trains on generated subjects; the member contract runs quickly in test_members
+
 pytest.importorskip("lightgbm")
 
 N_FOLDS = 3

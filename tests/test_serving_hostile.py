@@ -42,6 +42,8 @@ from schema import (
     TOF_COLS,
 )
 
+pytestmark = pytest.mark.slow  # trains a real bundle through main.stage_train, then every hostile serving case
+
 pytest.importorskip("lightgbm")
 
 TOFTHM = list(THM_COLS + TOF_COLS)

@@ -21,6 +21,8 @@ from config import Config
 from member_base import TrainingData
 from tests.factory import imu_separable_rows, labels_of
 
+pytestmark = pytest.mark.slow  # trains networks for tens of epochs; the member contract runs quickly in test_members
+
 torch.set_num_threads(1)
 
 CLASSES = (0, 1, 8)  # two target gestures and one non-target: the metric sees both kinds
