@@ -2,10 +2,10 @@
 competing project process that this benchmark starts itself (a training run beside serving, a serving loop
 beside training), plus predict latency with 1 and 2 intra-op threads.
 
-Run: ``python bench/bench_contention.py --out DIR [--quick] [--members lgbm,torch,keras]``, or
+Run from the repository root: ``python -m bench.bench_contention --out DIR [--quick] [--members lgbm,torch,keras]``, or
 ``python main.py bench --contention [--quick]``. Every measurement is its own process, started the way the
 project starts (``threads.configure_threads`` before any member library loads), so thread pools and the
-OpenMP wait policy are the ones a real run gets. The training unit is one ``train_member`` call on random
+OpenMP wait policy are the ones a real run gets. The training unit is one ``MemberPipeline.train`` call on random
 rows (2 folds, 1 epoch / the debug LightGBM rounds): the same work alone and contended, so the ratio is fair.
 Target: every ratio <= 2.5 on 2 cores. Other processes on the machine make every number noisy.
 """
@@ -22,9 +22,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-MEMBERS = {"lgbm": "lgbm_pipeline", "torch": "torch_pipeline", "keras": "keras_pipeline"}
 TARGET_RATIO = 2.5
 READY = "READY"
 
@@ -51,23 +48,23 @@ def _tables(n_sequences: int, seed: int) -> tuple[Any, Any]:
 
 
 def worker_train(member: str, out: Path, n_sequences: int, loop: bool) -> dict[str, Any]:
-    """Time ``train_member`` (2 folds, 1 epoch); with ``loop`` repeat until killed (a competitor)."""
-    import importlib
-
+    """Time one training (2 folds, 1 epoch); with ``loop`` repeat until killed (a competitor)."""
     import numpy as np
 
+    import members
+    from member_base import TrainingData
+
     cfg = _config(out, "train")
-    mod = importlib.import_module(MEMBERS[member])
+    pipeline = members.get(member)
     table, imu = _tables(n_sequences, seed=1)
-    y = np.arange(table.n_sequences) % 18
-    folds = np.arange(table.n_sequences) % 2
+    data = TrainingData(table, imu, np.arange(table.n_sequences) % 18, np.arange(table.n_sequences) % 2, "bench")
     print(READY, flush=True)
     times, i = [], 0
     while True:
         run_dir = out / f"run{i}"  # a fresh folder: the keras member would resume a finished run otherwise
         cfg.run.out_dir = str(run_dir)
         t0 = time.perf_counter()
-        mod.train_member(table, imu, y, folds, "bench", cfg, run_dir)
+        pipeline.train(data, cfg, run_dir)
         times.append(time.perf_counter() - t0)
         i += 1
         if not loop:
@@ -76,15 +73,13 @@ def worker_train(member: str, out: Path, n_sequences: int, loop: bool) -> dict[s
 
 def worker_serve(member: str, bundle_dir: Path, out: Path, n_calls: int, loop: bool) -> dict[str, Any]:
     """Time ``n_calls`` single-sequence ``predict_proba`` calls (after warm-up); ``loop`` serves until killed."""
-    import importlib
-
     import numpy as np
 
+    import members
     from bench.common import latency_ms, time_calls
 
     cfg = _config(out, "serve")
-    mod = importlib.import_module(MEMBERS[member])
-    loaded = mod.load_member(bundle_dir, cfg)
+    loaded = members.get(member).load(bundle_dir, cfg)
     table, _ = _tables(max(n_calls, 8), seed=2)
     singles = [table.select([i]) for i in range(table.n_sequences)]
     for one in singles[:4]:  # both routes, compiled functions traced
@@ -100,7 +95,7 @@ def worker_serve(member: str, bundle_dir: Path, out: Path, n_calls: int, loop: b
 
 
 def _cmd(*args: str) -> list[str]:
-    return [sys.executable, str(Path(__file__).resolve()), "worker", *args]
+    return [sys.executable, "-m", "bench.bench_contention", "worker", *args]  # run from ROOT: flat imports resolve
 
 
 def _env(threads: int | None) -> dict[str, str]:
@@ -195,7 +190,9 @@ def run_benchmark(out: Path, quick: bool = False, members: list[str] | None = No
         "note": "other processes on the machine make these numbers noisy",
         "members": {},
     }
-    for member in members or list(MEMBERS):
+    import members as registry
+
+    for member in members or registry.names():
         need = {"lgbm": "lightgbm", "torch": "torch", "keras": "tensorflow"}[member]
         if importlib.util.find_spec(need) is None:
             result["members"][member] = {"skipped": f"{need} not installed"}
@@ -229,16 +226,18 @@ def _print_member(member: str, r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import members as members_registry
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command")
     w = sub.add_parser("worker")
     w.add_argument("role", choices=["train", "serve"])
-    w.add_argument("member", choices=list(MEMBERS))
+    w.add_argument("member", choices=members_registry.names())
     w.add_argument("args", nargs="+")
     w.add_argument("--loop", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("outputs/bench/contention"))
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--members", default=",".join(MEMBERS))
+    ap.add_argument("--members", default=",".join(members_registry.names()))
     a = ap.parse_args(argv)
     if a.command == "worker":
         if a.role == "train":
