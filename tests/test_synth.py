@@ -229,6 +229,7 @@ def test_demographics_ranges() -> None:
 
 
 # ---------------------------------------------------------------- determinism
+@pytest.mark.slow  # generates and writes whole data sets (seconds each)
 def test_deterministic_for_a_seed() -> None:
     a = synth.generate(n_subjects=1, seed=42, n_test_subjects=1)
     b = synth.generate(n_subjects=1, seed=42, n_test_subjects=1)
@@ -353,6 +354,7 @@ def test_sensor_rows_differ_between_tof_sensors(ds6: synth.SynthDataset) -> None
     assert max(fr) - min(fr) > 0.2
 
 
+@pytest.mark.slow  # generates and writes whole data sets (seconds each)
 def test_write_dataset_roundtrip(tmp_path: Path) -> None:
     paths = synth.write_dataset(tmp_path, n_subjects=1, seed=5, n_test_subjects=1)
     assert set(paths) == {"train", "test", "train_demographics", "test_demographics", "test_solution", "synth_info"}
@@ -395,6 +397,7 @@ def test_rotated_wearer_matches_the_real_convention() -> None:
     assert np.array_equal(gb, ga[:, [0, 3, 4, 1, 2], ::-1, ::-1], equal_nan=True)
 
 
+@pytest.mark.slow  # generates and writes whole data sets (seconds each)
 def test_rotated_test_subjects_option() -> None:
     plain = synth.generate(n_subjects=1, seed=3, n_test_subjects=2)
     rot = synth.generate(n_subjects=1, seed=3, n_test_subjects=2, n_rotated_test_subjects=1)
