@@ -48,7 +48,8 @@ class RunConfig:
     out_dir: str = "outputs"
     bundle_dir: str = ""  # where trained bundles are read from; defaults to <out_dir>/bundles
     n_folds: int = 5
-    seed: int = 42
+    seed: int = 42  # model seeds (initialisation, bagging, augmentation); the folds have their own
+    fold_seed: int = 42  # the subject-grouped folds: fixed while CMI_SEED varies, so seeds are compared on equal folds
     debug: bool = False  # tiny epochs/rounds: covers every stage in minutes
     n_threads: int = 0  # 0 = auto: the cores this process may use (threads.py); CMI_N_THREADS=k fixes k
     strict: bool = False  # STRICT=1: a member failing on a sequence raises instead of being skipped

@@ -409,6 +409,6 @@ def training_data(
     index = {g: i for i, g in enumerate(GESTURES)}  # data.load_train has checked every label is one of them
     y = np.array([index[g] for g in labels["gesture"].to_list()], dtype=np.int64)
     folds = cv.load_or_make_folds(
-        folds_path, table.sequence_ids, table.subjects, labels["gesture"].to_numpy(), cfg.run.n_folds, cfg.run.seed
+        folds_path, table.sequence_ids, table.subjects, labels["gesture"].to_numpy(), cfg.run.n_folds, cfg.run.fold_seed
     )
     return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))
