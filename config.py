@@ -68,6 +68,9 @@ class FeatureConfig:
     tail_fraction: float = 0.4  # aggregates also over the final part of a sequence (the gesture)
     dt: float = 0.1  # seconds between samples (~10 Hz)
     mirror_left_handed: bool = True  # map left-hand wearers onto the right-hand signal (needs demographics)
+    # A sequence without rotation: "gravity" estimates tilt from low-passed acceleration, "identity" assumes none.
+    rot_fallback: str = "gravity"
+    gravity_window: int = 15  # samples (1.5 s at 10 Hz) of the low-pass that gives gravity's direction
 
 
 @dataclass
@@ -97,6 +100,10 @@ class LGBMConfig(MemberConfig):
     num_leaves: int = 15
     learning_rate: float = 0.07
     n_estimators: int = 400  # 18 trees a round: more rounds cost latency and bundle size for little gain
+    # How the number of rounds is chosen without the scored fold's labels: "inner" early-stops on a
+    # subject-grouped inner split of the training folds, then refits on all of them; "fixed" = n_estimators.
+    stopping: str = "inner"
+    inner_folds: int = 4  # the inner validation split is one of this many subject-grouped folds
     early_stopping_rounds: int = 40
     min_child_samples: int = 10
     feature_fraction: float = 0.5
@@ -139,14 +146,12 @@ class KerasConfig(MemberConfig):
     """Keras member (prefix ``KERAS_``)."""
 
     weight: float = 0.35
-    max_epochs: int = 40
+    max_epochs: int = 40  # every one runs: no early stopping on the fold whose OOF is scored
     batch_size: int = 64
     lr: float = 1e-3
+    lr_min_ratio: float = 0.05  # cosine decay from lr to lr * this over all epochs
     dropout: float = 0.3
     label_smoothing: float = 0.1
-    es_patience: int = 8
-    rlr_patience: int = 3
-    rlr_factor: float = 0.5
     imu_filters: tuple[int, ...] = (128, 256, 256)
     imu_kernels: tuple[int, ...] = (7, 5, 3)
     tof_filters: tuple[int, ...] = (64, 128)
@@ -425,6 +430,14 @@ def validate(cfg: Config) -> None:
         (0 < cfg.features.tail_fraction <= 1, "FEAT_TAIL_FRACTION must be in (0, 1]"),
         (cfg.features.dt > 0, "FEAT_DT must be positive"),
         (cfg.lgbm.learning_rate > 0, "LGBM_LEARNING_RATE must be positive"),
+        (cfg.lgbm.stopping in ("inner", "fixed"), f"LGBM_STOPPING={cfg.lgbm.stopping!r}: use 'inner' or 'fixed'"),
+        (cfg.lgbm.inner_folds >= 2, "LGBM_INNER_FOLDS must be >= 2"),
+        (
+            cfg.features.rot_fallback in ("gravity", "identity"),
+            f"FEAT_ROT_FALLBACK={cfg.features.rot_fallback!r}: use 'gravity' or 'identity'",
+        ),
+        (cfg.features.gravity_window >= 1, "FEAT_GRAVITY_WINDOW must be >= 1"),
+        (0 <= cfg.keras.lr_min_ratio <= 1, "KERAS_LR_MIN_RATIO must be in [0, 1]"),
         (cfg.torch.epochs >= 1 and cfg.torch.batch_size >= 1, "TORCH_EPOCHS and TORCH_BATCH_SIZE (DL_*) must be >= 1"),
         (cfg.torch.grad_accum_steps >= 1, "TORCH_GRAD_ACCUM_STEPS (DL_*) must be >= 1"),
         (0 <= cfg.torch.dropout < 1, "TORCH_DROPOUT (DL_DROPOUT) must be in [0, 1)"),

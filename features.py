@@ -57,7 +57,11 @@ IMU_FEATURES: tuple[str, ...] = (
     "gravity_x",
     "gravity_y",
     "gravity_z",  # world "up" seen from the device: posture
+    "rot_missing",  # 1 where the rotation was not measured (filled in, or estimated from gravity)
 )
+# Frame channels that are flags, not signals: no per-sequence statistics of them (the aggregates carry
+# the sequence-level rot_missing already).
+FLAG_FEATURES: tuple[str, ...] = ("rot_missing",)
 TOF_FEATURES: tuple[str, ...] = ("tof_mean", "tof_std", "tof_min", "tof_max", "tof_valid_ratio") + tuple(
     f"tof{k}_{s}" for k in range(1, N_TOF_SENSORS + 1) for s in ("mean", "min", "valid_ratio")
 )
@@ -264,7 +268,7 @@ def build_frame_table(
     is_start = np.zeros(n_rows, dtype=bool)
     is_start[offsets[:-1]] = True
 
-    acc, quat, rot_missing_rows = _filled_imu(df)
+    acc, quat, rot_missing_rows = _filled_imu(df, offsets, cfg)
     rot_missing = np.zeros(len(seq_ids), dtype=bool)
     np.logical_or.at(rot_missing, seq_of_row, rot_missing_rows)
 
@@ -283,7 +287,7 @@ def build_frame_table(
             acc, quat, thm, tof = _mirror(left[seq_of_row], acc, quat, thm, tof)
 
     quat = _continuous_sign(quat, is_start)
-    imu = _imu_features(acc, quat, offsets, cfg.dt)
+    imu = np.concatenate([_imu_features(acc, quat, offsets, cfg.dt), rot_missing_rows[:, None]], axis=1)
     values = np.concatenate([imu, _tof_features(tof), _thm_features(thm)], axis=1).astype(np.float32)
     if not np.isfinite(values).all():  # every input was filled; a non-finite value here is a bug
         raise FeatureError("non-finite frame features after cleaning")
@@ -327,8 +331,14 @@ def _demographics_matrix(subjects: np.ndarray, demographics: pl.DataFrame | None
     return out
 
 
-def _filled_imu(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """acc and rot with gaps filled within each sequence; rows whose rotation had to be invented are flagged."""
+def _filled_imu(df: pl.DataFrame, offsets: np.ndarray, cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """acc and rot with gaps filled within each sequence; rows whose rotation had to be invented are flagged.
+
+    A sequence with no rotation at all gets one estimated from gravity (``cfg.rot_fallback="gravity"``):
+    the low-passed accelerometer is the device-frame "up" while the wrist moves slowly, and the
+    smallest rotation taking it to world z gives tilt (yaw stays unknown). ``"identity"`` is the old
+    answer, which leaves gravity inside the "linear" acceleration.
+    """
     rot_null = df.select(pl.any_horizontal(pl.col(c).is_null() for c in ROT_COLS)).to_series().to_numpy()
     filled = df.select(
         *(pl.col(c).forward_fill().backward_fill().over("sequence_id") for c in ACC_COLS),
@@ -352,9 +362,40 @@ def _filled_imu(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     quat = filled.select(ROT_COLS).to_numpy().astype(np.float64)  # w, x, y, z
     norm = np.linalg.norm(quat, axis=1)
     bad = ~np.isfinite(norm) | (norm < 1e-6)
-    quat[bad] = (1.0, 0.0, 0.0, 0.0)  # no rotation known at all: identity, flagged
     quat[~bad] /= norm[~bad, None]
+    if bad.any():  # no rotation known in the whole sequence
+        if cfg.rot_fallback == "gravity":
+            quat[bad] = gravity_aligned_quat(acc, offsets, cfg.gravity_window)[bad]
+        else:
+            quat[bad] = (1.0, 0.0, 0.0, 0.0)
     return acc, quat, rot_null | bad
+
+
+def low_pass(values: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average of ``window`` rows, never across a sequence boundary (cumulative sums)."""
+    n = len(values)
+    half = max(0, int(window) // 2)
+    seq_of_row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    rows = np.arange(n)
+    lo = np.maximum(rows - half, offsets[:-1][seq_of_row])
+    hi = np.minimum(rows + half + 1, offsets[1:][seq_of_row])
+    csum = np.concatenate([np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)])
+    return (csum[hi] - csum[lo]) / (hi - lo)[:, None]
+
+
+def gravity_aligned_quat(acc: np.ndarray, offsets: np.ndarray, window: int) -> np.ndarray:
+    """Scalar-first quaternions of the smallest rotation taking low-passed acceleration to world +z."""
+    up = low_pass(acc, offsets, window)
+    norm = np.linalg.norm(up, axis=1, keepdims=True)
+    u = np.where(norm > 1e-6, up / np.maximum(norm, 1e-12), [0.0, 0.0, 1.0])
+    z = np.array([0.0, 0.0, 1.0])
+    axis = np.cross(u, z)
+    sin, cos = np.linalg.norm(axis, axis=1), u @ z
+    angle = np.arctan2(sin, cos)
+    # Upside down (u = -z): any horizontal axis does; x is taken.
+    axis = np.where(sin[:, None] > 1e-9, axis / np.maximum(sin, 1e-12)[:, None], [1.0, 0.0, 0.0])
+    q = Rotation.from_rotvec(axis * angle[:, None]).as_quat()  # scalar-last
+    return q[:, [3, 0, 1, 2]]
 
 
 def _mirror(
@@ -516,6 +557,8 @@ def fit_scaler(table: FrameTable, seq_idx: np.ndarray | None = None) -> ScalerSt
     mean = values.mean(axis=0, dtype=np.float64)
     std = values.std(axis=0, dtype=np.float64)
     std = np.where(std < 1e-6, 1.0, std)  # constant channels pass through centred
+    flags = feature_index(FLAG_FEATURES)
+    mean[flags], std[flags] = 0.0, 1.0  # flags stay 0/1: a rare flag would otherwise be scaled to ~10
     return ScalerStats(mean=mean.astype(np.float32), std=std.astype(np.float32))
 
 
@@ -564,9 +607,13 @@ def pad_batch(
 # --------------------------------------------------------------------------- per-sequence aggregates
 
 
-def aggregate_feature_names(imu_only: bool = False) -> list[str]:
+def aggregated_channels(imu_only: bool = False) -> tuple[str, ...]:
     channels = IMU_FEATURES if imu_only else FRAME_FEATURES
-    names = [f"{c}__{s}" for c in channels for s in AGG_STATS]
+    return tuple(c for c in channels if c not in FLAG_FEATURES)
+
+
+def aggregate_feature_names(imu_only: bool = False) -> list[str]:
+    names = [f"{c}__{s}" for c in aggregated_channels(imu_only) for s in AGG_STATS]
     return names + [f"demo_{d}" for d in DEMOGRAPHIC_FEATURES] + ["seq_len", "rot_missing"]
 
 
@@ -575,7 +622,7 @@ def sequence_aggregates(
 ) -> tuple[np.ndarray, list[str]]:
     """Per-sequence statistics over the whole sequence and over its final part, plus demographics."""
     cfg = cfg or FeatureConfig()
-    cols = feature_index(IMU_FEATURES) if imu_only else np.arange(len(FRAME_FEATURES))
+    cols = feature_index(aggregated_channels(imu_only))
     values = table.values[:, cols].astype(np.float64)
     lengths = table.lengths
     whole = _segment_stats(values, table.offsets)

@@ -107,16 +107,17 @@ def _fit(
     eager = steps <= EAGER_MAX_STEPS
     if eager:
         log.info("keras %s: %d optimizer steps only: training eagerly (cheaper than tracing a graph)", tag, steps)
+    # A fixed cosine schedule: the validation fold is watched for the log only (no early stopping or
+    # plateau decisions on the fold whose predictions become the OOF), and the final weights are kept.
+    schedule = keras.optimizers.schedules.CosineDecay(k.lr, decay_steps=max(1, steps), alpha=k.lr_min_ratio)
     model.compile(
-        optimizer=keras.optimizers.Adam(k.lr),
+        optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=k.label_smoothing),
         metrics=["accuracy"],
         run_eagerly=eager,
     )
     train_ds = _dataset(tf, x_tr, _one_hot(y_tr), k.batch_size, shuffle_seed=seed)
     val_ds = _dataset(tf, x_va, _one_hot(y_va), k.batch_size, shuffle_seed=None)
-    es = keras.callbacks.EarlyStopping(monitor="val_loss", patience=k.es_patience, restore_best_weights=True)
-    rlr = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=k.rlr_patience, factor=k.rlr_factor)
     t0 = time.perf_counter()
     hist = model.fit(
         train_ds,
@@ -124,15 +125,14 @@ def _fit(
         epochs=_epochs(cfg),
         verbose=0,
         shuffle=False,
-        callbacks=[es, rlr, _EpochLog.make(keras, tag)],
+        callbacks=[_EpochLog.make(keras, tag)],
     )
     seconds = time.perf_counter() - t0
     val_loss = hist.history.get("val_loss", [float("nan")])
     n_epochs = len(hist.history.get("loss", []))
     return {
         "epochs_run": n_epochs,
-        "best_epoch": int(np.nanargmin(val_loss)) + 1 if len(val_loss) else 0,
-        "best_val_loss": float(np.nanmin(val_loss)) if len(val_loss) else float("nan"),
+        "final_val_loss": float(val_loss[-1]) if len(val_loss) else float("nan"),  # logged, never used
         "seconds": seconds,
         "eager": eager,
         "train_seq_per_s": len(y_tr) * max(n_epochs, 1) / max(seconds, 1e-9),

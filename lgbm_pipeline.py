@@ -318,6 +318,47 @@ class _Context:
     use_imu_full_view: np.ndarray  # sequences without thm/tof, which serving routes to the IMU model
 
 
+def inner_split(y: np.ndarray, groups: np.ndarray, n_splits: int, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """One subject-grouped, stratified split of the training rows; None when there are too few subjects."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(np.unique(groups)) < 2:
+        return None
+    n_splits = min(n_splits, len(np.unique(groups)))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    try:
+        return next(iter(splitter.split(np.zeros(len(y)), y, groups=groups)))
+    except ValueError:  # e.g. a class rarer than the number of splits: stratification cannot be honoured
+        return None
+
+
+def fit_without_scored_fold(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    params: dict[str, Any],
+    cfg: Config,
+    seed: int,
+    names: Sequence[str],
+) -> LGBMSequenceClassifier:
+    """Fit on the training folds only; the number of rounds comes from them too.
+
+    ``stopping="inner"``: early stopping on an inner subject-grouped split of
+    these rows picks the rounds, then the model is refitted on all of them for
+    that many rounds. ``"fixed"``: ``n_estimators`` rounds.
+    """
+    rounds = int(params["n_estimators"])
+    if cfg.lgbm.stopping == "inner":
+        split = inner_split(y, groups, cfg.lgbm.inner_folds, seed)
+        if split is None:
+            log.warning("%s: too few training subjects for an inner split: %d fixed rounds", MEMBER, rounds)
+        else:
+            fit, stop = split
+            probe = LGBMSequenceClassifier(params, seed).fit(X[fit], y[fit], X[stop], y[stop], names)
+            rounds = max(1, probe.best_iteration_)
+    return LGBMSequenceClassifier({**params, "n_estimators": rounds}, seed).fit(X, y, feature_names=names)
+
+
 class LGBMPipeline(MemberPipeline):
     """Two boosters per fold (full view, IMU-only view), LightGBM text files in the bundle."""
 
@@ -349,10 +390,10 @@ class LGBMPipeline(MemberPipeline):
     def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
         tr, va, k, y = split.train, split.valid, split.fold, data.y
         seed = cfg.run.seed
-        full = LGBMSequenceClassifier(ctx.params, seed).fit(
-            ctx.X_full[tr], y[tr], ctx.X_full[va], y[va], ctx.names_full
-        )
-        imu = LGBMSequenceClassifier(ctx.params, seed).fit(ctx.X_imu[tr], y[tr], ctx.X_imu[va], y[va], ctx.names_imu)
+        groups = np.asarray(data.table.subjects)[tr]
+        # The validation fold's labels are used for scoring only: its OOF must not be chosen with them.
+        full = fit_without_scored_fold(ctx.X_full[tr], y[tr], groups, ctx.params, cfg, seed, ctx.names_full)
+        imu = fit_without_scored_fold(ctx.X_imu[tr], y[tr], groups, ctx.params, cfg, seed, ctx.names_imu)
         # Full view routed exactly as predict_proba routes, so the OOF is what serving would answer.
         # For a sequence without thm/tof, its imu_table aggregates equal its table aggregates.
         route = ctx.use_imu_full_view[va]
@@ -371,25 +412,26 @@ class LGBMPipeline(MemberPipeline):
                     "view": view,
                     "file": f"fold{k}_{view}.txt",
                     "present_classes": model.present_classes_.tolist(),
-                    "best_iteration": model.best_iteration_,
+                    "rounds": model.best_iteration_,  # chosen on the training folds (LGBM_STOPPING)
                     "val_score": score,
                 }
             )
         log.info(
-            "%s fold %d: full %.4f imu %.4f | best iteration full %d imu %d | %d train / %d val",
+            "%s fold %d: full %.4f imu %.4f | rounds full %d imu %d (%s) | %d train / %d val",
             MEMBER,
             k,
             s_full,
             s_imu,
             full.best_iteration_,
             imu.best_iteration_,
+            cfg.lgbm.stopping,
             len(tr),
             len(va),
         )
         return FoldResult(p_full, p_imu, {"models": models})
 
     def summary_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
-        return {"best_iterations": {m["file"]: m["best_iteration"] for r in records.values() for m in r["models"]}}
+        return {"rounds": {m["file"]: m["rounds"] for r in records.values() for m in r["models"]}}
 
     def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
         return {

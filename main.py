@@ -88,6 +88,7 @@ def stage_synth(
     test_subjects: int | None,
     rotated_test_subjects: int = 0,
     rotated_train_subjects: int | None = None,
+    rot_missing_fraction: float | None = None,
 ) -> Path:
     import synth
 
@@ -98,6 +99,7 @@ def stage_synth(
         n_test_subjects=test_subjects,
         n_rotated_test_subjects=rotated_test_subjects,
         n_rotated_train_subjects=rotated_train_subjects,
+        rot_missing_fraction=synth.ROT_MISSING_P if rot_missing_fraction is None else rot_missing_fraction,
     )
     log.info("generated data in %s: %s", out, ", ".join(p.name for p in paths.values()))
     return out
@@ -304,6 +306,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
         args.test_subjects,
         args.rotated_test_subjects,
         args.rotated_train_subjects,
+        args.rot_missing_fraction,
     )
 
 
@@ -416,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="train subjects wearing it so (default: 2 when --subjects >= 40, else 0)",
+    )
+    s.add_argument(
+        "--rot-missing-fraction",
+        type=float,
+        default=None,
+        help="share of training sequences without rotation columns (default 0.006, as in the real data)",
     )
     s.set_defaults(func=cmd_synth)
 

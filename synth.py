@@ -808,9 +808,7 @@ class _SubjectRows:
     sensors: np.ndarray  # (N, 332) float32, NaN = missing
 
 
-def _simulate_subject(
-    subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, allow_rot_missing: bool
-) -> _SubjectRows:
+def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, rot_missing_p: float) -> _SubjectRows:
     rng = subj.rng
     style = _make_style(rng, subj.scale)
     pairs = [p for p in VALID_PAIRS for _ in range(REPEATS)]
@@ -846,7 +844,7 @@ def _simulate_subject(
         if imu_only[i]:
             sensors[sl, 7:] = np.nan
             continue
-        if allow_rot_missing and rng.random() < ROT_MISSING_P:
+        if rng.random() < rot_missing_p:  # one draw whatever p is: other sequences stay as they were
             sensors[sl, 3:7] = np.nan
         if rng.random() < TOF_SENSOR_MISSING_P:
             k = int(rng.integers(0, 5))
@@ -953,16 +951,20 @@ def generate(
     test_imu_only_fraction: float = 0.5,
     n_rotated_test_subjects: int = 0,
     n_rotated_train_subjects: int | None = None,
+    rot_missing_fraction: float = ROT_MISSING_P,
 ) -> SynthDataset:
     """Generate a train set of ``n_subjects`` and a test set of different subjects.
 
     ``n_rotated_train_subjects`` (default: 2 when there are at least 40 subjects, else 0)
     and ``n_rotated_test_subjects`` (default 0) wear the device rotated 180 degrees about z.
+    ``rot_missing_fraction`` of the training sequences lose their rotation columns (real data: ~0.6 %).
     """
     if n_subjects < 1:
         raise ValueError("n_subjects must be >= 1")
     if not 0.0 <= test_imu_only_fraction <= 1.0:
         raise ValueError("test_imu_only_fraction must be in [0, 1]")
+    if not 0.0 <= rot_missing_fraction <= 1.0:
+        raise ValueError("rot_missing_fraction must be in [0, 1]")
     if set(GESTURE_SPECS) != set(GESTURES):  # the gesture vocabulary is the metric's; keep them in step
         raise RuntimeError("synth.GESTURE_SPECS does not cover metric.GESTURES")
     n_test = max(2, round(n_subjects * 0.25)) if n_test_subjects is None else int(n_test_subjects)
@@ -1021,10 +1023,10 @@ def generate(
     for i, subj in enumerate(subjects):
         ids = [f"SEQ_{int(x):06d}" for x in seq_nums[i]]
         if i < n_subjects:
-            rows = _simulate_subject(subj, ids, np.zeros(n_seq_each, bool), allow_rot_missing=True)
+            rows = _simulate_subject(subj, ids, np.zeros(n_seq_each, bool), rot_missing_fraction)
             train_parts.append((subj, rows))
         else:
-            rows = _simulate_subject(subj, ids, imu_flags[i - n_subjects], allow_rot_missing=False)
+            rows = _simulate_subject(subj, ids, imu_flags[i - n_subjects], 0.0)
             test_parts.append((subj, rows))
 
     train = _frame_from_rows(train_parts, with_labels=True)
@@ -1051,12 +1053,19 @@ def write_dataset(
     test_imu_only_fraction: float = 0.5,
     n_rotated_test_subjects: int = 0,
     n_rotated_train_subjects: int | None = None,
+    rot_missing_fraction: float = ROT_MISSING_P,
 ) -> dict[str, Path]:
     """Generate and write the five CSV files atomically; returns their paths by stem."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ds = generate(
-        n_subjects, seed, n_test_subjects, test_imu_only_fraction, n_rotated_test_subjects, n_rotated_train_subjects
+        n_subjects,
+        seed,
+        n_test_subjects,
+        test_imu_only_fraction,
+        n_rotated_test_subjects,
+        n_rotated_train_subjects,
+        rot_missing_fraction,
     )
     frames = {
         "train": ds.train,

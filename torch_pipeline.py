@@ -306,14 +306,19 @@ def predict_arrays(
 
 
 @dataclass
-class EpochChoice:
+class FoldFit:
+    """A fold's final weights and its OOF; nothing here was chosen with the validation labels."""
+
     state_dict: OrderedDict[str, torch.Tensor]
-    best_epoch: int
-    best_score: float
+    epochs: int
     score_full: float
     score_imu: float
     proba_full: np.ndarray
     proba_imu: np.ndarray
+
+    @property
+    def score_mean(self) -> float:
+        return 0.5 * (self.score_full + self.score_imu)
 
 
 def train_fold(
@@ -323,8 +328,13 @@ def train_fold(
     model_args: dict[str, Any],
     cfg: Config,
     device: torch.device,
-) -> EpochChoice:
-    """Train one fold; keep the epoch with the best mean of full-view and IMU-only validation scores."""
+) -> FoldFit:
+    """Train one fold for a fixed schedule and keep the final weights.
+
+    The validation fold is scored after every epoch for the log only: choosing
+    the epoch on it would make its OOF optimistic (issue 12), and the model
+    served is the one that produced the OOF.
+    """
     t = cfg.torch
     seed = cfg.run.seed + fold
     seed_everything(seed)
@@ -350,7 +360,8 @@ def train_fold(
     y_val = val.y.numpy()
     if device.type == "cuda":
         train = train.to(device)
-    best: EpochChoice | None = None
+    p_full = p_imu = np.zeros((0, metric.N_CLASSES), dtype=np.float32)
+    s_full = s_imu = float("nan")
     for epoch in range(1, n_epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -377,24 +388,18 @@ def train_fold(
         p_imu = predict_arrays(model, val.x_imu, val.mask, device, amp, t.batch_size * 2)
         s_full = metric.score_proba(y_val, p_full)
         s_imu = metric.score_proba(y_val, p_imu)
-        score = 0.5 * (s_full + s_imu)
         log.info(
-            "torch fold %d epoch %d/%d: train loss %.4f, val score full %.4f imu %.4f (mean %.4f), lr %.2e, %.1f s",
+            "torch fold %d epoch %d/%d: train loss %.4f, val score full %.4f imu %.4f (log only), lr %.2e, %.1f s",
             fold,
             epoch,
             n_epochs,
             total_loss / max(seen, 1),
             s_full,
             s_imu,
-            score,
             optimizer.param_groups[0]["lr"],
             time.perf_counter() - started,
         )
-        if best is None or score > best.best_score:
-            best = EpochChoice(unwrap_state_dict(model), epoch, score, s_full, s_imu, p_full, p_imu)
-    assert best is not None  # n_epochs >= 1
-    log.info("torch fold %d: best epoch %d, score %.4f", fold, best.best_epoch, best.best_score)
-    return best
+    return FoldFit(unwrap_state_dict(model), n_epochs, s_full, s_imu, p_full, p_imu)
 
 
 def save_checkpoint(path: Path, model_args: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -467,10 +472,10 @@ class TorchPipeline(MemberPipeline):
         result = train_fold(split.fold, train_arr, val_arr, ctx.model_args, cfg, ctx.device)
         save_checkpoint(work / f"fold{split.fold}.pt", ctx.model_args, result.state_dict)
         record = {
-            "best_epoch": result.best_epoch,
+            "epochs": result.epochs,
             "score_full": result.score_full,
             "score_imu": result.score_imu,
-            "score_mean": result.best_score,
+            "score_mean": result.score_mean,
             "pad_len": int(pad_len),
             "scaler": scaler.to_dict(),
         }
@@ -488,7 +493,7 @@ class TorchPipeline(MemberPipeline):
             "pad_side": PAD_SIDE,
             "scalers": {str(k): records[k]["scaler"] for k in folds},  # the statistics used in training
             "torch_version": torch.__version__,
-            "best_epoch": {str(k): records[k]["best_epoch"] for k in folds},
+            "epochs": {str(k): records[k]["epochs"] for k in folds},  # fixed: the final weights are kept
             "fold_scores": {str(k): _scores(records[k]) for k in folds},
         }
 
@@ -497,7 +502,7 @@ class TorchPipeline(MemberPipeline):
 
 
 def _scores(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record[k] for k in ("best_epoch", "score_full", "score_imu", "score_mean")}
+    return {k: record[k] for k in ("epochs", "score_full", "score_imu", "score_mean")}
 
 
 # ----------------------------------------------------------------------------- prediction

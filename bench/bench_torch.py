@@ -106,7 +106,7 @@ def run_benchmark(
         records[k] = {
             "pad_len": pad_len,
             "scaler": scaler.to_dict(),
-            "best_epoch": 0,
+            "epochs": 0,
             "score_full": 0.0,
             "score_imu": 0.0,
             "score_mean": 0.0,

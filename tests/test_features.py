@@ -200,3 +200,57 @@ def test_select_round_trip():
     s = t.select([2, 0])
     assert list(s.sequence_ids) == [t.sequence_ids[2], t.sequence_ids[0]]
     np.testing.assert_array_equal(s.sequence(0), t.sequence(2))
+
+
+# ----------------------------------------------------------------------------- missing rotation
+
+
+def test_gravity_aligned_quat_takes_the_low_passed_acceleration_to_world_up():
+    rng = np.random.default_rng(0)
+    ups = np.vstack([rng.normal(size=(6, 3)), [[0, 0, -9.8], [0, 0, 9.8], [1e-3, 0, -9.8]]])
+    acc = np.repeat(ups, 4, axis=0)  # constant within each 4-row sequence: the low-pass is the vector itself
+    offsets = np.arange(0, len(acc) + 1, 4)
+    q = F.gravity_aligned_quat(acc, offsets, window=3)
+    rot = Rotation.from_quat(q[:, [1, 2, 3, 0]])  # scalar-first -> scipy's scalar-last
+    unit = acc / np.linalg.norm(acc, axis=1, keepdims=True)
+    np.testing.assert_allclose(rot.apply(unit), np.tile([0.0, 0.0, 1.0], (len(acc), 1)), atol=1e-9)
+
+
+def test_low_pass_never_mixes_two_sequences():
+    values = np.concatenate([np.zeros((5, 1)), np.full((5, 1), 10.0)])
+    out = F.low_pass(values, np.array([0, 5, 10]), window=7)
+    np.testing.assert_array_equal(out, values)
+
+
+def _drop_rotation(raw: pl.DataFrame) -> pl.DataFrame:
+    return raw.with_columns(pl.lit(None, dtype=pl.Float64).alias(c) for c in ("rot_w", "rot_x", "rot_y", "rot_z"))
+
+
+def test_a_sequence_without_rotation_gets_gravity_from_the_accelerometer():
+    """Issue 12: with identity rotation, 'linear' acceleration still holds gravity (~9.8 m/s^2)."""
+    import synth
+
+    raw = synth.generate(n_subjects=1, seed=3, n_test_subjects=0).train.drop("gesture", strict=False)
+    raw = raw.filter(pl.col("sequence_id").is_in(raw["sequence_id"].unique().sort()[:12].implode()))
+    measured = F.build_frame_table(raw)
+    assert not measured.rot_missing.any()
+    gravity = F.build_frame_table(_drop_rotation(raw), cfg=FeatureConfig(rot_fallback="gravity"))
+    identity = F.build_frame_table(_drop_rotation(raw), cfg=FeatureConfig(rot_fallback="identity"))
+    col = F.FRAME_FEATURES.index
+    lin, flag, gz = col("linear_acc_mag"), col("rot_missing"), col("gravity_z")
+    assert gravity.rot_missing.all() and (gravity.values[:, flag] == 1).all() and (measured.values[:, flag] == 0).all()
+    assert np.median(identity.values[:, lin]) > 5.0
+    assert np.median(gravity.values[:, lin]) < 0.25 * np.median(identity.values[:, lin])
+    # posture: the estimated device-frame "up" follows the measured one
+    g_true, g_est = measured.values[:, col("gravity_x") : gz + 1], gravity.values[:, col("gravity_x") : gz + 1]
+    cos = (g_true * g_est).sum(1) / np.linalg.norm(g_true, axis=1) / np.linalg.norm(g_est, axis=1)
+    assert np.median(cos) > 0.95
+
+
+def test_flags_are_not_scaled_or_aggregated():
+    table = F.build_frame_table(_drop_rotation(make_table([20, 30])))  # every row flagged
+    scaler = F.fit_scaler(table)
+    k = F.FRAME_FEATURES.index("rot_missing")
+    assert (scaler.mean[k], scaler.std[k]) == (0.0, 1.0)
+    assert not any(n.startswith("rot_missing__") for n in F.aggregate_feature_names())
+    assert F.aggregate_feature_names()[-1] == "rot_missing"  # the sequence-level flag stays

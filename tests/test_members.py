@@ -23,9 +23,9 @@ import ensemble
 import features
 import members
 from config import ConfigError, load_config
-from member_base import MemberPipeline
+from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData
 from metric import GESTURES, N_CLASSES
-from tests.centroid_pipeline import ConfigWithCentroid
+from tests.centroid_pipeline import CentroidPipeline, ConfigWithCentroid
 from tests.factory import labelled_rows, training_data
 
 TEST_MEMBER = "centroid"
@@ -357,3 +357,49 @@ def test_early_exit_switch_off_retrains(name, trained, data, monkeypatch, caplog
     with caplog.at_level(logging.INFO, logger="member_base"):
         pipeline.train(data["td"], cfg, t["out"])
     assert calls == [0, 1] and "skip-if-trained is off" in caplog.text
+
+
+# --------------------------------------------------------------------------- honest selection
+
+
+def _oof_of_fold_0(pipeline: MemberPipeline, td: TrainingData, cfg, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    split = FoldSplit(0, np.flatnonzero(td.fold_ids != 0), np.flatnonzero(td.fold_ids == 0))
+    work.mkdir(parents=True, exist_ok=True)
+    result = pipeline.fit_fold(pipeline.prepare(td, cfg), td, split, cfg, work)
+    return result.proba_full, result.proba_imu
+
+
+def validation_labels_leak(pipeline: MemberPipeline, td: TrainingData, cfg, tmp: Path) -> bool:
+    """Train fold 0 twice, the second time with its validation rows relabelled: any change = selection."""
+    present, rng = np.unique(td.y), np.random.default_rng(0)
+    y = td.y.copy()
+    held = td.fold_ids == 0
+    y[held] = [rng.choice(present[present != v]) for v in y[held].tolist()]  # another class, counts change too
+    assert (y[held] != td.y[held]).all()
+    permuted = TrainingData(td.table, td.imu_table, y, td.fold_ids, td.folds_hash)
+    a = _oof_of_fold_0(pipeline, td, cfg, tmp / "true")
+    b = _oof_of_fold_0(pipeline, permuted, cfg, tmp / "permuted")
+    return not all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+class _PriorFittedOnTheScoredFold(CentroidPipeline):
+    """What the contract forbids: a class prior (a calibration) taken from the validation fold's labels."""
+
+    def fit_fold(self, ctx, data, split, cfg, work):
+        r = super().fit_fold(ctx, data, split, cfg, work)
+        prior = np.bincount(data.y[split.valid], minlength=N_CLASSES) + 1.0
+        shift = lambda p: (p * prior) / (p * prior).sum(1, keepdims=True)  # noqa: E731
+        return FoldResult(shift(r.proba_full), shift(r.proba_imu), r.record)
+
+
+def test_the_leak_check_catches_a_member_that_selects_on_the_scored_fold(data, tmp_path):
+    cfg = tiny_cfg(TEST_MEMBER, tmp_path)
+    assert validation_labels_leak(_PriorFittedOnTheScoredFold(), data["td"], cfg, tmp_path)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_oof_is_chosen_with_its_own_labels(name, trained, data, tmp_path):
+    """Issue 12: epochs, rounds and schedules come from the training folds; the scored fold's labels never count."""
+    t = trained(name)
+    cfg = tiny_cfg(name, tmp_path)
+    assert not validation_labels_leak(t["pipeline"], data["td"], cfg, tmp_path)
