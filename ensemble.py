@@ -25,7 +25,7 @@ import serving_guard
 import subject_pp
 import wear
 from config import Config
-from cv import FoldsError, MemberOOF, read_member_oof
+from cv import FoldsError, MemberOOF, read_member_oof, write_member_oof
 from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
 from io_utils import read_json, write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
@@ -173,20 +173,37 @@ def fit_class_bias(
     return bias, best
 
 
+def equal_weights(y: np.ndarray, probas: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    """The "fit" of a fixed blend (one member alone, or equal weights): nothing learned from the labels."""
+    return np.full(len(probas), 1.0 / len(probas)), float("nan")
+
+
 def calibration_for_view(
-    y: np.ndarray, blended: np.ndarray, cross_blended: np.ndarray, fold_ids: np.ndarray, min_gain: float
-) -> dict[str, Any]:
-    """Fit a class bias on all OOF rows; keep it only if it also helps folds it never saw."""
-    held_out = np.zeros_like(cross_blended)
+    y: np.ndarray,
+    probas: list[np.ndarray],
+    fold_ids: np.ndarray,
+    min_gain: float,
+    fit: Callable[..., tuple[np.ndarray, float]] = equal_weights,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Judge a class bias on top of the blend ``fit`` makes of ``probas``, nested: nothing sees the scored fold.
+
+    For each held-out fold k the bias is fitted on the other folds' *cross-fitted* blend, whose weights
+    were themselves fitted without fold k, and applied to fold k's cross-fitted blend. Returns the
+    record for weights.json and the honest OOF probabilities of the shipped choice (with the bias if used).
+    """
+    cross = cross_fitted_blend(y, probas, fold_ids, fit)
+    held_out = np.zeros_like(cross)
     for k in np.unique(fold_ids):
         train, held = fold_ids != k, fold_ids == k
-        bias_k, _ = fit_class_bias(y[train], cross_blended[train])
-        held_out[held] = apply_class_bias(cross_blended[held], bias_k)
-    without = score_proba(y, cross_blended)
+        inner = cross_fitted_blend(y[train], [p[train] for p in probas], fold_ids[train], fit)
+        bias_k, _ = fit_class_bias(y[train], inner)
+        held_out[held] = apply_class_bias(cross[held], bias_k)
+    without = score_proba(y, cross)
     with_bias = score_proba(y, held_out)
-    bias, fitted = fit_class_bias(y, blended)
+    w_all, _ = fit(y, probas)
+    bias, fitted = fit_class_bias(y, blend(probas, w_all))
     used = with_bias > without + min_gain
-    return {
+    record = {
         "class_bias": bias.tolist() if used else None,
         "used": bool(used),
         "cross_fitted_without": without,
@@ -194,10 +211,19 @@ def calibration_for_view(
         "in_sample_with": fitted,
         "min_gain": min_gain,
     }
+    return record, (held_out if used else cross)
 
 
-def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[str, Any]:
-    """Fit blend weights per view on the members' OOF files; returns the content of weights.json."""
+def fit_ensemble(
+    oof_dir: str | Path, members: list[str], cfg: Config, blend_oof_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Fit blend weights per view on the members' OOF files; returns the content of weights.json.
+
+    Every score that leads is cross-fitted (weights, and a class bias, fitted on the other folds).
+    A blend is shipped for a view only when its cross-fitted score beats the best member's OOF;
+    otherwise that member alone is served. ``blend_oof_dir`` receives the shipped choice's honest
+    OOF probabilities (as a member named ``blend``), the input of ablations.
+    """
     oofs: list[MemberOOF] = [read_member_oof(oof_dir, m) for m in members]
     if not oofs:
         raise FoldsError(f"no member OOF files in {oof_dir}")
@@ -210,25 +236,40 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
     y, folds = base.y_true, base.fold_ids
     seed, starts = cfg.run.seed, cfg.ensemble.n_starts
     out: dict[str, Any] = {"members": members, "folds_hash": base.summary["folds_hash"], "views": {}}
+    honest: dict[str, np.ndarray] = {}
+
+    def fit(yy: np.ndarray, pp: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        return fit_weights_coordinate(yy, pp, n_starts=starts, seed=seed)
+
     for view in VIEWS:
         probas = [o.proba_full if view == "full" else o.proba_imu for o in oofs]
         singles = {o.member: score_proba(y, p) for o, p in zip(oofs, probas)}
         t0 = time.perf_counter()
-        w, s = fit_weights_coordinate(y, probas, n_starts=starts, seed=seed)
+        w, s = fit(y, probas)
         t_coord = time.perf_counter() - t0
         t0 = time.perf_counter()
         w_rand, s_rand = fit_weights_random(y, probas, draws=cfg.ensemble.random_search_draws, seed=seed)
         t_rand = time.perf_counter() - t0
-        cross_blended = cross_fitted_blend(
-            y, probas, folds, lambda yy, pp: fit_weights_coordinate(yy, pp, starts, seed)
-        )
-        cross = score_proba(y, cross_blended)
-        calibration = calibration_for_view(y, blend(probas, w), cross_blended, folds, cfg.ensemble.calibration_min_gain)
+        cross = score_proba(y, cross_fitted_blend(y, probas, folds, fit))
+        best = max(singles, key=lambda m: singles[m])
+        if len(members) > 1 and cross > singles[best]:
+            shipped, weights = "blend", {m: float(x) for m, x in zip(members, w)}
+            calibration, honest[view] = calibration_for_view(y, probas, folds, cfg.ensemble.calibration_min_gain, fit)
+        else:  # the fitted weights lose to one member on folds they never saw: serve that member
+            shipped, weights = best, {m: float(m == best) for m in members}
+            calibration, honest[view] = calibration_for_view(
+                y, [probas[members.index(best)]], folds, cfg.ensemble.calibration_min_gain
+            )
+        score = calibration["cross_fitted_with"] if calibration["used"] else calibration["cross_fitted_without"]
         out["views"][view] = {
+            "score": score,  # the honest headline of this view: the shipped choice, cross-fitted
+            "shipped": shipped,
+            "weights": weights,  # what serving uses
             "calibration": calibration,
-            "weights": {m: float(x) for m, x in zip(members, w)},
-            "blend_score": s,
+            "fitted_weights": {m: float(x) for m, x in zip(members, w)},
+            "blend_score_in_sample": s,  # weights fitted and scored on the same rows: optimistic
             "blend_score_cross_fitted": cross,
+            "best_member": best,
             "member_scores": singles,
             "equal_weights_score": _score(y, probas, np.ones(len(probas))),
             "random_search": {
@@ -240,16 +281,17 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
             "coordinate_seconds": t_coord,
         }
         log.info(
-            "blend %s: %s -> %.4f (cross-fitted %.4f; random search %.4f; members %s)",
+            "blend %s: %s -> cross-fitted %.4f (in-sample %.4f; random search %.4f); members %s; shipped: %s",
             view,
             {m: round(float(x), 3) for m, x in zip(members, w)},
-            s,
             cross,
+            s,
             s_rand,
             {m: round(v, 4) for m, v in singles.items()},
+            "the blend" if shipped == "blend" else f"{shipped} alone (the blend does not beat it cross-fitted)",
         )
         log.info(
-            "class-bias calibration %s: cross-fitted %.4f -> %.4f: %s",
+            "class-bias calibration %s (nested): cross-fitted %.4f -> %.4f: %s",
             view,
             calibration["cross_fitted_without"],
             calibration["cross_fitted_with"],
@@ -257,7 +299,22 @@ def fit_ensemble(oof_dir: str | Path, members: list[str], cfg: Config) -> dict[s
         )
     out["class_prior"] = serving_guard.class_prior_from_labels(y)  # the serving fallback of last resort but one
     v = out["views"]
-    out["test_like_score"] = 0.5 * (v["full"]["blend_score"] + v["imu_only"]["blend_score"])
+    out["test_like_score"] = 0.5 * (v["full"]["score"] + v["imu_only"]["score"])
+    out["test_like_score_in_sample"] = 0.5 * (
+        v["full"]["blend_score_in_sample"] + v["imu_only"]["blend_score_in_sample"]
+    )
+    if blend_oof_dir is not None:
+        write_member_oof(
+            blend_oof_dir,
+            "blend",
+            base.sequence_ids,
+            y,
+            folds,
+            honest["full"],
+            honest["imu_only"],
+            base.summary["folds_hash"],
+            extra={"members": members, "shipped": {view: v[view]["shipped"] for view in VIEWS}},
+        )
     return out
 
 

@@ -148,7 +148,7 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
     blended = [m for m in present if cfg.member(m).use]
     if blended:
         with timer.stage("fit blend weights"):
-            weights = ensemble.fit_ensemble(out / "oof", blended, cfg)
+            weights = ensemble.fit_ensemble(out / "oof", blended, cfg, blend_oof_dir=out / "ensemble" / "oof")
             weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in blended}
             ensemble.save_weights(out / "ensemble" / "weights.json", weights)
         with timer.stage("subject post-processing"):

@@ -240,33 +240,45 @@ def write_report(out: str | Path) -> Path:
     if weights:
         v = weights["views"]
         lines.append(
-            f"| **blend** | {v['full']['blend_score']:.4f} | {v['imu_only']['blend_score']:.4f} | "
-            f"{weights['test_like_score']:.4f} | |"
+            f"| **served (cross-fitted)** | **{v['full']['score']:.4f}** | **{v['imu_only']['score']:.4f}** | "
+            f"**{weights['test_like_score']:.4f}** | |"
         )
         lines += [
             "",
+            "The served row is the headline: per view, the shipped choice (the blend, or its best member "
+            "where the blend does not beat that member on folds its weights never saw) scored with "
+            "weights and class bias fitted on the other folds.",
+            "",
             "## Blend weights (fitted on OOF for the competition metric)",
             "",
-            "| view | weights | blend | cross-fitted blend | equal weights | random search (draws) |",
-            "|---|---|---|---|---|---|",
+            "| view | shipped | fitted weights | cross-fitted blend | best member (OOF) | equal weights | "
+            "in-sample blend (optimistic) | random search (draws, in-sample) |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for view, d in v.items():
-            w = ", ".join(f"{m} {x:.2f}" for m, x in d["weights"].items())
-            rs = d["random_search"]
+            w = ", ".join(f"{m} {x:.2f}" for m, x in d["fitted_weights"].items())
+            rs, best = d["random_search"], d["best_member"]
             lines.append(
-                f"| {view} | {w} | {d['blend_score']:.4f} | {d['blend_score_cross_fitted']:.4f} | "
-                f"{d['equal_weights_score']:.4f} | {rs['score']:.4f} ({rs['draws']}) |"
+                f"| {view} | {d['shipped']} | {w} | {d['blend_score_cross_fitted']:.4f} | "
+                f"{best} {d['member_scores'][best]:.4f} | {d['equal_weights_score']:.4f} | "
+                f"{d['blend_score_in_sample']:.4f} | {rs['score']:.4f} ({rs['draws']}) |"
             )
-        lines += [
-            "",
-            "The cross-fitted column scores each fold with weights fitted on the other folds: "
-            "the honest estimate of what the blend adds.",
-        ]
+        for view, d in v.items():
+            if d["shipped"] != "blend":
+                lines.append(
+                    f"- {view}: the fitted blend ({d['blend_score_cross_fitted']:.4f} cross-fitted) does not beat "
+                    f"{d['shipped']} alone ({d['member_scores'][d['shipped']]:.4f}): "
+                    f"**{d['shipped']} is served alone**."
+                )
+        lines.append(
+            f"- in-sample blend (weights scored on the rows they were fitted on), test-like: "
+            f"{weights.get('test_like_score_in_sample', float('nan')):.4f} — shown only as such."
+        )
         for view, d in v.items():
             cal = d.get("calibration")
             if cal:
                 lines.append(
-                    f"- class-bias calibration, {view}: cross-fitted {cal['cross_fitted_without']:.4f} -> "
+                    f"- class-bias calibration, {view} (nested cross-fit): {cal['cross_fitted_without']:.4f} -> "
                     f"{cal['cross_fitted_with']:.4f} (in-sample {cal['in_sample_with']:.4f}): "
                     + ("**used**" if cal["used"] else f"not used (needs > +{cal['min_gain']})")
                 )

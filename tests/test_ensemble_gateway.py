@@ -117,14 +117,43 @@ def _oof_fixture(tmp_path, n=360, seed=0):
 def test_fitted_blend_beats_members_and_random_search(tmp_path):
     y, members = _oof_fixture(tmp_path)
     cfg = load_config({"ENSEMBLE_RANDOM_SEARCH_DRAWS": "512"})
-    out = ensemble.fit_ensemble(tmp_path, list(members), cfg)
+    out = ensemble.fit_ensemble(tmp_path, list(members), cfg, blend_oof_dir=tmp_path / "blend")
     full = out["views"]["full"]
-    assert full["blend_score"] >= max(full["member_scores"].values()) - 1e-12
-    assert full["blend_score"] >= full["random_search"]["score"] - 1e-9
-    assert sum(full["weights"].values()) == pytest.approx(1.0)
-    w = np.array([full["weights"][m] for m in members])
-    assert score_proba(y, ensemble.blend(list(members.values()), w)) == pytest.approx(full["blend_score"])
-    assert 0 < full["blend_score_cross_fitted"] <= 1
+    assert full["blend_score_in_sample"] >= max(full["member_scores"].values()) - 1e-12
+    assert full["blend_score_in_sample"] >= full["random_search"]["score"] - 1e-9
+    assert sum(full["fitted_weights"].values()) == pytest.approx(1.0)
+    w = np.array([full["fitted_weights"][m] for m in members])
+    assert score_proba(y, ensemble.blend(list(members.values()), w)) == pytest.approx(full["blend_score_in_sample"])
+    assert 0 < full["blend_score_cross_fitted"] <= full["blend_score_in_sample"]
+    # The headline is the shipped choice scored cross-fitted, and the written blend OOF scores exactly that.
+    assert full["shipped"] == "blend" and full["weights"] == full["fitted_weights"]
+    written = cv.read_member_oof(tmp_path / "blend", "blend")
+    assert score_proba(y, written.proba_full) == pytest.approx(full["score"])
+    assert out["test_like_score"] == pytest.approx(0.5 * (full["score"] + out["views"]["imu_only"]["score"]))
+
+
+def test_a_blend_that_loses_to_its_best_member_on_unseen_folds_is_not_shipped(tmp_path):
+    """Weights fitted on noise help in-sample and hurt on held-out folds: serve the best member alone."""
+    rng = np.random.default_rng(1)
+    n = 300
+    y = rng.integers(0, 18, n)
+    seq, fold = np.array([f"SEQ_{i:06d}" for i in range(n)]), np.arange(n) % 5
+    logits = rng.normal(0, 1.0, (n, 18))
+    logits[np.arange(n), y] += 3.0
+    good = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    cv.write_member_oof(tmp_path, "lgbm", seq, y, fold, good, good, "hash")
+    for name in ("torch", "keras"):  # uninformative members: any weight on them is fitted noise
+        noise = rng.dirichlet(np.ones(18), n)
+        cv.write_member_oof(tmp_path, name, seq, y, fold, noise, noise, "hash")
+    out = ensemble.fit_ensemble(tmp_path, ["lgbm", "torch", "keras"], load_config({}))
+    for view in ("full", "imu_only"):
+        v = out["views"][view]
+        if v["blend_score_cross_fitted"] <= v["member_scores"]["lgbm"]:
+            assert v["shipped"] == "lgbm" and v["weights"] == {"lgbm": 1.0, "torch": 0.0, "keras": 0.0}
+            assert v["calibration"]["cross_fitted_without"] == pytest.approx(v["member_scores"]["lgbm"])
+        else:
+            assert v["shipped"] == "blend"
+    assert "lgbm" in {out["views"][v]["shipped"] for v in ("full", "imu_only")}
 
 
 def test_local_gateway_on_the_real_test_file(tmp_path):
@@ -195,13 +224,14 @@ def test_class_bias_calibration_is_kept_only_when_it_helps_unseen_folds(tmp_path
     logits[np.arange(n), y] += 2.5
     logits[:, 0] -= 2.0  # a member that systematically under-predicts one target class
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-    cal = ensemble.calibration_for_view(y, p, p, fold, min_gain=0.002)
+    cal, honest = ensemble.calibration_for_view(y, [p], fold, min_gain=0.002)
+    assert score_proba(y, honest) == pytest.approx(cal["cross_fitted_with"])
     assert cal["used"] and cal["cross_fitted_with"] > cal["cross_fitted_without"] + 0.002
     assert cal["class_bias"][0] > 0.5  # the under-predicted class is pushed back up
     # on a well-calibrated member the bias does not survive the cross-fitted check
     fair = np.exp(logits + 2.0 * (np.arange(18) == 0))
     fair /= fair.sum(1, keepdims=True)
-    assert not ensemble.calibration_for_view(y, fair, fair, fold, min_gain=0.002)["used"]
+    assert not ensemble.calibration_for_view(y, [fair], fold, min_gain=0.002)[0]["used"]
 
 
 def test_predictor_applies_the_class_bias_of_the_view(tmp_path):
