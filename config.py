@@ -70,7 +70,7 @@ class FeatureConfig:
     mirror_left_handed: bool = True  # map left-hand wearers onto the right-hand signal (needs demographics)
     # A sequence without rotation: "gravity" estimates tilt from low-passed acceleration, "identity" assumes none.
     rot_fallback: str = "gravity"
-    gravity_window: int = 15  # samples (1.5 s at 10 Hz) of the low-pass that gives gravity's direction
+    gravity_window: int = 5  # samples (0.5 s at 10 Hz) of the gravity low-pass; least tilt error at 3-5 (generated)
 
 
 @dataclass
