@@ -485,8 +485,19 @@ def simulate_online(
     return out
 
 
-def _blended_oof(oof_dir: Path, weights: dict[str, Any]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(y, {view: blended OOF probabilities}) with the fitted weights and class bias, as the Predictor blends."""
+def _blended_oof(
+    oof_dir: Path, weights: dict[str, Any], honest_dir: Path | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(y, {view: blended OOF probabilities}) of the shipped blend.
+
+    The cross-fitted blend OOF (``ensemble/oof``, written by ``ensemble.fit_ensemble``) when it exists, so
+    the post-processing is judged on probabilities whose weights never saw the scored fold; else the
+    weights fitted on all OOF rows (optimistic, logged).
+    """
+    if honest_dir is not None and (honest_dir / "blend_summary.json").exists():
+        b = read_member_oof(honest_dir, "blend")
+        return b.y_true, {"full": b.proba_full.astype(np.float64), "imu_only": b.proba_imu.astype(np.float64)}
+    log.info("no cross-fitted blend OOF in %s: the replay uses in-sample blend weights (optimistic)", honest_dir)
     members = list(weights["members"])
     oofs = [read_member_oof(oof_dir, m) for m in members]
     out = {}
@@ -543,7 +554,7 @@ def fit_and_evaluate(
     write_json(ens_dir / PROTOCOL_FILE, pdict)
     weights_path = ens_dir / "weights.json"
     if protocol.active and weights_path.exists():
-        y_oof, blended = _blended_oof(out_dir / "oof", read_json(weights_path))
+        y_oof, blended = _blended_oof(out_dir / "oof", read_json(weights_path), ens_dir / "oof")
         if not np.array_equal(y_oof, y):
             raise ProtocolError(f"{out_dir / 'oof'} holds other sequences than the training table")
         n_orders, seed = cfg.ensemble.subject_pp_orders, cfg.run.seed
