@@ -403,6 +403,8 @@ def run_ablation(
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    if spec.n_resamples < 1 or not 0 < spec.ci_level < 1:
+        raise AblationError(f"n_resamples {spec.n_resamples} must be >= 1 and ci_level {spec.ci_level} in (0, 1)")
     runs = plan_runs(spec)  # every variant's settings checked before any work
     members = check_members(list(spec.members), explicit_members)
     out = Path(spec.out_dir)
@@ -712,8 +714,12 @@ def plot(rows: list[dict[str, Any]], path: Path, level: float = 0.95) -> None:
             ax.set_title(f"{model}: {metric}", fontsize=9)
             if i == len(models) - 1:
                 ax.set_xlabel(f"variant - base ({round(level * 100)}% CI over subjects)")
-    if not variants:
-        fig.suptitle("no variants: the base alone")
+    fig.suptitle(
+        "blue: interval excludes 0 and |diff| > the base's seed std (grey band); grey: not a result"
+        if variants
+        else "no variants: the base alone",
+        fontsize=9,
+    )
     fig.tight_layout()
     with io_utils.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -417,7 +417,7 @@ def test_ablate_through_stage_train_keeps_the_folds_of_a_feature_variant(synth_d
         out_dir=out,
         data_dir=synth_data,
         variants=[Variant("base"), Variant("nomirror", {"FEAT_MIRROR_LEFT_HANDED": "0"})],
-        seeds=[1, 2],
+        seeds=[1],  # the seeds' bookkeeping is the quick tests' part
         members=[TEST_MEMBER],
         base_env=TRAIN_ENV,
         config_class=ConfigWithCentroid,
@@ -429,7 +429,7 @@ def test_ablate_through_stage_train_keeps_the_folds_of_a_feature_variant(synth_d
         assert (d / "folds.csv").read_bytes() == shared
         assert json.loads((d / "config.json").read_text())["run"]["out_dir"] == str(d)
         assert (d / "timings.json").exists() and (d / "bundles" / TEST_MEMBER / "metadata.json").exists()
-    assert len(list(out.glob("runs/*/seed*/done.json"))) == 4
+    assert len(list(out.glob("runs/*/seed*/done.json"))) == 2
     assert json.loads((out / "runs/nomirror/seed1/config.json").read_text())["features"]["mirror_left_handed"] is False
     assert {(r["variant"], r["model"]) for r in res.rows} >= {("base", TEST_MEMBER), ("nomirror", TEST_MEMBER)}
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/done.json")}
