@@ -6,6 +6,7 @@
     python main.py serve  --data-dir DIR --out DIR [--bundle-dir DIR]
     python main.py report --out DIR
     python main.py bench  --out DIR
+    python main.py ablate --data-dir DIR --out DIR --variant NAME:KEY=VALUE,... [--seeds 42,43] [--members lgbm]
     python main.py export-notebook --out FILE
 
 Settings come from config.py (environment overrides such as LGBM_TRAIN=0,
@@ -354,6 +355,46 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"\nsubmission: {out / 'submission.parquet'}\nreport:     {path}")
 
 
+def cmd_ablate(args: argparse.Namespace) -> None:
+    import ablation
+    from config import ConfigError
+
+    try:  # every variant's settings are checked before anything is loaded or trained
+        cfg = make_config(args)
+        variants = ablation.collect_variants(args.variants or [], args.variant or [])
+        for v in variants:
+            ablation.check_variant(v, os.environ)
+        seeds = ablation.parse_seeds(args.seeds) if args.seeds else [cfg.run.seed, cfg.run.seed + 1]
+    except (ablation.AblationError, ConfigError) as e:
+        raise SystemExit(f"ablate: {e}") from None
+    if not cfg.run.data_dir:
+        raise SystemExit("ablate: --data-dir (or CMI_DATA_DIR) is required")
+    out = Path(args.out)
+    setup_logging(out, args.verbose)
+    timer = StageTimer(out / "timings.json")
+    spec = ablation.AblationSpec(
+        out_dir=out,
+        data_dir=Path(cfg.run.data_dir),
+        variants=variants,
+        seeds=seeds,
+        members=parse_members(args.members, cfg),
+        base_env=dict(os.environ),
+        debug=bool(args.debug),
+        force=args.force,
+        n_resamples=args.n_resamples,
+    )
+
+    def train(run_cfg: Config, names: list[str]) -> None:
+        stage_train(run_cfg, names, StageTimer(Path(run_cfg.run.out_dir) / "timings.json"))
+
+    try:
+        result = ablation.run_ablation(spec, train, stage=timer.stage, explicit_members=bool(args.members))
+    except ablation.AblationError as e:
+        raise SystemExit(f"ablate: {e}") from None
+    print("\n" + ablation.format_table(result.rows, spec.ci_level))
+    print("\n" + "\n".join(f"{k}: {p}" for k, p in result.paths.items()))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     import benchmarks
 
@@ -465,6 +506,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="also each member alone vs beside a competing train/serve process (bench/bench_contention.py)",
     )
     b.set_defaults(func=cmd_bench)
+
+    a = sub.add_parser(
+        "ablate", help="train a base and variants (setting overrides) on the same folds and seeds, compare them"
+    )
+    a.add_argument("--out", default="outputs/ablation", help="output folder (default: outputs/ablation)")
+    a.add_argument("--data-dir", help="folder in the competition layout (train.csv, train_demographics.csv)")
+    a.add_argument("--variants", action="append", help='TOML file of [variants.<name>] tables of KEY = "VALUE"')
+    a.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME:KEY=VALUE,...",
+        help="one variant (repeatable); a part without '=' continues the previous value (KERAS_IMU_FILTERS=8,8,8)",
+    )
+    a.add_argument("--seeds", help="comma-separated model seeds, the same for every variant (default: CMI_SEED, +1)")
+    a.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
+    a.add_argument("--debug", action="store_true", help="tiny epochs/rounds in every run")
+    a.add_argument("--force", action="store_true", help="redo every run, even finished ones")
+    a.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples of subjects (default 1000)")
+    a.add_argument("-v", "--verbose", action="store_true")
+    a.set_defaults(func=cmd_ablate)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")
     n.add_argument("--out", default="outputs/cmi_notebook.ipynb")
