@@ -131,7 +131,8 @@ def run_job(pipeline: Any, ctx: Any, data: Any, cfg: Config, fold: int) -> JobOu
 def execute_job(job: FoldJob, data: Any) -> JobOutput:
     """A job in a worker process: pipeline by entry, config from its dict, then ``prepare`` + ``fit_fold``."""
     if not logging.getLogger().handlers:  # a fresh worker: its log lines reach the driver's stderr
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)-7s [{job.key}] %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    log.info("job %s starts on %s:%d", job.key, socket.gethostname(), os.getpid())
     pipeline = resolve(job.entry)()
     if pipeline.name != job.member:
         raise ExecutorError(f"{job.entry} says its name is {pipeline.name!r}, the job is for {job.member!r}")
@@ -209,7 +210,7 @@ def ensure_ray(cfg: Config) -> Any:
     ray = import_ray()
     if ray.is_initialized():
         return ray
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kwargs: dict[str, Any] = {"log_to_driver": True}
     if cfg.run.ray_address:
         # Another machine has neither our files nor our sys.path: the project's modules go as the working dir.
         kwargs["address"] = cfg.run.ray_address
@@ -217,6 +218,7 @@ def ensure_ray(cfg: Config) -> Any:
     else:
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         kwargs["num_cpus"] = threads.available_cores()
+        kwargs["include_dashboard"] = False
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": pythonpath}}
     t0 = time.perf_counter()
     ray.init(**kwargs)
