@@ -90,6 +90,38 @@ def test_batchnorm_conversion_keeps_the_state_dict_keys():
     torch.testing.assert_close(converted.eval()(x), plain.eval()(x))  # one process: plain batch norm
 
 
+def test_keras_trains_under_mirrored_strategy_only_with_more_than_one_gpu(monkeypatch):
+    import contextlib
+    import types
+
+    import keras_pipeline as kp
+
+    made = []
+
+    class FakeStrategy:
+        num_replicas_in_sync = 2
+
+        def __init__(self) -> None:
+            made.append(self)
+
+        def scope(self):
+            return contextlib.nullcontext("mirrored")
+
+    def fake_tf(n_gpus: int):
+        config = types.SimpleNamespace(list_logical_devices=lambda kind: [f"/GPU:{i}" for i in range(n_gpus)])
+        return types.SimpleNamespace(config=config, distribute=types.SimpleNamespace(MirroredStrategy=FakeStrategy))
+
+    monkeypatch.setattr(kp, "_STRATEGY", None)
+    for n in (0, 1):  # the CPU path and one GPU: nothing changes
+        with kp._distribution_scope(fake_tf(n)) as scope:
+            assert scope is None
+    assert made == []
+    with kp._distribution_scope(fake_tf(2)) as scope:
+        assert scope == "mirrored"
+    kp._distribution_scope(fake_tf(2))
+    assert len(made) == 1  # one strategy per process
+
+
 # --------------------------------------------------------------------------- two gloo processes
 
 
