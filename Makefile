@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= outputs
 
-.PHONY: run test venv bench clean format
+.PHONY: run test venv venv-ray bench clean format
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,6 +14,13 @@ $(VENV)/.installed: requirements.txt | $(BIN)/python
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Optional: Ray, for `--executor ray` and its test (skipped without it). CI installs it (.ci/run).
+$(VENV)/.installed-ray: requirements-ray.txt | $(VENV)/.installed
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-ray.txt
+	touch $@
+
+venv-ray: $(VENV)/.installed-ray
 
 # End to end on generated data: data -> features -> folds -> 3 members -> blend -> gateway -> score -> report.
 # The epoch counts below keep it to minutes on a 2-core CPU; drop them for full training.

@@ -61,7 +61,10 @@ RESERVED: dict[str, str] = {
     "CMI_N_FOLDS": "every run shares <out>/folds.csv",
 }
 # Config fields that change no result: a run trained under other values of these is still reused.
-_NOT_IN_IDENTITY: dict[str, tuple[str, ...]] = {"run": ("out_dir", "bundle_dir", "n_threads", "strict")}
+# Where and how a run trains, not what: the executors give the same OOF (tests/test_executors.py).
+_NOT_IN_IDENTITY: dict[str, tuple[str, ...]] = {
+    "run": ("out_dir", "bundle_dir", "n_threads", "strict", "executor", "n_jobs", "ray_address", "ddp_timeout_min")
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a folder name on every OS
 
 TrainFn = Callable[[Config, list[str]], Any]  # trains members into cfg.run.out_dir (main.stage_train)

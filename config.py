@@ -53,6 +53,14 @@ class RunConfig:
     debug: bool = False  # tiny epochs/rounds: covers every stage in minutes
     n_threads: int = 0  # 0 = auto: the cores this process may use (threads.py); CMI_N_THREADS=k fixes k
     strict: bool = False  # STRICT=1: a member failing on a sequence raises instead of being skipped
+    # How the (member, fold) training jobs run (executors.py): "local" in this process (or n_jobs processes),
+    # "ray" as Ray tasks. None of these changes what is trained, so none is part of a bundle's fingerprint.
+    executor: str = "local"
+    n_jobs: int = 1  # local executor: folds trained at once in separate processes (joblib); 1 = in this process
+    ray_address: str = ""  # ray executor: the cluster to join (ray.init(address=...)); "" = start a local Ray
+    job_cpus: int = 1  # CPUs each job asks Ray for; also its thread count under ray / n_jobs > 1
+    job_gpus: float = 0.0  # GPUs each Ray job asks for (fractions share a GPU)
+    ddp_timeout_min: int = 60  # torchrun: how long a rank waits at a collective (e.g. while rank 0 trains LightGBM)
 
     def resolved_bundle_dir(self) -> Path:
         return Path(self.bundle_dir) if self.bundle_dir else Path(self.out_dir) / "bundles"
@@ -425,6 +433,11 @@ def validate(cfg: Config) -> None:
     checks = [
         (cfg.run.n_folds >= 2, "CMI_N_FOLDS must be at least 2"),
         (cfg.run.n_threads >= 0, "CMI_N_THREADS must be >= 0 (0 = every core this process may use)"),
+        (cfg.run.executor in ("local", "ray"), f"CMI_EXECUTOR={cfg.run.executor!r}: use 'local' or 'ray'"),
+        (cfg.run.n_jobs >= 1, "CMI_N_JOBS must be >= 1"),
+        (cfg.run.job_cpus >= 1, "CMI_JOB_CPUS must be >= 1"),
+        (cfg.run.job_gpus >= 0, "CMI_JOB_GPUS must be >= 0"),
+        (cfg.run.ddp_timeout_min >= 1, "CMI_DDP_TIMEOUT_MIN must be >= 1"),
         (cfg.features.pad_len >= 0, "FEAT_PAD_LEN must be >= 0 (0 = percentile of training lengths)"),
         (0 < cfg.features.pad_percentile <= 100, "FEAT_PAD_PERCENTILE must be in (0, 100]"),
         (0 < cfg.features.tail_fraction <= 1, "FEAT_TAIL_FRACTION must be in (0, 1]"),

@@ -17,6 +17,7 @@ Layout of the bundle::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -139,6 +140,24 @@ def _fit(
     }
 
 
+_STRATEGY: Any = None  # one MirroredStrategy per process, made on first use with more than one GPU
+
+
+def _distribution_scope(tf: Any) -> contextlib.AbstractContextManager[Any]:
+    """``tf.distribute.MirroredStrategy``'s scope over the visible GPUs when there are more than one, else a no-op.
+
+    Models built and compiled inside it keep a copy per GPU; ``fit`` splits each batch over them
+    and averages the gradients (``KERAS_BATCH_SIZE`` stays the global batch).
+    """
+    global _STRATEGY
+    if len(tf.config.list_logical_devices("GPU")) <= 1:
+        return contextlib.nullcontext()
+    if _STRATEGY is None:
+        _STRATEGY = tf.distribute.MirroredStrategy()
+        log.info("keras: MirroredStrategy over %d GPUs", _STRATEGY.num_replicas_in_sync)
+    return _STRATEGY.scope()
+
+
 def _save_model(model: Any, path: Path) -> None:
     """Atomic .keras save (Keras insists on the suffix, so the temporary name keeps it)."""
     tmp = path.with_name(f".{path.stem}.partial.keras")
@@ -163,35 +182,37 @@ def _train_fold(data: TrainingData, split: FoldSplit, pad_len: int, cfg: Config,
 
     seed_full = cfg.run.seed + 1000 * k  # per fold, so a resumed fold trains exactly as it would have
     keras.utils.set_random_seed(seed_full)
-    full = build_full_model(args)
-    rec_full = _fit(
-        keras,
-        tf,
-        full,
-        (x_tr[..., imu_idx], x_tr[..., tof_idx], m_tr),
-        y[tr],
-        (x_va[..., imu_idx], x_va[..., tof_idx], m_va),
-        y[va],
-        cfg,
-        seed_full,
-        f"fold {k} full",
-    )
+    with _distribution_scope(tf):  # several GPUs: built, compiled and fitted under MirroredStrategy
+        full = build_full_model(args)
+        rec_full = _fit(
+            keras,
+            tf,
+            full,
+            (x_tr[..., imu_idx], x_tr[..., tof_idx], m_tr),
+            y[tr],
+            (x_va[..., imu_idx], x_va[..., tof_idx], m_va),
+            y[va],
+            cfg,
+            seed_full,
+            f"fold {k} full",
+        )
 
     seed_imu = seed_full + 1
     keras.utils.set_random_seed(seed_imu)
-    light = build_imu_model(args)
-    rec_imu = _fit(
-        keras,
-        tf,
-        light,
-        (xi_tr[..., imu_idx], mi_tr),
-        y[tr],
-        (xi_va[..., imu_idx], mi_va),
-        y[va],
-        cfg,
-        seed_imu,
-        f"fold {k} imu",
-    )
+    with _distribution_scope(tf):
+        light = build_imu_model(args)
+        rec_imu = _fit(
+            keras,
+            tf,
+            light,
+            (xi_tr[..., imu_idx], mi_tr),
+            y[tr],
+            (xi_va[..., imu_idx], mi_va),
+            y[va],
+            cfg,
+            seed_imu,
+            f"fold {k} imu",
+        )
 
     # OOF: the full view is routed exactly as predict_proba routes (no thm/tof -> light model);
     # the IMU-only view is the light model on imu_table's validation rows.

@@ -8,6 +8,8 @@
     python main.py bench  --out DIR
     python main.py ablate --data-dir DIR --out DIR --variant NAME:KEY=VALUE,... [--seeds 42,43] [--members lgbm]
     python main.py export-notebook --out FILE
+    python main.py gpu-check [--cpu] [--out DIR]  # one prepared GPU check: epoch times, memory, latency
+    torchrun --nproc_per_node=N main.py train --members torch ...   # one job over N processes (DDP)
 
 Settings come from config.py (environment overrides such as LGBM_TRAIN=0,
 TORCH_EPOCHS=10, KERAS_MAX_EPOCHS=20); the members come from the registry in
@@ -27,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import distributed
 import members
 
 if TYPE_CHECKING:
@@ -107,15 +110,23 @@ def stage_synth(
 
 
 def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = False) -> dict[str, Any]:
-    """Train ``names`` on the shared folds (skipping complete bundles unless ``force``), then fit the blend."""
+    """Train ``names`` on the shared folds (skipping complete bundles unless ``force``), then fit the blend.
+
+    ``cfg.run.executor`` says how the fold jobs run (executors.py). Under torchrun rank 0 does everything
+    here; the other ranks receive its training data and train with it (``_train_other_rank``).
+    """
     import data
     import ensemble
+    import executors
     import threads
     import wear
     from features import build_frame_table
     from member_base import training_data
 
     cfg = threads.configure_threads(cfg, "train")  # once, before any member library starts its pools
+    executors.check(cfg)  # e.g. --executor ray without Ray installed: fail before loading anything
+    if distributed.init_from_env(cfg.run.ddp_timeout_min) and not distributed.is_main():
+        return _train_other_rank(cfg, names, force)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
@@ -128,6 +139,7 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
         td = training_data(
             rows, train.demographics, train.labels, cfg, out / "folds.csv", table=None if corrected else table
         )
+    distributed.broadcast_object(td)  # torchrun: every rank trains on rank 0's data and folds (else a no-op)
     summaries: dict[str, Any] = {}
     for name in names:
         try:
@@ -156,6 +168,20 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
             import subject_pp
 
             subject_pp.fit_and_evaluate(out, td.table, train.labels, td.y, td.fold_ids, cfg)
+    return summaries
+
+
+def _train_other_rank(cfg: Config, names: list[str], force: bool) -> dict[str, Any]:
+    """A torchrun rank other than 0: trains the members with rank 0 on rank 0's data; writes nothing."""
+    td = distributed.broadcast_object(None)
+    summaries: dict[str, Any] = {}
+    for name in names:  # the same members, in the same order, as rank 0's loop in stage_train
+        try:
+            pipeline = members.get(name)
+        except ImportError:
+            continue
+        if pipeline.is_available()[0]:
+            summaries[name] = pipeline.train(td, cfg, Path(cfg.run.out_dir), force=force)
     return summaries
 
 
@@ -266,6 +292,8 @@ def make_config(args: argparse.Namespace) -> Config:
         "bundle_dir": getattr(args, "bundle_dir", None),
         "debug": True if getattr(args, "debug", False) else None,
         "seed": getattr(args, "seed", None),
+        "executor": getattr(args, "executor", None),
+        "n_jobs": getattr(args, "n_jobs", None),
     }
     return load_config(**{k: (str(v) if isinstance(v, Path) else v) for k, v in overrides.items()})
 
@@ -314,9 +342,13 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = make_config(args)
     out = Path(cfg.run.out_dir)
-    setup_logging(out, args.verbose)
-    timer = StageTimer(out / "timings.json")
+    main_rank = distributed.env_rank() == 0  # under torchrun only rank 0 writes logs and timings to files
+    setup_logging(out if main_rank else None, args.verbose)
+    if not main_rank:
+        logging.getLogger().setLevel(logging.WARNING)
+    timer = StageTimer(out / "timings.json" if main_rank else None)
     stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force)
+    distributed.shutdown()
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -335,6 +367,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    if distributed.launched_by_torchrun():
+        raise SystemExit("under torchrun, use the train command (torchrun --nproc_per_node=N main.py train ...)")
     out = Path(args.out)
     setup_logging(out, args.verbose)
     timer = StageTimer(out / "timings.json")
@@ -378,7 +412,11 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         variants=variants,
         seeds=seeds,
         members=parse_members(args.members, cfg),
-        base_env=dict(os.environ),
+        base_env={
+            **os.environ,
+            **({"CMI_EXECUTOR": args.executor} if args.executor else {}),
+            **({"CMI_N_JOBS": str(args.n_jobs)} if args.n_jobs else {}),
+        },
         debug=bool(args.debug),
         force=args.force,
         n_resamples=args.n_resamples,
@@ -400,6 +438,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     setup_logging(None)
     benchmarks.main(Path(args.out), quick=args.quick, contention=args.contention)
+
+
+def cmd_gpu_check(args: argparse.Namespace) -> None:
+    import gpu_check
+
+    setup_logging(Path(args.out), args.verbose)
+    only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
+    result = gpu_check.run(Path(args.out), cpu=args.cpu, subjects=args.subjects, epochs=args.epochs, only=only)
+    print(json.dumps(result, indent=2))
+    print(f"\ngpu check: {Path(args.out) / gpu_check.RESULT_FILE}")
 
 
 def cmd_export_notebook(args: argparse.Namespace) -> None:
@@ -444,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--data-dir", help="folder in the competition layout (train.csv, test.csv, ...)")
         sp.add_argument("-v", "--verbose", action="store_true")
 
+    def executor_options(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--executor",
+            choices=("local", "ray"),
+            default=None,
+            help="how the (member, fold) jobs run: local (default; CMI_N_JOBS processes) or ray (CMI_RAY_ADDRESS)",
+        )
+        sp.add_argument("--n-jobs", type=int, default=None, help="local executor: folds at once (CMI_N_JOBS)")
+
     s = sub.add_parser("synth", help="write generated competition-layout data")
     s.add_argument("--out", required=True)
     s.add_argument("--subjects", type=int, default=81)
@@ -475,6 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
     t.add_argument("--force", action="store_true", help="retrain members whose bundle is already complete")
     t.add_argument("--seed", type=int, default=None)
+    executor_options(t)
     t.set_defaults(func=cmd_train)
 
     sv = sub.add_parser("serve", help="serve test.csv through the inference gateway -> submission.parquet")
@@ -491,6 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
     r.add_argument("--force", action="store_true", help="retrain members whose bundle is already complete")
     r.add_argument("--seed", type=int, default=None)
+    executor_options(r)
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="write the report of an output folder")
@@ -525,7 +584,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="redo every run, even finished ones")
     a.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples of subjects (default 1000)")
     a.add_argument("-v", "--verbose", action="store_true")
+    executor_options(a)
     a.set_defaults(func=cmd_ablate)
+
+    g = sub.add_parser(
+        "gpu-check", help="one prepared check on a GPU: neural members with AMP on/off, DDP, predict latency"
+    )
+    g.add_argument("--out", default="outputs/gpu_check")
+    g.add_argument("--cpu", action="store_true", help="on the CPU at a tiny size (a test of the check itself)")
+    g.add_argument("--subjects", type=int, default=None, help="generated subjects (default 81; --cpu: 4)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs per member and AMP setting (default 3; --cpu: 1)")
+    g.add_argument("--members", help="only these of the neural members (default: every one in the registry)")
+    g.add_argument("-v", "--verbose", action="store_true")
+    g.set_defaults(func=cmd_gpu_check)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")
     n.add_argument("--out", default="outputs/cmi_notebook.ipynb")

@@ -17,7 +17,12 @@ atomically. The member fills small hooks:
 * ``load(bundle_dir, cfg)``: the loaded member, an object with
   ``predict_proba(table) -> (n, 18)``.
 
-Work files live in ``<out>/bundles/.<member>_work/`` with a ``state.json``
+Each fold is a job (``executors.py``): ``fit_fold`` writes into a private,
+empty folder, and whatever it wrote comes back as data, so the job can run in
+this process, in a worker process or on another machine (``CMI_EXECUTOR``);
+``fit_fold`` must not rely on other folds' files. Under ``torchrun`` a member
+with ``supports_ddp`` trains each fold on every rank together, and only rank 0
+writes. Work files live in ``<out>/bundles/.<member>_work/`` with a ``state.json``
 keyed on a fingerprint of everything that shapes the result; the bundle's
 ``metadata.json`` carries the same fingerprint, which is how a complete bundle
 is recognised and skipped.
@@ -40,6 +45,8 @@ import numpy as np
 
 import bundle
 import cv
+import distributed
+import executors
 import io_utils
 from config import SWITCH_FIELDS, Config
 from features import FRAME_FEATURES, FrameTable, ScalerStats, build_frame_table, drop_tof_thm, fit_scaler
@@ -139,6 +146,8 @@ class MemberPipeline(ABC):
     name: ClassVar[str]
     packages: ClassVar[tuple[str, ...]] = ()  # library versions recorded in the bundle
     bundle_format: ClassVar[int] = 1  # this member's own layout inside the bundle
+    # Trains one fold across the ranks of a torchrun job (DistributedDataParallel, distributed.py).
+    supports_ddp: ClassVar[bool] = False
 
     # ---- hooks ---------------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
@@ -185,54 +194,49 @@ class MemberPipeline(ABC):
 
     # ---- the template --------------------------------------------------------------------
     def train(self, data: TrainingData, cfg: Config, out_dir: str | Path, force: bool = False) -> dict[str, Any]:
-        """Train every fold (resuming, or skipping a complete bundle), write OOF and the bundle; return the summary."""
+        """Train every fold (resuming, or skipping a complete bundle), write OOF and the bundle; return the summary.
+
+        The folds still to train are jobs (``executors.py``): run in this process by default, in worker
+        processes or as Ray tasks by ``cfg.run.executor``; each finished job is written into the work folder
+        here, atomically, as it arrives. Under ``torchrun`` a member with ``supports_ddp`` trains every fold on
+        all ranks together (only rank 0 writes); any other member is trained by rank 0 alone.
+        """
         ok, why = self.is_available()
         if not ok:
             raise RuntimeError(f"the {self.name} member cannot be trained: {why}")
-        out_dir = Path(out_dir)
+        if distributed.is_distributed() and not self.supports_ddp:
+            log.info("%s: no DistributedDataParallel training: rank 0 trains it alone, other ranks wait", self.name)
+            summary = self._train(data, cfg, Path(out_dir), force, ddp=False) if distributed.is_main() else None
+            return distributed.broadcast_object(summary)
+        return self._train(data, cfg, Path(out_dir), force, ddp=distributed.is_distributed())
+
+    def _train(self, data: TrainingData, cfg: Config, out_dir: Path, force: bool, ddp: bool) -> dict[str, Any]:
+        main = distributed.is_main() or not ddp  # the one process that reads and writes the output folder
         bundle_dir = out_dir / "bundles" / self.name
         oof_dir = out_dir / "oof"
         t_start = time.perf_counter()
         ctx = self.prepare(data, cfg)
         fp = self.fingerprint(ctx, data, cfg)
-        if not force and not cfg.member(self.name).skip_if_trained:
-            log.info(
-                "%s: skip-if-trained is off (%s_EARLY_EXIT_IF_BEST_EXISTS=0): retraining", self.name, self.name.upper()
-            )
-        elif not force:
-            summary = self._complete_summary(bundle_dir, oof_dir, fp, data)
-            if summary is not None:
-                log.info(
-                    "%s: bundle %s is complete for these data, folds and settings: skipped (train --force retrains)",
-                    self.name,
-                    bundle_dir,
-                )
-                return summary
+        summary = self._skip_summary(bundle_dir, oof_dir, fp, data, cfg, force) if main else None
+        if ddp:
+            summary = distributed.broadcast_object(summary)
+        if summary is not None:
+            return summary
         work = out_dir / "bundles" / f".{self.name}_work"
-        state = self._load_state(work, fp)
-        if state is None:
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
-            state = {"fingerprint": fp, "folds": {}}
-            io_utils.write_json(work / STATE_FILE, state)
+        state: dict[str, Any] = {}
+        pending: list[int] | None = None
+        if main:
+            state = self._open_work(work, fp)
+            pending = [k for k in data.folds if not self._finished(work, state, k)]
+        if ddp:
+            pending = distributed.broadcast_object(pending)
         prepare_s = time.perf_counter() - t_start
-        for k in data.folds:
-            if str(k) in state["folds"] and self._fold_done(work, k):
-                log.info("%s: fold %d already finished (%s): skipped", self.name, k, work / STATE_FILE)
-                continue
-            t0 = time.perf_counter()
-            split = data.split(k)
-            result = self.fit_fold(ctx, data, split, cfg, work)
-            for view, p in (("full", result.proba_full), ("imu", result.proba_imu)):
-                if p.shape != (len(split.valid), N_CLASSES):
-                    raise ValueError(
-                        f"{self.name} fold {k}: {view} OOF rows have shape {p.shape}, "
-                        f"expected ({len(split.valid)}, {N_CLASSES})"
-                    )
-                io_utils.write_npy(work / f"fold{k}_oof_{view}.npy", np.asarray(p, dtype=np.float32))
-            state["folds"][str(k)] = {**result.record, "seconds": time.perf_counter() - t0}
-            io_utils.write_json(work / STATE_FILE, state)  # last: the fold counts as done once its files exist
+        if pending:
+            for job in executors.make(cfg, distributed=ddp).run(self, ctx, data, cfg, pending, fp):
+                if main:  # under torchrun the other ranks trained the same fold with rank 0: nothing to write
+                    self._write_fold(work, state, data, job)
+        if not main:
+            return distributed.broadcast_object(None)  # rank 0's summary, once it has written everything
         records = {k: state["folds"][str(k)] for k in data.folds}
 
         n = data.n_sequences
@@ -262,7 +266,63 @@ class MemberPipeline(ABC):
         )
         self.write_bundle(bundle_dir, work, ctx, data.folds_hash, records, cfg, fp, summary)
         shutil.rmtree(work, ignore_errors=True)  # bundle and OOF are written: the work folder is spent
-        return io_utils.read_json(oof_dir / f"{self.name}_summary.json")  # as a skipped run returns it
+        summary = io_utils.read_json(oof_dir / f"{self.name}_summary.json")  # as a skipped run returns it
+        return distributed.broadcast_object(summary) if ddp else summary
+
+    def _skip_summary(
+        self, bundle_dir: Path, oof_dir: Path, fp: str, data: TrainingData, cfg: Config, force: bool
+    ) -> dict | None:
+        """The summary of a complete bundle that skip-if-trained keeps (logged), else None."""
+        if not force and not cfg.member(self.name).skip_if_trained:
+            log.info(
+                "%s: skip-if-trained is off (%s_EARLY_EXIT_IF_BEST_EXISTS=0): retraining", self.name, self.name.upper()
+            )
+            return None
+        if force:
+            return None
+        summary = self._complete_summary(bundle_dir, oof_dir, fp, data)
+        if summary is not None:
+            log.info(
+                "%s: bundle %s is complete for these data, folds and settings: skipped (train --force retrains)",
+                self.name,
+                bundle_dir,
+            )
+        return summary
+
+    def _open_work(self, work: Path, fp: str) -> dict[str, Any]:
+        """The work folder's state for this run: resumed when it belongs to fingerprint ``fp``, else a fresh one."""
+        state = self._load_state(work, fp)
+        if state is None:
+            if work.exists():
+                shutil.rmtree(work)
+            work.mkdir(parents=True)
+            state = {"fingerprint": fp, "folds": {}}
+            io_utils.write_json(work / STATE_FILE, state)
+        return state
+
+    def _finished(self, work: Path, state: dict[str, Any], k: int) -> bool:
+        if str(k) in state["folds"] and self._fold_done(work, k):
+            log.info("%s: fold %d already finished (%s): skipped", self.name, k, work / STATE_FILE)
+            return True
+        return False
+
+    def _write_fold(self, work: Path, state: dict[str, Any], data: TrainingData, job: executors.JobOutput) -> None:
+        """A finished job into the work folder: its files, then its OOF rows, then ``state.json`` (each atomic)."""
+        k = job.fold
+        n_valid = int((data.fold_ids == k).sum())
+        views = (("full", job.proba_full), ("imu", job.proba_imu))
+        for view, p in views:
+            if np.shape(p) != (n_valid, N_CLASSES):
+                raise ValueError(
+                    f"{self.name} fold {k}: {view} OOF rows have shape {np.shape(p)}, expected ({n_valid}, {N_CLASSES})"
+                )
+        for name, blob in job.files.items():
+            with io_utils.atomic_path(work / name) as tmp:
+                tmp.write_bytes(blob)
+        for view, p in views:
+            io_utils.write_npy(work / f"fold{k}_oof_{view}.npy", np.asarray(p, dtype=np.float32))
+        state["folds"][str(k)] = {**job.record, "seconds": job.seconds}
+        io_utils.write_json(work / STATE_FILE, state)  # last: the fold counts as done once its files exist
 
     # ---- fingerprint, state, completeness -------------------------------------------------
     def fingerprint(self, ctx: Any, data: TrainingData, cfg: Config) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import bundle
+import distributed
 import features
 import io_utils
 import metric
@@ -187,8 +188,8 @@ def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[s
 
 
 def unwrap_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
-    """A CPU copy of the weights of ``model`` (DataParallel or not), without the ``module.`` prefix."""
-    inner = model.module if isinstance(model, nn.DataParallel) else model
+    """A CPU copy of the weights of ``model`` (DataParallel, DistributedDataParallel or bare), without ``module.``."""
+    inner = distributed.unwrap(model)
     return strip_module_prefix({k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()})
 
 
@@ -236,42 +237,49 @@ def build_fold_arrays(
     )
 
 
+AUG_DRAWS = 4  # uniform draws per sample besides one per channel: modality swap, span length, span end, span on/off
+
+
 def augment_batch(
     x_full: torch.Tensor,
     x_imu: torch.Tensor,
     mask: torch.Tensor,
     cfg: Config,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Training view of one batch: modality dropout, then optional time mask and channel dropout.
 
     Modality dropout swaps in the IMU-only row for a share of the samples, so the
     model sees exactly what an IMU-only test sequence looks like after scaling.
-    Masked values become 0, i.e. the training mean after scaling.
+    Masked values become 0, i.e. the training mean after scaling. ``uniforms``
+    (n, AUG_DRAWS + C): the samples' own random draws (training draws them per
+    sample and epoch, so a sample's augmentation does not depend on its batch or
+    rank); without them they are drawn here from ``generator``.
     """
     t = cfg.torch
     n, length, n_ch = x_full.shape
     dev = x_full.device
-
-    def draw(*shape: int) -> torch.Tensor:  # uniform draws on CPU (reproducible), moved to the batch's device
-        return torch.rand(*shape, generator=generator).to(dev)
+    if uniforms is None:  # uniform draws on CPU (reproducible), moved to the batch's device
+        uniforms = torch.rand(n, AUG_DRAWS + n_ch, generator=generator)
+    u = uniforms.to(dev)
 
     x = x_full
     if t.modality_dropout > 0:
-        swap = draw(n) < t.modality_dropout
+        swap = u[:, 0] < t.modality_dropout
         x = torch.where(swap[:, None, None], x_imu, x_full)
     if t.time_mask_prob > 0:
         # One contiguous span of up to 10% of the real steps; positions are counted among real steps
         # from the end (1 = last real step), so it never touches padding whatever the pad side.
         rank_back = torch.flip(torch.cumsum(torch.flip(mask.long(), [1]), 1), [1]).float()
         lengths = mask.sum(dim=1).float()
-        span = (draw(n) * 0.1 * lengths).floor().clamp(min=1)
-        end = (draw(n) * (lengths - span + 1).clamp(min=1)).floor() + span  # span covers (end - span, end]
+        span = (u[:, 1] * 0.1 * lengths).floor().clamp(min=1)
+        end = (u[:, 2] * (lengths - span + 1).clamp(min=1)).floor() + span  # span covers (end - span, end]
         hit = mask & (rank_back <= end[:, None]) & (rank_back > (end - span)[:, None])
-        hit &= (draw(n) < t.time_mask_prob)[:, None]
+        hit &= (u[:, 3] < t.time_mask_prob)[:, None]
         x = x.masked_fill(hit[:, :, None], 0.0)
     if t.channel_dropout_prob > 0:
-        drop = draw(n, n_ch) < t.channel_dropout_prob
+        drop = u[:, AUG_DRAWS : AUG_DRAWS + n_ch] < t.channel_dropout_prob
         x = x.masked_fill(drop[:, None, :], 0.0)
     return x
 
@@ -334,17 +342,30 @@ def train_fold(
     The validation fold is scored after every epoch for the log only: choosing
     the epoch on it would make its OOF optimistic (issue 12), and the model
     served is the one that produced the OOF.
+
+    Under torchrun (``distributed.py``) every rank trains the same fold with
+    DistributedDataParallel: ``batch / world`` samples per rank from one global
+    order, batch norm over the global batch, gradients averaged, so N ranks
+    train what one process trains (dropout masks aside, drawn per rank).
+    Validation runs on rank 0 only; its OOF is sent to every rank at the end.
     """
     t = cfg.torch
     seed = cfg.run.seed + fold
     seed_everything(seed)
     model: nn.Module = TimeSeriesNet(**model_args).to(device)
-    if device.type == "cuda" and t.data_parallel and torch.cuda.device_count() > 1:
+    if distributed.is_distributed():
+        model = distributed.wrap_model(model, device)
+    elif device.type == "cuda" and t.data_parallel and torch.cuda.device_count() > 1:
         model = nn.DataParallel(model)
     amp = amp_enabled(device, cfg)
     n_epochs = epochs_for(cfg)
     n_train = train.y.shape[0]
-    batches_per_epoch = math.ceil(n_train / t.batch_size)
+    # One seeded order per epoch; each rank takes its share (one process: all of it, in the same order).
+    sampler = distributed.sampler(n_train, seed)
+    loader = torch.utils.data.DataLoader(
+        range(n_train), batch_size=distributed.local_batch(t.batch_size), sampler=sampler, num_workers=0
+    )
+    batches_per_epoch = len(loader)
     steps_per_epoch = math.ceil(batches_per_epoch / t.grad_accum_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -352,11 +373,7 @@ def train_fold(
     )
     grad_scaler = torch.amp.GradScaler("cuda", enabled=amp)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    loader_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
-    loader = torch.utils.data.DataLoader(
-        range(n_train), batch_size=t.batch_size, shuffle=True, generator=loader_gen, num_workers=0
-    )
     y_val = val.y.numpy()
     if device.type == "cuda":
         train = train.to(device)
@@ -364,13 +381,16 @@ def train_fold(
     s_full = s_imu = float("nan")
     for epoch in range(1, n_epochs + 1):
         started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        uniforms = torch.rand(n_train, AUG_DRAWS + train.x_full.shape[2], generator=aug_gen)  # per sample
         model.train()
         optimizer.zero_grad(set_to_none=True)
         total_loss, seen = 0.0, 0
         for step, idx in enumerate(_tqdm(loader, desc=f"torch fold {fold} epoch {epoch}", unit="batch")):
+            u = uniforms[idx]
             idx = idx.to(train.y.device)
             mb = train.mask[idx]
-            xb = augment_batch(train.x_full[idx], train.x_imu[idx], mb, cfg, aug_gen)
+            xb = augment_batch(train.x_full[idx], train.x_imu[idx], mb, cfg, uniforms=u)
             yb = train.y[idx]
             with autocast_context(device, amp):
                 loss = criterion(model(xb, mb).float(), yb)
@@ -383,9 +403,13 @@ def train_fold(
                     scheduler.step()
             total_loss += float(loss.detach()) * len(idx)
             seen += len(idx)
+        total_loss, seen = distributed.all_reduce_sum([total_loss, seen])
+        if not distributed.is_main():
+            continue  # validation (for the log, and the final OOF) is rank 0's
         model.eval()
-        p_full = predict_arrays(model, val.x_full, val.mask, device, amp, t.batch_size * 2)
-        p_imu = predict_arrays(model, val.x_imu, val.mask, device, amp, t.batch_size * 2)
+        scoring = distributed.unwrap(model) if distributed.is_distributed() else model  # no collectives in eval
+        p_full = predict_arrays(scoring, val.x_full, val.mask, device, amp, t.batch_size * 2)
+        p_imu = predict_arrays(scoring, val.x_imu, val.mask, device, amp, t.batch_size * 2)
         s_full = metric.score_proba(y_val, p_full)
         s_imu = metric.score_proba(y_val, p_imu)
         log.info(
@@ -399,6 +423,7 @@ def train_fold(
             optimizer.param_groups[0]["lr"],
             time.perf_counter() - started,
         )
+    p_full, p_imu, s_full, s_imu = distributed.broadcast_object((p_full, p_imu, s_full, s_imu))
     return FoldFit(unwrap_state_dict(model), n_epochs, s_full, s_imu, p_full, p_imu)
 
 
@@ -445,6 +470,7 @@ class TorchPipeline(MemberPipeline):
 
     name = MEMBER
     packages = ("torch",)
+    supports_ddp = True  # torchrun: DistributedDataParallel over the ranks (distributed.py)
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()

@@ -135,7 +135,12 @@ def test_readme_settings_table_lists_every_variable_with_its_default_and_each_se
             raw = "7"
         if name.startswith("FEAT_PAD_PERCENTILE"):
             raw = "90"
-        raw = {"FEAT_ROT_FALLBACK": "identity", "LGBM_STOPPING": "fixed", "KERAS_LR_MIN_RATIO": "0.2"}.get(name, raw)
+        raw = {
+            "FEAT_ROT_FALLBACK": "identity",
+            "LGBM_STOPPING": "fixed",
+            "KERAS_LR_MIN_RATIO": "0.2",
+            "CMI_EXECUTOR": "ray",
+        }.get(name, raw)
         cfg = apply_overrides(Config(), {name: raw})
         changed = [
             (s, f.name)
