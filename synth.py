@@ -844,7 +844,8 @@ def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, 
         if imu_only[i]:
             sensors[sl, 7:] = np.nan
             continue
-        if rng.random() < rot_missing_p:  # one draw whatever p is: other sequences stay as they were
+        # One draw whenever p > 0, whatever p is: data sets that differ in p differ only in which rotations are gone.
+        if rot_missing_p > 0 and rng.random() < rot_missing_p:
             sensors[sl, 3:7] = np.nan
         if rng.random() < TOF_SENSOR_MISSING_P:
             k = int(rng.integers(0, 5))
