@@ -1,18 +1,20 @@
 """BranchNet: the network definitions of the ``branchnet`` member (no training code here).
 
-Separate first layers per sensor group (the 1st-place "key part"):
+Separate first layers per sensor group (the 1st-place "key part"), at the sampling rate:
 
-* IMU: the frame table's acceleration and rotation-derived channels -> Conv1d -> residual Conv1d block;
-* thermopiles: Conv1d;
-* ToF: each frame's five 8x8 grids through one small 2-D CNN (weights shared over sensors and frames,
-  batched over every real frame), the per-sensor vectors concatenated in sensor order (the sensor's place
-  on the device carries information) and joined with the ToF aggregates of the frame table -> Conv1d;
+* IMU: the frame table's acceleration and rotation-derived channels -> Conv1d (k5), then (at half
+  rate) a residual Conv1d block;
+* thermopiles: Conv1d (k5); ToF aggregates of the frame table: Conv1d (k5);
+* ToF grids: every second frame's five 8x8 proximity grids through one small 2-D CNN (weights shared
+  over sensors and frames; only the real frames of sequences with ToF are computed, batched together),
+  the per-sensor vectors concatenated in sensor order (a sensor's place on the device carries
+  information) with a "sensor reported" flag each -> Conv1d (k3) at half rate;
 
-merged over time: masked max-pool by 2 -> Conv1d -> packed BiGRU -> masked attention + mean pooling ->
-a shared layer and the heads (18 gestures; optional auxiliary heads: 9-class target/non-target, binary,
-orientation). A per-sequence flag ``has_tof`` gates the thermopile and ToF branches: with the flag 0
-their contribution is exactly zero, so the IMU-only view (sensor dropout in training, IMU-only sequences
-at serving) is the same network with those branches switched off.
+merged: masked max-pool by 2 -> Conv1d + residual block -> masked max-pool by 2 -> packed BiGRU ->
+masked attention + mean pooling -> a shared layer and the heads (18 gestures; optional auxiliary heads:
+9-class target/non-target, binary, orientation). A per-sequence flag ``has_tof`` gates the thermopile
+and ToF branches: with the flag 0 their contribution is exactly zero, so the IMU-only view (sensor
+dropout in training, IMU-only sequences at serving) is the same network with those branches off.
 
 Input normalisation is part of the network: ``norm="batchnorm"`` puts a masked BatchNorm first in every
 branch (raw frame features in, no fitted scaler; 1st place's "largest improvement early on");
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -60,12 +63,12 @@ class MaskedBatchNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = mask[:, None, :].to(torch.float32)
-        xf = x.float()
+        xf = x.float() * m
         if self.training:
             n = m.sum()
             denom = n.clamp(min=1.0)
-            mean = (xf * m).sum(dim=(0, 2)) / denom
-            var = (((xf - mean[None, :, None]) * m) ** 2).sum(dim=(0, 2)) / denom
+            mean = xf.sum(dim=(0, 2)) / denom
+            var = ((xf * xf).sum(dim=(0, 2)) / denom - mean * mean).clamp(min=0.0)  # one pass over the data
             enough = n >= 2
             with torch.no_grad():
                 unbiased = var * n / (n - 1).clamp(min=1.0)
@@ -77,9 +80,9 @@ class MaskedBatchNorm(nn.Module):
             var = torch.where(enough, var, self.running_var)
         else:
             mean, var = self.running_mean, self.running_var
-        y = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
-        y = y * self.weight[None, :, None] + self.bias[None, :, None]
-        return (y * m).to(x.dtype)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        return ((xf * scale[None, :, None] + shift[None, :, None]) * m).to(x.dtype)
 
 
 class ConvBlock(nn.Module):
@@ -155,7 +158,7 @@ class GridConv(nn.Module):
 
 
 class TofFrameCNN(nn.Module):
-    """One sensor's 8x8 grid of one frame, 2 channels (proximity, reading present) -> a vector.
+    """One sensor's 8x8 proximity grid of one frame -> a vector.
 
     Conv3x3/2 -> SiLU -> Conv3x3/2 -> SiLU -> flatten (the 2x2 cells are kept: where in the grid
     something is near) -> Linear -> SiLU. Shared by the five sensors and every frame.
@@ -163,29 +166,41 @@ class TofFrameCNN(nn.Module):
 
     def __init__(self, channels: int = 8, out: int = 16) -> None:
         super().__init__()
-        self.conv1 = GridConv(2, channels, TOF_GRID)
+        self.conv1 = GridConv(1, channels, TOF_GRID)
         self.conv2 = GridConv(channels, 2 * channels, TOF_GRID // 2)
         self.fc = nn.Linear(2 * channels * (TOF_GRID // 4) ** 2, out)
         self.act = nn.SiLU()
         self.out = out
 
-    def forward(self, grids: torch.Tensor) -> torch.Tensor:  # (N, 2, 8, 8) -> (N, out)
-        h = self.act(self.conv1(grids.flatten(1)))
+    def forward(self, grids: torch.Tensor) -> torch.Tensor:  # (N, 64) row-major 8x8 -> (N, out)
+        h = self.act(self.conv1(grids))
         h = self.act(self.conv2(h))
         return self.act(self.fc(h))
 
 
-def tof_grid_channels(pixels: torch.Tensor) -> torch.Tensor:
-    """Raw ToF readings (..., 5, 64) (NaN missing, -1 nothing in range, 0-254 distance) -> (..., 5, 2, 64).
+GRID_WIDTH = TOF_GRID * TOF_GRID + 1  # per sensor and frame: 64 proximity values, then "sensor reported"
 
-    Channel 0 is proximity, 1 - reading/254 for a reading in range and 0 for nothing in range or missing;
-    channel 1 is 1 where the sensor reported the pixel (in range or not), else 0.
+
+def encode_tof(pixels: np.ndarray) -> np.ndarray:
+    """Raw ToF readings (..., 5, 64) (NaN missing, -1 nothing in range, 0-254) -> uint8 (..., 5, 65).
+
+    Values 0-63 are proximity, 255 - reading for a reading in range (1..255, nearer is larger) and 0 for
+    nothing in range or missing; value 64 is 255 when the sensor reported any pixel of the frame, else 0
+    (a missing sensor and one that sees nothing both read proximity 0; this tells them apart).
+    ``decode_tof`` maps to float in [0, 1]. One byte per value keeps a fold's grids small.
     """
-    p = pixels.float()
-    present = ~torch.isnan(p)
-    in_range = present & (p >= 0)
-    prox = torch.where(in_range, 1.0 - p.clamp(0.0, 254.0) / 254.0, torch.zeros_like(p))
-    return torch.stack([prox, present.to(p.dtype)], dim=-2)
+    p = np.asarray(pixels, dtype=np.float32)
+    present = ~np.isnan(p)
+    prox = np.where(present & (p >= 0), 255.0 - np.clip(p, 0.0, 254.0), 0.0)
+    out = np.empty((*p.shape[:-1], GRID_WIDTH), dtype=np.uint8)
+    out[..., :-1] = np.rint(np.nan_to_num(prox)).astype(np.uint8)
+    out[..., -1] = np.where(present.any(axis=-1), 255, 0).astype(np.uint8)
+    return out
+
+
+def decode_tof(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes of ``encode_tof`` -> float32 in [0, 1] (same shape)."""
+    return codes.to(torch.float32) * (1.0 / 255.0)
 
 
 def compact(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -213,28 +228,17 @@ def masked_max_pool(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, 
     return h.masked_fill(~pooled[:, None, :], 0.0), pooled
 
 
-def masked_mean_pool_time(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, ...) right-padded -> (B, ceil(L/2), ...): the mean of the real steps of each pair."""
-    b, length = mask.shape
-    if length % 2:
-        x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
-        mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
-    m = mask.to(x.dtype).view(b, -1, 2, *([1] * (x.dim() - 2)))
-    xs = (x.view(b, -1, 2, *x.shape[2:]) * m).sum(dim=2)
-    return xs / m.sum(dim=2).clamp(min=1.0)
-
-
 class BranchNet(nn.Module):
-    """``forward(x (B, L, C), mask (B, L), grids (B, L, 5, 2, 64) | None, has_tof (B,)) -> dict of logits``.
+    """``forward(x (B, L, C), mask (B, L), grids (B, L, 5, 65) | None, has_tof (B,)) -> dict of logits``.
 
     ``x`` holds the frame-table channels, raw (``norm="scaler"`` scales them with its buffers);
     ``imu_idx`` / ``thm_idx`` / ``tof_idx`` say which of them feed which branch. ``grids`` are the ToF
-    grids as ``tof_grid_channels`` makes them from raw readings (None: nothing reported).
+    grids, ``decode_tof(encode_tof(raw readings))`` (None: nothing reported).
     Outputs: ``gesture`` (B, n_classes) and, when their heads exist, ``nine`` (B, 9), ``binary`` (B,),
     ``orientation`` (B, 4).
 
-    Time resolution: the first layer of each branch runs at the sampling rate (10 Hz), the ToF CNN and
-    the fusion at half of it, the GRU at a quarter (as the torch member's recurrent layers).
+    Time resolution: the first layer of each branch runs at the sampling rate (10 Hz), the ToF CNN (on
+    every second frame) and the fusion at half of it, the GRU at a quarter (as the torch member's).
     """
 
     def __init__(
@@ -279,7 +283,8 @@ class BranchNet(nn.Module):
             merged = w_imu + w_thm + w_tof
         if self.tof_cnn:
             self.grid_cnn = TofFrameCNN(tof_channels, 2 * tof_channels)
-            self.grid_mix = ConvBlock(N_TOF_SENSORS * self.grid_cnn.out, w_tof, 3)
+            # per sensor: its CNN vector and whether it reported (tells "missing" from "nothing in range")
+            self.grid_mix = ConvBlock(N_TOF_SENSORS * (self.grid_cnn.out + 1), w_tof, 3)
             merged += w_tof
         self.imu_res = ResBlock(w_imu, 5) if self.branches else None
         self.fuse = ConvBlock(merged + 1, width, 3)  # + the has_tof flag
@@ -319,9 +324,9 @@ class BranchNet(nn.Module):
         flag = torch.ones(b, device=x.device) if has_tof is None else has_tof.to(x.device).float()
         if self.tof_cnn:
             if grids is None:  # nothing reported: proximity and presence 0
-                grids = torch.zeros(*x.shape[:2], N_TOF_SENSORS, 2, TOF_GRID * TOF_GRID, device=x.device)
-            if grids.shape != (*x.shape[:2], N_TOF_SENSORS, 2, TOF_GRID * TOF_GRID):
-                raise ValueError(f"expected grids (B, L, 5, 2, 64); got {tuple(grids.shape)}")
+                grids = torch.zeros(*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH, device=x.device)
+            if grids.shape != (*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH):
+                raise ValueError(f"expected grids (B, L, 5, {GRID_WIDTH}); got {tuple(grids.shape)}")
             mask, x, grids = compact(mask, x, grids)
         else:
             mask, x = compact(mask, x)
@@ -345,9 +350,9 @@ class BranchNet(nn.Module):
             hf = torch.cat([self.imu_res(hf[:, :n_imu], pmask), hf[:, n_imu:]], dim=1)
         parts = [hf]
         if self.tof_cnn:
-            pix = masked_mean_pool_time(grids, mask)  # (B, L/2, 5, 2, 64)
+            # every second frame (frame 2i for pooled step i: real exactly when the pooled step is)
             psensor = pmask & on
-            grid = self._grid_features(pix, psensor).transpose(1, 2)  # (B, 5*out, L/2)
+            grid = self._grid_features(grids[:, ::2], psensor).transpose(1, 2)  # (B, 5*(out+1), L/2)
             parts.append(self.grid_mix(grid, psensor) * gate)
         parts.append(gate.expand(-1, 1, hf.shape[2]) * pmask[:, None, :].to(hf.dtype))
         hf = self.fuse_res(self.fuse(torch.cat(parts, dim=1), pmask), pmask)
@@ -376,12 +381,14 @@ class BranchNet(nn.Module):
         return out
 
     def _grid_features(self, grids: torch.Tensor, sensor_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L, 5, 2, 64) grid channels -> (B, L, 5 * out): the CNN on every real frame with ToF, 0 elsewhere."""
+        """(B, L, 5, 65) grids -> (B, L, 5 * (out + 1)): the CNN on every real frame with ToF, 0 elsewhere."""
         b, length = sensor_mask.shape
-        sel = grids[sensor_mask]  # (N, 5, 2, 64): only the frames the model may use
-        feats = torch.zeros(b, length, N_TOF_SENSORS * self.grid_cnn.out, device=grids.device, dtype=grids.dtype)
+        sel = grids[sensor_mask]  # (N, 5, 65): only the frames the model may use
+        width = N_TOF_SENSORS * (self.grid_cnn.out + 1)
+        feats = torch.zeros(b, length, width, device=grids.device, dtype=grids.dtype)
         if sel.shape[0]:
-            v = self.grid_cnn(sel.reshape(-1, 2, TOF_GRID, TOF_GRID)).reshape(sel.shape[0], -1)
+            v = self.grid_cnn(sel[..., :-1].reshape(-1, TOF_GRID * TOF_GRID)).reshape(*sel.shape[:2], -1)
+            v = torch.cat([v, sel[..., -1:].to(v.dtype)], dim=2).reshape(sel.shape[0], width)
             feats = feats.to(v.dtype)
             feats[sensor_mask] = v
         return feats
@@ -403,10 +410,11 @@ __all__ = [
     "BranchNet",
     "MaskedBatchNorm",
     "TofFrameCNN",
-    "tof_grid_channels",
+    "encode_tof",
+    "decode_tof",
+    "GRID_WIDTH",
     "compact",
     "masked_max_pool",
-    "masked_mean_pool_time",
     "build",
     "count_parameters",
     "N_NINE",

@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 
 # The values of the fields left at 0. Explicit settings (any non-zero value) win over the preset.
 PRESETS: dict[str, dict[str, Any]] = {
-    # 12 generated subjects on a 2-core CPU: about the torch member's training time at 10 epochs.
+    # 12 generated subjects on a 2-core CPU: about 0.6x the torch member's training time at 10 epochs
+    # (one epoch here costs ~0.6 of a torch epoch; docs/BRANCHNET_NOTES.md).
     "cpu": {
-        "epochs": 20,
+        "epochs": 10,
         "seeds": 1,
         "width": 64,
         "rnn_hidden": 64,
@@ -202,7 +203,7 @@ class FoldArrays:
 
     x: torch.Tensor  # (n, P, C) float32, raw frame features (0 on padding)
     mask: torch.Tensor  # (n, P) bool
-    pixels: torch.Tensor | None  # (n, P, 5, 64) float16 raw ToF readings (NaN missing); None: no ToF at all
+    grids: torch.Tensor | None  # (n, P, 5, 65) uint8 ToF grid codes (branchnet_model.encode_tof); None: no ToF
     has_tof: torch.Tensor  # (n,) bool: thm/tof present (the table's has_tof_thm)
     y: torch.Tensor  # (n,) int64
     orientation: torch.Tensor  # (n,) int64, -1 = unknown
@@ -222,29 +223,48 @@ def build_arrays(
     y: np.ndarray,
     pad_len: int,
     orientation: np.ndarray | None = None,
-    with_pixels: bool = True,
+    with_grids: bool = True,
+    chunk: int = 512,
 ) -> FoldArrays:
     """``idx``'s sequences of ``table`` padded to ``pad_len`` (raw values: normalisation is in the network)."""
+    idx = np.asarray(idx, dtype=np.int64)
     x, mask = features.pad_batch(table, idx, pad_len, None)
-    pixels = None
-    if with_pixels and table.tof_pixels is not None:
-        pixels = torch.from_numpy(features.pad_tof_pixels(table, idx, pad_len))
+    grids = None
+    if with_grids and table.tof_pixels is not None:
+        codes = np.zeros((len(idx), pad_len, bm.N_TOF_SENSORS, bm.GRID_WIDTH), dtype=np.uint8)
+        for start in range(0, len(idx), chunk):  # the float temporaries stay small on real data
+            part = idx[start : start + chunk]
+            codes[start : start + len(part)] = bm.encode_tof(features.pad_tof_pixels(table, part, pad_len))
+        grids = torch.from_numpy(codes)
     orient = np.full(len(idx), -1, dtype=np.int64) if orientation is None else np.asarray(orientation)[idx]
     return FoldArrays(
         x=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
-        pixels=pixels,
+        grids=grids,
         has_tof=torch.from_numpy(np.asarray(table.has_tof_thm[idx], dtype=bool)),
         y=torch.from_numpy(np.asarray(y[idx], dtype=np.int64)),
         orientation=torch.from_numpy(orient.astype(np.int64)),
     )
 
 
-def grids_of(pixels: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(B, L, 5, 2, 64) grid channels of raw readings; zeros (nothing reported) when there are none."""
-    if pixels is None:
-        return torch.zeros(*shape, bm.N_TOF_SENSORS, 2, bm.TOF_GRID * bm.TOF_GRID, device=device)
-    return bm.tof_grid_channels(pixels.to(device))
+def grids_of(codes: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(B, L, 5, 65) float grids of uint8 codes; zeros (nothing reported) when there are none."""
+    if codes is None:
+        return torch.zeros(*shape, bm.N_TOF_SENSORS, bm.GRID_WIDTH, device=device)
+    return bm.decode_tof(codes.to(device))
+
+
+def length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Batches of similar lengths (less padding to compute), in random order; new groupings every epoch.
+
+    Sequences are sorted by their length times a random factor in [0.8, 1.25], cut into batches, and the
+    batches shuffled.
+    """
+    n = len(lengths)
+    noisy = lengths.float() * torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.45)
+    order = torch.argsort(noisy, stable=True)
+    batches = list(torch.split(order, batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
 # ----------------------------------------------------------------------------- orientation (auxiliary target)
@@ -306,33 +326,41 @@ def time_stretch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Resample each sequence: drop its first ``crop`` (B,) real steps, stretch the rest by ``factor`` (B,).
 
-    Inputs and outputs are front padded (tail kept). The new length is round((n - crop) * factor), at
-    least 1 and at most the pad length (a longer result keeps its tail). Values are linearly interpolated
-    (grids too: proximity and presence are continuous channels).
+    Input front padded (tail kept, as ``features.pad_batch``). The new length is round((n - crop) *
+    factor), at least 1 and at most the pad length (a longer result keeps its tail). Output start
+    aligned (real steps first, as the network compacts them) and trimmed to the longest result. ``x``
+    is linearly interpolated, ``grids`` take the nearest frame (one gather on the largest tensor).
+    factor 1 and crop 0 copy the sequence exactly.
     """
     b, p = mask.shape
     n = mask.sum(dim=1)
-    crop = torch.minimum(crop.long(), (n - 1).clamp(min=0))
+    last = (n - 1).clamp(min=0)
+    crop = torch.minimum(crop.long(), last)
     src_n = (n - crop).clamp(min=1)
     m = torch.round(src_n.float() * factor).long().clamp(min=1)
     kept = m.clamp(max=p)
-    j = torch.arange(p, device=x.device)[None, :] - (p - kept)[:, None]  # output index among kept steps
-    valid = j >= 0
-    jj = j.clamp(min=0) + (m - kept)[:, None]  # index in the stretched sequence (tail kept)
+    width = int(kept.max()) if b else 1
+    j = torch.arange(width, device=x.device)[None, :]
+    valid = j < kept[:, None]
+    jj = j + (m - kept)[:, None]  # index in the stretched sequence (its tail kept)
     scale = (src_n - 1).float() / (m - 1).clamp(min=1).float()
     t = crop[:, None].float() + jj.float() * scale[:, None]  # position among the real steps
-    lo = t.floor().long().clamp(max=(n - 1).clamp(min=0)[:, None])
-    hi = (lo + 1).clamp(max=(n - 1).clamp(min=0)[:, None])
+    lo = torch.minimum(t.floor().long(), last[:, None])
+    hi = torch.minimum(lo + 1, last[:, None])
     w = (t - lo.float()).clamp(0, 1)
-    first = (p - n)[:, None]  # position of the first real step in the padded input
+    first = (p - n)[:, None]  # where the first real step sits in the padded input
 
-    def resample(v: torch.Tensor) -> torch.Tensor:
+    def take(v: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
         flat = v.reshape(b, p, -1)
-        gi = lambda ix: torch.gather(flat, 1, (first + ix)[:, :, None].expand(-1, -1, flat.shape[2]))  # noqa: E731
-        out = torch.lerp(gi(lo), gi(hi), w[:, :, None].to(flat.dtype))
-        return (out * valid[:, :, None].to(flat.dtype)).reshape(v.shape)
+        return torch.gather(flat, 1, (first + ix).clamp(max=p - 1)[:, :, None].expand(-1, -1, flat.shape[2]))
 
-    return resample(x), valid, (resample(grids) if grids is not None else None)
+    keep = valid[:, :, None].to(x.dtype)
+    x_new = (torch.lerp(take(x, lo), take(x, hi), w[:, :, None].to(x.dtype)) * keep).reshape(b, width, *x.shape[2:])
+    g_new = None
+    if grids is not None:
+        near = torch.minimum(torch.round(t).long(), last[:, None])
+        g_new = (take(grids, near) * keep.to(grids.dtype)).reshape(b, width, *grids.shape[2:])
+    return x_new, valid, g_new
 
 
 def mixup(
@@ -350,22 +378,22 @@ def mixup(
     mask is their union. Thermopiles/ToF count as present only if both had them. Every target (soft
     probabilities; a row of zeros = unknown) is mixed with the same weights.
     """
-    lw = lam[:, None, None]
     m1, m2 = mask, mask[perm]
-    both = (m1 & m2)[:, :, None]
+    both = m1 & m2
 
-    def mix(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        flat_a, flat_c = a.reshape(*a.shape[:2], -1), c.reshape(*c.shape[:2], -1)
-        out = torch.where(both, lw * flat_a + (1 - lw) * flat_c, torch.where(m1[:, :, None], flat_a, flat_c))
+    def mix(a: torch.Tensor) -> torch.Tensor:
+        flat_a = a.reshape(*a.shape[:2], -1)
+        flat_c = flat_a[perm]
+        lw = lam[:, None, None].to(flat_a.dtype)
+        out = torch.where(both[:, :, None], torch.lerp(flat_c, flat_a, lw), torch.where(m1[:, :, None], flat_a, flat_c))
         return out.reshape(a.shape)
 
-    x_new = mix(x, x[perm])
-    g_new = mix(grids, grids[perm]) if grids is not None else None
-    t_new = {
-        k: lam.view(-1, *([1] * (v.dim() - 1))) * v + (1 - lam.view(-1, *([1] * (v.dim() - 1)))) * v[perm]
-        for k, v in targets.items()
-    }
-    return x_new, m1 | m2, g_new, has_tof & has_tof[perm], t_new
+    def mix_target(v: torch.Tensor) -> torch.Tensor:
+        lw = lam.view(-1, *([1] * (v.dim() - 1))).to(v.dtype)
+        return lw * v + (1 - lw) * v[perm]
+
+    t_new = {k: mix_target(v) for k, v in targets.items()}
+    return mix(x), m1 | m2, (mix(grids) if grids is not None else None), has_tof & has_tof[perm], t_new
 
 
 def sensor_dropout(
@@ -375,8 +403,9 @@ def sensor_dropout(
     x = x.clone()
     cols = torch.tensor(TOFTHM_IDX, device=x.device)
     x[:, :, cols] = torch.where(drop[:, None, None], torch.zeros((), device=x.device), x[:, :, cols])
-    if grids is not None:
-        grids = torch.where(drop.view(-1, 1, 1, 1, 1), torch.zeros((), device=grids.device), grids)
+    if grids is not None and bool(drop.any()):
+        grids = grids.clone()
+        grids[drop] = 0.0
     return x, grids, has_tof & ~drop
 
 
@@ -392,29 +421,30 @@ def one_hot_targets(y: torch.Tensor, orientation: torch.Tensor) -> dict[str, tor
 def augment_batch(
     batch: FoldArrays, s: Settings, gen: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
-    """One training batch: z-rotation, time stretch/shift, mixup, sensor dropout (draws on CPU: reproducible)."""
+    """One training batch: z-rotation, mixup, time stretch/shift, sensor dropout (draws on CPU: reproducible).
+
+    Returns start-aligned inputs (the stretch's output; factor 1 where a sequence is not stretched).
+    """
     b = batch.n
 
     def draw(*shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=gen).to(device)
 
-    x, mask = batch.x, batch.mask
-    grids = grids_of(batch.pixels, tuple(mask.shape), device) if s.tof_cnn else None
-    has_tof = batch.has_tof
-    targets = one_hot_targets(batch.y, batch.orientation)
+    x, mask, has_tof = batch.x.to(device), batch.mask.to(device), batch.has_tof.to(device)
+    grids = grids_of(batch.grids, tuple(mask.shape), device) if s.tof_cnn else None
+    targets = one_hot_targets(batch.y.to(device), batch.orientation.to(device))
     if s.rotate_deg > 0:
         x = rotate_z(x, (draw(b) * 2 - 1) * math.radians(s.rotate_deg))
-    if (s.stretch > 0 and s.stretch_prob > 0) or s.shift > 0:
-        n = mask.sum(dim=1).float()
-        stretched = draw(b) < s.stretch_prob
-        factor = torch.where(stretched, 1 - s.stretch + 2 * s.stretch * draw(b), torch.ones(b, device=device))
-        crop = torch.floor(draw(b) * s.shift * n)
-        x, mask, grids = time_stretch(x, mask, grids, factor, crop)
     if s.mixup_prob > 0 and s.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < s.mixup_prob:
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen)))
         lam = torch.from_numpy(rng.beta(s.mixup_alpha, s.mixup_alpha, b).astype(np.float32)).to(device)
         perm = torch.randperm(b, generator=gen).to(device)
         x, mask, grids, has_tof, targets = mixup(x, mask, grids, has_tof, targets, lam, perm)
+    n = mask.sum(dim=1).float()
+    stretched = draw(b) < s.stretch_prob
+    factor = torch.where(stretched, 1 - s.stretch + 2 * s.stretch * draw(b), torch.ones(b, device=device))
+    crop = torch.floor(draw(b) * s.shift * n)
+    x, mask, grids = time_stretch(x, mask, grids, factor, crop)
     if s.sensor_dropout > 0:
         x, grids, has_tof = sensor_dropout(x, grids, has_tof, draw(b) < s.sensor_dropout)
     return x, mask, grids, has_tof, targets
@@ -460,8 +490,8 @@ def predict_arrays(
         x = arr.x[sl, -keep:].to(device)
         grids = None
         if tof_cnn:
-            pix = arr.pixels[sl, -keep:] if arr.pixels is not None else None
-            grids = grids_of(pix, tuple(mask.shape), device)
+            codes = arr.grids[sl, -keep:] if arr.grids is not None else None
+            grids = grids_of(codes, tuple(mask.shape), device)
         with autocast_context(device, amp):
             logits = model(x, mask, grids, arr.has_tof[sl].to(device))["gesture"]
         out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
@@ -519,18 +549,18 @@ def train_one(
     if device.type == "cuda":
         train = train.to(device)
     y_val = val_full.y.numpy()
+    lengths = train.mask.sum(dim=1).cpu()
     epoch_log: list[dict[str, float]] = []
     for epoch in range(1, s.epochs + 1):
         started = time.perf_counter()
         model.train()
         total_loss, seen = 0.0, 0
-        perm = torch.randperm(n_train, generator=order_gen)
-        for start in range(0, n_train, s.batch_size):
-            idx = perm[start : start + s.batch_size].to(train.y.device)
+        for idx in length_batches(lengths, s.batch_size, order_gen):
+            idx = idx.to(train.y.device)
             batch = FoldArrays(
                 x=train.x[idx],
                 mask=train.mask[idx],
-                pixels=train.pixels[idx] if train.pixels is not None else None,
+                grids=train.grids[idx] if train.grids is not None else None,
                 has_tof=train.has_tof[idx],
                 y=train.y[idx],
                 orientation=train.orientation[idx],
@@ -828,23 +858,26 @@ class BranchNetMember:
             return proba.astype(np.float32)
         order = np.argsort(table.lengths, kind="stable")  # similar lengths share a chunk: less padding
         dummy_y = np.zeros(n, dtype=np.int64)
+        longest_pad = max(self.pad_lens)
         with torch.inference_mode():
             for start in range(0, n, _PREDICT_CHUNK):
                 idx = order[start : start + _PREDICT_CHUNK]
                 acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
-                arrays: dict[int, tuple] = {}
+                # Built once for the longest pad length: a shorter one is its tail (pad_batch keeps the tail).
+                arr = build_arrays(table, idx, dummy_y, longest_pad, None, self.tof_cnn)
+                real = max(int(arr.mask.sum(dim=1).max()), 1)
+                has_tof = arr.has_tof.to(self.device)
+                views: dict[int, tuple] = {}
                 for fold_models, pad_len in zip(self.models, self.pad_lens):
-                    if pad_len not in arrays:
-                        arr = build_arrays(table, idx, dummy_y, pad_len, None, self.tof_cnn)
-                        keep = max(int(arr.mask.sum(dim=1).max()), 1)
+                    keep = min(real, pad_len)  # the network ignores padding: drop what no row uses
+                    if keep not in views:
                         mask = arr.mask[:, -keep:].to(self.device)
-                        x = arr.x[:, -keep:].to(self.device)
                         grids = None
                         if self.tof_cnn:
-                            pix = arr.pixels[:, -keep:] if arr.pixels is not None else None
-                            grids = grids_of(pix, tuple(mask.shape), self.device)
-                        arrays[pad_len] = (x, mask, grids, arr.has_tof.to(self.device))
-                    x, mask, grids, has_tof = arrays[pad_len]
+                            codes = arr.grids[:, -keep:] if arr.grids is not None else None
+                            grids = grids_of(codes, tuple(mask.shape), self.device)
+                        views[keep] = (arr.x[:, -keep:].to(self.device), mask, grids)
+                    x, mask, grids = views[keep]
                     for model in fold_models:
                         with autocast_context(self.device, self.amp):
                             logits = model(x, mask, grids, has_tof)["gesture"]

@@ -165,7 +165,7 @@ class BranchNetConfig(MemberConfig):
 
     weight: float = 0.0  # without a fitted weights.json the three original members keep their blend
     preset: str = "cpu"  # cpu | gpu: the values of the fields left at 0 below
-    epochs: int = 0  # 0 = the preset's (cpu 20, gpu 80)
+    epochs: int = 0  # 0 = the preset's (cpu 10, gpu 80)
     seeds: int = 0  # models per fold, their probabilities averaged (0 = the preset's: cpu 1, gpu 3)
     width: int = 0  # channels of the IMU branch and the fusion (0 = the preset's: cpu 64, gpu 128)
     rnn_hidden: int = 0  # BiGRU hidden size per direction (0 = the preset's: cpu 64, gpu 128)
@@ -192,7 +192,7 @@ class BranchNetConfig(MemberConfig):
     aux_orientation: float = 0.2  # loss weight of the orientation (posture) head; 0 = no head
     ema: bool = True  # serve (and score) the EMA weights; 0: the final raw weights
     amp: bool = True  # only ever on CUDA
-    log_every: int = 1  # score the validation fold every k epochs, for the log only (0 = never)
+    log_every: int = 5  # score the validation fold every k epochs, for the log only (0 = never)
     debug_epochs: int = 2
 
 
