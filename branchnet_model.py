@@ -149,8 +149,19 @@ class GridConv(nn.Module):
         self.register_buffer("basis", torch.eye(c_in * size * size).view(-1, c_in, size, size), persistent=False)
 
     def dense(self) -> torch.Tensor:
-        """(c_in*s*s, c_out*(s/2)^2): row i is the convolution of the i-th unit input."""
-        return nn.functional.conv2d(self.basis, self.weight, stride=2, padding=1).flatten(1)
+        """(c_in*s*s, c_out*(s/2)^2): row i is the convolution of the i-th unit input.
+
+        Cached while gradients are off (serving, OOF prediction) and the kernel is unchanged (its
+        version counter moves on every in-place update: optimiser steps, ``load_state_dict``).
+        """
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return nn.functional.conv2d(self.basis, self.weight, stride=2, padding=1).flatten(1)
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device)
+        if getattr(self, "_dense_key", None) != key:
+            with torch.no_grad():
+                self._dense = nn.functional.conv2d(self.basis, self.weight, stride=2, padding=1).flatten(1)
+            self._dense_key = key
+        return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, c_in*s*s) -> (N, c_out*(s/2)^2), channel-major
         s2 = (self.size // 2) ** 2

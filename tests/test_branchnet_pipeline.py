@@ -76,6 +76,15 @@ def test_grid_conv_is_the_convolution_it_claims():
     x = torch.randn(7, 2, 8, 8)
     ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, stride=2, padding=1).flatten(1)
     torch.testing.assert_close(conv(x.flatten(1)), ref, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # serving caches the dense matrix...
+        first = conv(x.flatten(1))
+        torch.testing.assert_close(first, ref.detach(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # ...until the kernel changes (an optimiser step, load_state_dict)
+        conv.weight.mul_(2.0)
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            conv(x.flatten(1)) - conv.bias.repeat_interleave(16), 2 * (first - conv.bias.repeat_interleave(16))
+        )
 
 
 def test_each_branch_has_its_shape():
