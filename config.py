@@ -168,6 +168,48 @@ class KerasConfig(MemberConfig):
 
 
 @dataclass
+class BranchNetConfig(MemberConfig):
+    """BranchNet member (prefix ``BRANCHNET_``): per-sensor-group first layers, a ToF 2-D CNN, auxiliary heads,
+    mixup / time stretch / z-rotation / sensor dropout, a fixed cosine schedule with weight EMA, seeds per fold.
+
+    Fields at 0 take the value of ``preset`` (branchnet_pipeline.PRESETS); any other value is used as given.
+    ``preset`` and ``norm`` are checked when the member trains (an unknown value names the variable).
+    """
+
+    weight: float = 0.0  # without a fitted weights.json the three original members keep their blend
+    preset: str = "cpu"  # cpu | gpu: the values of the fields left at 0 below
+    epochs: int = 0  # 0 = the preset's (cpu 10, gpu 80)
+    seeds: int = 0  # models per fold, their probabilities averaged (0 = the preset's: cpu 1, gpu 3)
+    width: int = 0  # channels of the IMU branch and the fusion (0 = the preset's: cpu 64, gpu 128)
+    rnn_hidden: int = 0  # BiGRU hidden size per direction (0 = the preset's: cpu 64, gpu 128)
+    tof_channels: int = 0  # channels of the ToF grid CNN's first layer (0 = the preset's: cpu 8, gpu 16)
+    batch_size: int = 0  # 0 = the preset's (cpu 64, gpu 64)
+    ema_decay: float = 0.0  # weight EMA decay per step (0 = the preset's: cpu 0.98, gpu 0.999)
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: int = 1
+    dropout: float = 0.2
+    label_smoothing: float = 0.05
+    norm: str = "batchnorm"  # batchnorm (raw input into a first masked BatchNorm) | scaler (the fold's scaler)
+    branches: bool = True  # separate first layers per sensor group (0: one first layer over every channel)
+    tof_cnn: bool = True  # the ToF 8x8 grids through a 2-D CNN per frame and sensor (0: ToF aggregates only)
+    mixup_alpha: float = 0.4  # Beta(alpha, alpha) mixing weight
+    mixup_prob: float = 0.5  # share of batches mixed
+    stretch: float = 0.5  # time stretch factor drawn in [1 - stretch, 1 + stretch]
+    stretch_prob: float = 0.5  # share of sequences stretched
+    shift: float = 0.1  # up to this share of a sequence's first steps dropped (time shift; the tail is kept)
+    rotate_deg: float = 45.0  # rotation of the world-frame vectors about world z, uniform in +-rotate_deg
+    sensor_dropout: float = 0.5  # share of training sequences shown as IMU-only (thm/tof zeroed, flag off)
+    aux_nine: float = 0.3  # loss weight of the 9-class head (8 targets + non-target); 0 = no head
+    aux_binary: float = 0.3  # loss weight of the target vs non-target head; 0 = no head
+    aux_orientation: float = 0.2  # loss weight of the orientation (posture) head; 0 = no head
+    ema: bool = True  # serve (and score) the EMA weights; 0: the final raw weights
+    amp: bool = True  # only ever on CUDA
+    log_every: int = 5  # score the validation fold every k epochs, for the log only (0 = never)
+    debug_epochs: int = 2
+
+
+@dataclass
 class EnsembleConfig:
     """Blending (prefix ``ENSEMBLE_``). Default member weights live in the member sections (``ENSEMBLE_W_<M>``)."""
 
@@ -195,6 +237,7 @@ class Config:
     lgbm: LGBMConfig = field(default_factory=LGBMConfig)
     torch: TorchConfig = field(default_factory=TorchConfig)
     keras: KerasConfig = field(default_factory=KerasConfig)
+    branchnet: BranchNetConfig = field(default_factory=BranchNetConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def member_names(self) -> list[str]:
@@ -462,6 +505,37 @@ def validate(cfg: Config) -> None:
             len(cfg.keras.imu_filters) == len(cfg.keras.imu_kernels),
             "KERAS_IMU_FILTERS and KERAS_IMU_KERNELS differ in length",
         ),
+        (
+            min(cfg.branchnet.epochs, cfg.branchnet.seeds, cfg.branchnet.width, cfg.branchnet.rnn_hidden) >= 0
+            and min(cfg.branchnet.tof_channels, cfg.branchnet.batch_size, cfg.branchnet.log_every) >= 0,
+            "BRANCHNET_EPOCHS/SEEDS/WIDTH/RNN_HIDDEN/TOF_CHANNELS/BATCH_SIZE/LOG_EVERY must be >= 0 (0 = the preset's)",
+        ),
+        (cfg.branchnet.debug_epochs >= 1, "BRANCHNET_DEBUG_EPOCHS must be >= 1"),
+        (0 <= cfg.branchnet.ema_decay < 1, "BRANCHNET_EMA_DECAY must be in [0, 1) (0 = the preset's)"),
+        (cfg.branchnet.lr > 0 and cfg.branchnet.weight_decay >= 0, "BRANCHNET_LR must be > 0, _WEIGHT_DECAY >= 0"),
+        (cfg.branchnet.warmup_epochs >= 0, "BRANCHNET_WARMUP_EPOCHS must be >= 0"),
+        (
+            0 <= cfg.branchnet.dropout < 1 and 0 <= cfg.branchnet.label_smoothing < 1,
+            "BRANCHNET_DROPOUT and BRANCHNET_LABEL_SMOOTHING must be in [0, 1)",
+        ),
+        (
+            all(
+                0 <= p <= 1
+                for p in (
+                    cfg.branchnet.mixup_prob,
+                    cfg.branchnet.stretch_prob,
+                    cfg.branchnet.sensor_dropout,
+                    cfg.branchnet.shift,
+                )
+            ),
+            "BRANCHNET_MIXUP_PROB, _STRETCH_PROB, _SENSOR_DROPOUT and _SHIFT must be in [0, 1]",
+        ),
+        (0 <= cfg.branchnet.stretch < 1, "BRANCHNET_STRETCH must be in [0, 1)"),
+        (cfg.branchnet.mixup_alpha >= 0 and cfg.branchnet.rotate_deg >= 0, "BRANCHNET_MIXUP_ALPHA/ROTATE_DEG >= 0"),
+        (
+            min(cfg.branchnet.aux_nine, cfg.branchnet.aux_binary, cfg.branchnet.aux_orientation) >= 0,
+            "BRANCHNET_AUX_* loss weights must be >= 0",
+        ),
         (0 < cfg.ensemble.subject_pp_min_share <= 1, "ENSEMBLE_SUBJECT_PP_MIN_SHARE must be in (0, 1]"),
         (cfg.ensemble.subject_pp_max_history >= 1, "ENSEMBLE_SUBJECT_PP_MAX_HISTORY must be >= 1"),
         (cfg.ensemble.subject_pp_orders >= 1, "ENSEMBLE_SUBJECT_PP_ORDERS must be >= 1"),
@@ -532,6 +606,7 @@ __all__ = [
     "TorchConfig",
     "DLConfig",
     "KerasConfig",
+    "BranchNetConfig",
     "EnsembleConfig",
     "load_config",
     "apply_overrides",

@@ -214,6 +214,10 @@ class FrameTable:
     subjects: np.ndarray  # (n_seq,) str
     demographics: np.ndarray  # (n_seq, 7) float32, NaN when unknown
     feature_names: tuple[str, ...] = field(default=FRAME_FEATURES)
+    # Raw per-pixel ToF, (n_rows, 5, 64) float16 after cleaning and left-hand mirroring: NaN = missing,
+    # -1 = nothing in range, else the reading (0-254, exact in float16). None when no row has a ToF value.
+    # Carried beside ``values`` (which holds only ToF aggregates) for members that read the 8x8 grids.
+    tof_pixels: np.ndarray | None = None
 
     @property
     def n_sequences(self) -> int:
@@ -241,6 +245,7 @@ class FrameTable:
             rot_missing=self.rot_missing[idx],
             subjects=self.subjects[idx],
             demographics=self.demographics[idx],
+            tof_pixels=None if self.tof_pixels is None else self.tof_pixels[rows],
         )
 
 
@@ -299,6 +304,7 @@ def build_frame_table(
         rot_missing=rot_missing,
         subjects=subjects,
         demographics=demo,
+        tof_pixels=tof.astype(np.float16) if not np.isnan(tof).all() else None,
     )
 
 
@@ -602,6 +608,26 @@ def pad_batch(
     x[batch_of, pos] = scaler.transform(values) if scaler is not None else values
     mask[batch_of, pos] = True
     return x, mask
+
+
+def pad_tof_pixels(table: FrameTable, seq_idx: np.ndarray | list[int] | None, pad_len: int) -> np.ndarray:
+    """Raw ToF grids aligned with ``pad_batch``: (n, pad_len, 5, 64) float16, tail kept, padded at the front.
+
+    Padding and tables without ToF (``tof_pixels`` None) read NaN (missing), like an absent sensor.
+    """
+    if pad_len < 1:
+        raise ValueError(f"pad_len must be >= 1, got {pad_len}")
+    idx = np.arange(table.n_sequences) if seq_idx is None else np.asarray(seq_idx, dtype=np.int64)
+    out = np.full((len(idx), pad_len, N_TOF_SENSORS, TOF_PIXELS), np.nan, dtype=np.float16)
+    if table.tof_pixels is None or len(idx) == 0:
+        return out
+    keep = np.minimum(table.lengths[idx], pad_len)
+    src = _ranges(table.offsets[idx + 1] - keep, keep)
+    batch_of = np.repeat(np.arange(len(idx)), keep)
+    first = np.concatenate([[0], np.cumsum(keep)[:-1]])
+    pos = pad_len - keep[batch_of] + (np.arange(len(src)) - first[batch_of])
+    out[batch_of, pos] = table.tof_pixels[src]
+    return out
 
 
 # --------------------------------------------------------------------------- per-sequence aggregates

@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "lgbm": "lgbm_pipeline:LGBMPipeline",
     "torch": "torch_pipeline:TorchPipeline",
     "keras": "keras_pipeline:KerasPipeline",
+    "branchnet": "branchnet_pipeline:BranchNetPipeline",
 }
 
 

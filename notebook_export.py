@@ -41,6 +41,8 @@ defaults = {
     # "FAIL_IF_TORCH_MISSING": "1", "FAIL_IF_KERAS_MISSING": "1",           # stop instead of blending without it
     # "KERAS_EARLY_EXIT_IF_BEST_EXISTS": "1",                   # skip a member whose bundle is complete
     # "TORCH_EPOCHS": "30", "KERAS_MAX_EPOCHS": "40",
+    # "BRANCHNET_PRESET": "gpu",                               # BranchNet on a GPU: 80 epochs x 3 seeds, wider
+    # "BRANCHNET_TRAIN": "0", "USE_BRANCHNET": "0",               # leave the BranchNet member out
 }
 for key, value in defaults.items():
     os.environ.setdefault(key, value)

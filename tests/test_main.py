@@ -22,6 +22,8 @@ SMALL = {
     "KERAS_TRAIN": "0",
     "USE_TORCH": "0",
     "USE_KERAS": "0",
+    "BRANCHNET_TRAIN": "0",
+    "USE_BRANCHNET": "0",
     "CMI_N_THREADS": "1",
 }
 
@@ -142,7 +144,7 @@ def test_no_import_cycle_and_nothing_imports_main():
 def test_member_registry_is_the_one_place():
     import members
 
-    assert members.names() == ["lgbm", "torch", "keras"]
+    assert members.names() == ["lgbm", "torch", "keras", "branchnet"]
     assert not hasattr(main, "MEMBER_MODULES")
     for name in members.names():  # the exported notebook carries every registered pipeline
         assert f"{members.module_name(name)}.py" in notebook_export.modules()

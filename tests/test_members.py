@@ -49,6 +49,13 @@ TINY: dict[str, dict[str, str]] = {
         "KERAS_BATCH_SIZE": "16",
         "FEAT_PAD_LEN": "32",
     },
+    "branchnet": {
+        "BRANCHNET_WIDTH": "8",
+        "BRANCHNET_RNN_HIDDEN": "8",
+        "BRANCHNET_TOF_CHANNELS": "2",
+        "BRANCHNET_DEBUG_EPOCHS": "2",
+        "BRANCHNET_BATCH_SIZE": "16",
+    },
     TEST_MEMBER: {},
 }
 # Keras costs TensorFlow's start-up and graph building: part of `make test`, not of the quick loop.

@@ -1,0 +1,929 @@
+"""BranchNet member: training loop, augmentation, pipeline hooks and prediction (network in ``branchnet_model``).
+
+Honest by construction: every fold trains a fixed schedule (warm-up, then cosine decay) and keeps its
+final weights (their EMA when ``BRANCHNET_EMA=1``). The validation fold is scored only for the log
+(``BRANCHNET_LOG_EVERY``); nothing about training (epochs, learning rate, which weights are kept) ever
+reads the validation fold's labels, so the OOF probabilities of a fold are those of the very models the
+bundle serves. ``N`` seeds per fold are trained the same way and averaged, for the OOF as at serving.
+
+Data path: ``features.pad_batch`` (raw frame features, tail kept, front padded) and
+``features.pad_tof_pixels`` (the raw 8x8 ToF grids, aligned with it) are built once per fold; each
+batch is augmented on raw values (z-rotation of the world-frame vectors, time stretch and shift,
+mixup, sensor dropout to the IMU-only view) and normalised inside the network (masked BatchNorm, or
+the fold's scaler stored as buffers). Imports only the layers below it (never another pipeline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import branchnet_model as bm
+import bundle
+import features
+import io_utils
+import metric
+import threads
+from config import Config, ConfigError
+from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
+
+MEMBER = "branchnet"
+PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
+CHECKPOINT_FORMAT = 1
+_PREDICT_CHUNK = 256  # sequences per forward pass at prediction time
+
+log = logging.getLogger(__name__)
+
+# The values of the fields left at 0. Explicit settings (any non-zero value) win over the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    # 12 generated subjects on a 2-core CPU: about 0.6x the torch member's training time at 10 epochs
+    # (one epoch here costs ~0.6 of a torch epoch; docs/BRANCHNET_NOTES.md).
+    "cpu": {
+        "epochs": 10,
+        "seeds": 1,
+        "width": 64,
+        "rnn_hidden": 64,
+        "tof_channels": 8,
+        "batch_size": 64,
+        "ema_decay": 0.98,
+    },
+    # Real data on a GPU (Kaggle T4 / P100): the top teams' regime (60-220 epochs, several seeds).
+    "gpu": {
+        "epochs": 80,
+        "seeds": 3,
+        "width": 128,
+        "rnn_hidden": 128,
+        "tof_channels": 16,
+        "batch_size": 64,
+        "ema_decay": 0.999,
+    },
+}
+PRESET_FIELDS: tuple[str, ...] = tuple(PRESETS["cpu"])
+
+# Channel groups of the frame table (features.FRAME_FEATURES order).
+IMU_IDX = [int(i) for i in features.feature_index(features.IMU_FEATURES)]
+THM_IDX = [int(i) for i in features.feature_index(features.THM_FEATURES)]
+TOF_IDX = [int(i) for i in features.feature_index(features.TOF_FEATURES)]
+TOFTHM_IDX = THM_IDX + TOF_IDX
+# The world-frame vectors of the frame table: only linear acceleration (gravity removed, in the world frame).
+# acc, body_linear_acc and omega are device-frame, gravity_* is world "up" seen from the device: a turn
+# of the world about its vertical axis leaves all of those unchanged.
+_LINEAR = [int(i) for i in features.feature_index(["linear_acc_x", "linear_acc_y", "linear_acc_z"])]
+WORLD_VECTORS: tuple[tuple[int, int, int], ...] = ((_LINEAR[0], _LINEAR[1], _LINEAR[2]),)
+GRAVITY_IDX = [int(i) for i in features.feature_index(["gravity_x", "gravity_y", "gravity_z"])]
+
+
+def is_available() -> tuple[bool, str]:
+    """torch is imported at module top, so reaching this means it is installed."""
+    return True, f"torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The effective settings of one run: the config section with the preset's values filled in."""
+
+    preset: str
+    epochs: int
+    seeds: int
+    width: int
+    rnn_hidden: int
+    tof_channels: int
+    batch_size: int
+    ema_decay: float
+    lr: float
+    weight_decay: float
+    warmup_epochs: int
+    dropout: float
+    label_smoothing: float
+    norm: str
+    branches: bool
+    tof_cnn: bool
+    mixup_alpha: float
+    mixup_prob: float
+    stretch: float
+    stretch_prob: float
+    shift: float
+    rotate_deg: float
+    sensor_dropout: float
+    aux_nine: float
+    aux_binary: float
+    aux_orientation: float
+    ema: bool
+    amp: bool
+    log_every: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_settings(cfg: Config) -> Settings:
+    """The section's values, with every preset field left at 0 taken from ``BRANCHNET_PRESET`` (debug: epochs)."""
+    b = cfg.branchnet
+    if b.preset not in PRESETS:
+        raise ConfigError(f"BRANCHNET_PRESET={b.preset!r} is not a preset; presets: {', '.join(PRESETS)}")
+    if b.norm not in bm.NORMS:
+        raise ConfigError(f"BRANCHNET_NORM={b.norm!r} is not one of {', '.join(bm.NORMS)}")
+    preset = PRESETS[b.preset]
+    values = {f.name: getattr(b, f.name) for f in dataclasses.fields(Settings) if hasattr(b, f.name)}
+    for name in PRESET_FIELDS:
+        if not values[name]:
+            values[name] = preset[name]
+    if cfg.run.debug:
+        values["epochs"] = b.debug_epochs
+    return Settings(**values)
+
+
+def model_args(s: Settings) -> dict[str, Any]:
+    """Constructor arguments of ``branchnet_model.BranchNet``, stored in every checkpoint."""
+    heads = tuple(
+        h for h, w in (("nine", s.aux_nine), ("binary", s.aux_binary), ("orientation", s.aux_orientation)) if w
+    )
+    return {
+        "imu_idx": IMU_IDX,
+        "thm_idx": THM_IDX,
+        "tof_idx": TOF_IDX,
+        "n_classes": metric.N_CLASSES,
+        "width": s.width,
+        "rnn_hidden": s.rnn_hidden,
+        "tof_channels": s.tof_channels,
+        "tof_cnn": s.tof_cnn,
+        "branches": s.branches,
+        "norm": s.norm,
+        "dropout": s.dropout,
+        "heads": list(heads),
+    }
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+def select_device(cfg: Config) -> torch.device:
+    """CUDA when available, else CPU with ``cfg.run.n_threads`` intra-op threads."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    torch.set_num_threads(threads.n_threads(cfg))
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    """float16 autocast on CUDA when enabled; a no-op on CPU (AMP is never used there)."""
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- fold arrays
+
+
+@dataclass
+class FoldArrays:
+    """Raw padded inputs of one view of a fold's sequences (tail kept, front padded), built once."""
+
+    x: torch.Tensor  # (n, P, C) float32, raw frame features (0 on padding)
+    mask: torch.Tensor  # (n, P) bool
+    grids: torch.Tensor | None  # (n, P, 5, 65) uint8 ToF grid codes (branchnet_model.encode_tof); None: no ToF
+    has_tof: torch.Tensor  # (n,) bool: thm/tof present (the table's has_tof_thm)
+    y: torch.Tensor  # (n,) int64
+    orientation: torch.Tensor  # (n,) int64, -1 = unknown
+
+    @property
+    def n(self) -> int:
+        return int(self.y.shape[0])
+
+    def to(self, device: torch.device) -> FoldArrays:
+        move = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return FoldArrays(**{k: (v.to(device) if v is not None else None) for k, v in move.items()})
+
+
+def build_arrays(
+    table: features.FrameTable,
+    idx: np.ndarray,
+    y: np.ndarray,
+    pad_len: int,
+    orientation: np.ndarray | None = None,
+    with_grids: bool = True,
+    chunk: int = 512,
+) -> FoldArrays:
+    """``idx``'s sequences of ``table`` padded to ``pad_len`` (raw values: normalisation is in the network)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    x, mask = features.pad_batch(table, idx, pad_len, None)
+    grids = None
+    if with_grids and table.tof_pixels is not None:
+        codes = np.zeros((len(idx), pad_len, bm.N_TOF_SENSORS, bm.GRID_WIDTH), dtype=np.uint8)
+        for start in range(0, len(idx), chunk):  # the float temporaries stay small on real data
+            part = idx[start : start + chunk]
+            codes[start : start + len(part)] = bm.encode_tof(features.pad_tof_pixels(table, part, pad_len))
+        grids = torch.from_numpy(codes)
+    orient = np.full(len(idx), -1, dtype=np.int64) if orientation is None else np.asarray(orientation)[idx]
+    return FoldArrays(
+        x=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+        mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
+        grids=grids,
+        has_tof=torch.from_numpy(np.asarray(table.has_tof_thm[idx], dtype=bool)),
+        y=torch.from_numpy(np.asarray(y[idx], dtype=np.int64)),
+        orientation=torch.from_numpy(orient.astype(np.int64)),
+    )
+
+
+def grids_of(codes: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(B, L, 5, 65) float grids of uint8 codes; zeros (nothing reported) when there are none."""
+    if codes is None:
+        return torch.zeros(*shape, bm.N_TOF_SENSORS, bm.GRID_WIDTH, device=device)
+    return bm.decode_tof(codes.to(device))
+
+
+def length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Batches of similar lengths (less padding to compute), in random order; new groupings every epoch.
+
+    Sequences are sorted by their length times a random factor in [0.8, 1.25], cut into batches, and the
+    batches shuffled.
+    """
+    n = len(lengths)
+    noisy = lengths.float() * torch.exp((torch.rand(n, generator=gen) - 0.5) * 0.45)
+    order = torch.argsort(noisy, stable=True)
+    batches = list(torch.split(order, batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+# ----------------------------------------------------------------------------- orientation (auxiliary target)
+
+
+def orientation_targets(data: TrainingData, split: FoldSplit, seed: int) -> tuple[np.ndarray, str]:
+    """Per-sequence orientation class for the auxiliary head, -1 where unknown; and where it came from.
+
+    ``TrainingData`` carries no orientation column today (``data.load_train`` keeps it in ``labels``,
+    ``member_base.training_data`` does not pass it on). When it does (an ``orientation`` array of
+    indices into ``schema.ORIENTATIONS``), that is used. Otherwise the posture is derived from what the
+    member has: k-means (4 clusters) of each sequence's mean gravity direction over its first third
+    (the rest pose, before the reach), fitted on the training fold's sequences only. Validation rows
+    get -1: the fold being scored never gives a target.
+    """
+    given = getattr(data, "orientation", None)
+    out = np.full(data.n_sequences, -1, dtype=np.int64)
+    if given is not None:
+        given = np.asarray(given, dtype=np.int64)
+        out[split.train] = given[split.train]
+        return out, "labels"
+    from sklearn.cluster import KMeans
+
+    table = data.table
+    head = np.maximum(1, table.lengths // 3)
+    starts = table.offsets[:-1]
+    rows = features._ranges(starts, head)
+    g = table.values[rows][:, GRAVITY_IDX].astype(np.float64)
+    seg = np.concatenate([[0], np.cumsum(head)]).astype(np.int64)
+    mean_g = np.add.reduceat(g, seg[:-1], axis=0) / head[:, None]
+    mean_g /= np.maximum(np.linalg.norm(mean_g, axis=1, keepdims=True), 1e-9)
+    train = split.train
+    k = min(bm.N_ORIENTATIONS, len(np.unique(np.round(mean_g[train], 3), axis=0)))
+    if k < 2:
+        return out, "none (fewer than 2 postures)"
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed % (2**31)).fit(mean_g[train])
+    out[train] = km.labels_.astype(np.int64)
+    return out, "derived (k-means of the rest-pose gravity direction, training fold only)"
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+def rotate_z(
+    x: torch.Tensor, angle: torch.Tensor, vectors: tuple[tuple[int, int, int], ...] = WORLD_VECTORS
+) -> torch.Tensor:
+    """Rotate each sample's world-frame vectors by ``angle`` (B,) radians about world z (x, y turn; z kept)."""
+    out = x.clone()
+    c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
+    for ix, iy, _iz in vectors:
+        vx, vy = x[:, :, ix], x[:, :, iy]
+        out[:, :, ix] = c * vx - s * vy
+        out[:, :, iy] = s * vx + c * vy
+    return out
+
+
+def time_stretch(
+    x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor | None, factor: torch.Tensor, crop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Resample each sequence: drop its first ``crop`` (B,) real steps, stretch the rest by ``factor`` (B,).
+
+    Input front padded (tail kept, as ``features.pad_batch``). The new length is round((n - crop) *
+    factor), at least 1 and at most the pad length (a longer result keeps its tail). Output start
+    aligned (real steps first, as the network compacts them) and trimmed to the longest result. ``x``
+    is linearly interpolated, ``grids`` take the nearest frame (one gather on the largest tensor).
+    factor 1 and crop 0 copy the sequence exactly.
+    """
+    b, p = mask.shape
+    n = mask.sum(dim=1)
+    last = (n - 1).clamp(min=0)
+    crop = torch.minimum(crop.long(), last)
+    src_n = (n - crop).clamp(min=1)
+    m = torch.round(src_n.float() * factor).long().clamp(min=1)
+    kept = m.clamp(max=p)
+    width = int(kept.max()) if b else 1
+    j = torch.arange(width, device=x.device)[None, :]
+    valid = j < kept[:, None]
+    jj = j + (m - kept)[:, None]  # index in the stretched sequence (its tail kept)
+    scale = (src_n - 1).float() / (m - 1).clamp(min=1).float()
+    t = crop[:, None].float() + jj.float() * scale[:, None]  # position among the real steps
+    lo = torch.minimum(t.floor().long(), last[:, None])
+    hi = torch.minimum(lo + 1, last[:, None])
+    w = (t - lo.float()).clamp(0, 1)
+    first = (p - n)[:, None]  # where the first real step sits in the padded input
+
+    def take(v: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+        flat = v.reshape(b, p, -1)
+        return torch.gather(flat, 1, (first + ix).clamp(max=p - 1)[:, :, None].expand(-1, -1, flat.shape[2]))
+
+    keep = valid[:, :, None].to(x.dtype)
+    x_new = (torch.lerp(take(x, lo), take(x, hi), w[:, :, None].to(x.dtype)) * keep).reshape(b, width, *x.shape[2:])
+    g_new = None
+    if grids is not None:
+        near = torch.minimum(torch.round(t).long(), last[:, None])
+        g_new = (take(grids, near) * keep.to(grids.dtype)).reshape(b, width, *grids.shape[2:])
+    return x_new, valid, g_new
+
+
+def mixup(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    grids: torch.Tensor | None,
+    has_tof: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    lam: torch.Tensor,
+    perm: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
+    """Mix each sample with ``perm``'s: tails aligned (front padded), ``lam`` (B,) on the sample's side.
+
+    Where both sequences have a step the inputs are mixed; where only one has, its values are kept; the
+    mask is their union. Thermopiles/ToF count as present only if both had them. Every target (soft
+    probabilities; a row of zeros = unknown) is mixed with the same weights.
+    """
+    m1, m2 = mask, mask[perm]
+    both = m1 & m2
+
+    def mix(a: torch.Tensor) -> torch.Tensor:
+        flat_a = a.reshape(*a.shape[:2], -1)
+        flat_c = flat_a[perm]
+        lw = lam[:, None, None].to(flat_a.dtype)
+        out = torch.where(both[:, :, None], torch.lerp(flat_c, flat_a, lw), torch.where(m1[:, :, None], flat_a, flat_c))
+        return out.reshape(a.shape)
+
+    def mix_target(v: torch.Tensor) -> torch.Tensor:
+        lw = lam.view(-1, *([1] * (v.dim() - 1))).to(v.dtype)
+        return lw * v + (1 - lw) * v[perm]
+
+    t_new = {k: mix_target(v) for k, v in targets.items()}
+    return mix(x), m1 | m2, (mix(grids) if grids is not None else None), has_tof & has_tof[perm], t_new
+
+
+def sensor_dropout(
+    x: torch.Tensor, grids: torch.Tensor | None, has_tof: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The IMU-only view for the samples where ``drop`` (B,): thm/tof channels and grids zeroed, flag off."""
+    x = x.clone()
+    cols = torch.tensor(TOFTHM_IDX, device=x.device)
+    x[:, :, cols] = torch.where(drop[:, None, None], torch.zeros((), device=x.device), x[:, :, cols])
+    if grids is not None and bool(drop.any()):
+        grids = grids.clone()
+        grids[drop] = 0.0
+    return x, grids, has_tof & ~drop
+
+
+def one_hot_targets(y: torch.Tensor, orientation: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Soft targets of every head: gesture (18), nine (8 targets + non-target), binary, orientation (0 if unknown)."""
+    gesture = nn.functional.one_hot(y, metric.N_CLASSES).float()
+    nine = torch.cat([gesture[:, : bm.N_TARGETS], gesture[:, bm.N_TARGETS :].sum(dim=1, keepdim=True)], dim=1)
+    known = orientation >= 0
+    orient = nn.functional.one_hot(orientation.clamp(min=0), bm.N_ORIENTATIONS).float() * known[:, None].float()
+    return {"gesture": gesture, "nine": nine, "binary": nine[:, : bm.N_TARGETS].sum(dim=1), "orientation": orient}
+
+
+def augment_batch(
+    batch: FoldArrays, s: Settings, gen: torch.Generator, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
+    """One training batch: z-rotation, mixup, time stretch/shift, sensor dropout (draws on CPU: reproducible).
+
+    Returns start-aligned inputs (the stretch's output; factor 1 where a sequence is not stretched).
+    """
+    b = batch.n
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen).to(device)
+
+    x, mask, has_tof = batch.x.to(device), batch.mask.to(device), batch.has_tof.to(device)
+    grids = grids_of(batch.grids, tuple(mask.shape), device) if s.tof_cnn else None
+    targets = one_hot_targets(batch.y.to(device), batch.orientation.to(device))
+    if s.rotate_deg > 0:
+        x = rotate_z(x, (draw(b) * 2 - 1) * math.radians(s.rotate_deg))
+    if s.mixup_prob > 0 and s.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < s.mixup_prob:
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen)))
+        lam = torch.from_numpy(rng.beta(s.mixup_alpha, s.mixup_alpha, b).astype(np.float32)).to(device)
+        perm = torch.randperm(b, generator=gen).to(device)
+        x, mask, grids, has_tof, targets = mixup(x, mask, grids, has_tof, targets, lam, perm)
+    n = mask.sum(dim=1).float()
+    stretched = draw(b) < s.stretch_prob
+    factor = torch.where(stretched, 1 - s.stretch + 2 * s.stretch * draw(b), torch.ones(b, device=device))
+    crop = torch.floor(draw(b) * s.shift * n)
+    x, mask, grids = time_stretch(x, mask, grids, factor, crop)
+    if s.sensor_dropout > 0:
+        x, grids, has_tof = sensor_dropout(x, grids, has_tof, draw(b) < s.sensor_dropout)
+    return x, mask, grids, has_tof, targets
+
+
+# ----------------------------------------------------------------------------- loss and training
+
+
+def soft_ce(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with soft targets (per row; a zero target row counts 0)."""
+    k = logits.shape[1]
+    mass = target.sum(dim=1, keepdim=True)
+    t = target * (1 - smoothing) + smoothing * mass / k
+    return -(t * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
+
+
+def loss_fn(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], s: Settings) -> torch.Tensor:
+    loss = soft_ce(out["gesture"], targets["gesture"], s.label_smoothing).mean()
+    if "nine" in out:
+        loss = loss + s.aux_nine * soft_ce(out["nine"], targets["nine"], s.label_smoothing).mean()
+    if "binary" in out:
+        bce = nn.functional.binary_cross_entropy_with_logits(out["binary"].float(), targets["binary"])
+        loss = loss + s.aux_binary * bce
+    if "orientation" in out:
+        known = targets["orientation"].sum()  # rows without a target count 0 (no device sync to test for them)
+        ce = soft_ce(out["orientation"], targets["orientation"])
+        loss = loss + s.aux_orientation * ce.sum() / known.clamp(min=1e-6)
+    return loss
+
+
+@torch.inference_mode()
+def predict_arrays(
+    model: nn.Module, arr: FoldArrays, device: torch.device, amp: bool, batch_size: int, tof_cnn: bool
+) -> np.ndarray:
+    """Softmax probabilities of the gesture head for padded arrays (model in eval mode)."""
+    out = []
+    for start in range(0, arr.n, batch_size):
+        sl = slice(start, start + batch_size)
+        mask = arr.mask[sl].to(device)
+        keep = max(int(mask.sum(dim=1).max()), 1)  # the network ignores padding: drop what no row uses
+        mask = mask[:, -keep:]
+        x = arr.x[sl, -keep:].to(device)
+        grids = None
+        if tof_cnn:
+            codes = arr.grids[sl, -keep:] if arr.grids is not None else None
+            grids = grids_of(codes, tuple(mask.shape), device)
+        with autocast_context(device, amp):
+            logits = model(x, mask, grids, arr.has_tof[sl].to(device))["gesture"]
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, metric.N_CLASSES), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+@dataclass
+class SeedResult:
+    state_dict: dict[str, torch.Tensor]
+    raw_state_dict: dict[str, torch.Tensor]
+    proba_full: np.ndarray
+    proba_imu: np.ndarray
+    epoch_log: list[dict[str, float]]
+
+
+def train_one(
+    seed: int,
+    train: FoldArrays,
+    val_full: FoldArrays,
+    val_imu: FoldArrays,
+    args: dict[str, Any],
+    s: Settings,
+    device: torch.device,
+    scaler: features.ScalerStats | None = None,
+    tag: str = "",
+) -> SeedResult:
+    """One model on a fixed schedule; returns its final (EMA) weights and its OOF rows for both views.
+
+    The validation arrays are predicted per ``log_every`` epochs for the log only and once at the end
+    for the OOF: no decision reads them.
+    """
+    seed_everything(seed)
+    model = bm.build(args)
+    if scaler is not None:
+        model.set_scaler(scaler.mean, scaler.std)
+    model = model.to(device)
+    amp = bool(s.amp) and device.type == "cuda"
+    n_train = train.n
+    steps_per_epoch = max(1, math.ceil(n_train / s.batch_size))
+    total = max(1, s.epochs * steps_per_epoch)
+    warm = min(total - 1, s.warmup_epochs * steps_per_epoch) if total > 1 else 0
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total - warm), eta_min=s.lr * 0.01)
+    if warm > 0:
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, end_factor=1.0, total_iters=warm)
+        scheduler: Any = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[warm])
+    else:
+        scheduler = cosine
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(s.ema_decay), use_buffers=True) if s.ema else None
+    grad_scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    order_gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1_000_003)
+    if device.type == "cuda":
+        train = train.to(device)
+    y_val = val_full.y.numpy()
+    lengths = train.mask.sum(dim=1).cpu()
+    epoch_log: list[dict[str, float]] = []
+    for epoch in range(1, s.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        total_loss, seen = 0.0, 0
+        for idx in length_batches(lengths, s.batch_size, order_gen):
+            idx = idx.to(train.y.device)
+            batch = FoldArrays(
+                x=train.x[idx],
+                mask=train.mask[idx],
+                grids=train.grids[idx] if train.grids is not None else None,
+                has_tof=train.has_tof[idx],
+                y=train.y[idx],
+                orientation=train.orientation[idx],
+            )
+            x, mask, grids, has_tof, targets = augment_batch(batch, s, aug_gen, device)
+            with autocast_context(device, amp):
+                out = model(x, mask, grids, has_tof)
+            loss = loss_fn(out, targets, s)
+            optimizer.zero_grad(set_to_none=True)
+            grad_scaler.scale(loss).backward()
+            grad_scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            total_loss += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        entry = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "seconds": time.perf_counter() - started}
+        if s.log_every and (epoch % s.log_every == 0 or epoch == s.epochs) and epoch < s.epochs:
+            served = (ema.module if ema is not None else model).eval()
+            pf = predict_arrays(served, val_full, device, amp, 2 * s.batch_size, s.tof_cnn)
+            pi = predict_arrays(served, val_imu, device, amp, 2 * s.batch_size, s.tof_cnn)
+            entry["val_full"], entry["val_imu"] = metric.score_proba(y_val, pf), metric.score_proba(y_val, pi)
+            log.info(
+                "branchnet %s epoch %d/%d: loss %.4f, val (log only) full %.4f imu %.4f, lr %.2e, %.1f s",
+                tag,
+                epoch,
+                s.epochs,
+                entry["train_loss"],
+                entry["val_full"],
+                entry["val_imu"],
+                optimizer.param_groups[0]["lr"],
+                entry["seconds"],
+            )
+        else:
+            log.info(
+                "branchnet %s epoch %d/%d: loss %.4f, %.1f s",
+                tag,
+                epoch,
+                s.epochs,
+                entry["train_loss"],
+                entry["seconds"],
+            )
+        epoch_log.append(entry)
+    served = (ema.module if ema is not None else model).eval()
+    proba_full = predict_arrays(served, val_full, device, amp, 2 * s.batch_size, s.tof_cnn)
+    proba_imu = predict_arrays(served, val_imu, device, amp, 2 * s.batch_size, s.tof_cnn)
+    epoch_log[-1]["val_full"] = metric.score_proba(y_val, proba_full)
+    epoch_log[-1]["val_imu"] = metric.score_proba(y_val, proba_imu)
+    return SeedResult(
+        state_dict=_cpu_state(served),
+        raw_state_dict=_cpu_state(model),
+        proba_full=proba_full,
+        proba_imu=proba_imu,
+        epoch_log=epoch_log,
+    )
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def seed_of(cfg: Config, fold: int, k: int) -> int:
+    """The seed of model ``k`` of ``fold`` (CMI_SEED varies it; folds and seeds never share one)."""
+    return int(cfg.run.seed) + 1000 * int(fold) + 7919 * int(k)
+
+
+@dataclass
+class FoldOutcome:
+    state_dicts: list[dict[str, torch.Tensor]]
+    proba_full: np.ndarray
+    proba_imu: np.ndarray
+    pad_len: int
+    scaler: features.ScalerStats | None
+    epoch_logs: list[list[dict[str, float]]]
+    orientation_source: str
+
+
+def train_fold(data: TrainingData, split: FoldSplit, cfg: Config, s: Settings, device: torch.device) -> FoldOutcome:
+    """Every seed of one fold; OOF = the mean of the seeds' probabilities (the served average)."""
+    args = model_args(s)
+    scaler = fit_fold_scaler(data, split) if s.norm == "scaler" else None  # training folds only
+    pad_len = features.resolve_pad_len(data.table.lengths[split.train], cfg.features)
+    orient, source = orientation_targets(data, split, cfg.run.seed + split.fold)
+    train = build_arrays(data.table, split.train, data.y, pad_len, orient, s.tof_cnn)
+    val_full = build_arrays(data.table, split.valid, data.y, pad_len, None, s.tof_cnn)
+    val_imu = build_arrays(data.imu_table, split.valid, data.y, pad_len, None, s.tof_cnn)
+    states, pf, pi, logs = [], [], [], []
+    for k in range(s.seeds):
+        r = train_one(
+            seed_of(cfg, split.fold, k),
+            train,
+            val_full,
+            val_imu,
+            args,
+            s,
+            device,
+            scaler,
+            f"fold {split.fold} seed {k}",
+        )
+        states.append(r.state_dict)
+        pf.append(r.proba_full)
+        pi.append(r.proba_imu)
+        logs.append(r.epoch_log)
+    return FoldOutcome(states, np.mean(pf, axis=0), np.mean(pi, axis=0), int(pad_len), scaler, logs, source)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, args: dict[str, Any], state_dicts: list[dict[str, torch.Tensor]]) -> None:
+    """One fold's checkpoint: constructor arguments and the weights of its seeds, stacked on a first axis.
+
+    ``{"model_args", "state_dict", "n_seeds", "format"}``: tensors and plain values only, so it loads
+    with ``torch.load(weights_only=True)``.
+    """
+    stacked = {k: torch.stack([sd[k] for sd in state_dicts]) for k in state_dicts[0]}
+    obj = {"format": CHECKPOINT_FORMAT, "model_args": dict(args), "n_seeds": len(state_dicts), "state_dict": stacked}
+    with io_utils.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> list[nn.Module]:
+    """Every seed's network of one fold checkpoint, in eval mode (``weights_only``: a bundle is data)."""
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a truncated or foreign file raises many kinds of error)
+        raise bundle.BundleError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict) or not {"model_args", "state_dict", "n_seeds"} <= set(obj):
+        raise bundle.BundleError(
+            f"{path}: not a branchnet checkpoint (keys {sorted(obj) if isinstance(obj, dict) else type(obj)})"
+        )
+    args = dict(obj["model_args"])
+    n_ch = len(features.FRAME_FEATURES)
+    if max(args["imu_idx"] + args["thm_idx"] + args["tof_idx"]) >= n_ch:
+        raise bundle.BundleError(f"{path}: model reads channels the features ({n_ch}) do not have")
+    models = []
+    for k in range(int(obj["n_seeds"])):
+        model = bm.build(args)
+        try:
+            model.load_state_dict({name: t[k] for name, t in obj["state_dict"].items()})
+        except (RuntimeError, IndexError) as e:
+            raise bundle.BundleError(f"{path}: weights do not fit the model {args}: {e}") from None
+        models.append(model.to(device).eval())
+    return models
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class _Context:
+    device: torch.device
+    settings: Settings
+    model_args: dict[str, Any]
+
+
+class BranchNetPipeline(MemberPipeline):
+    """BranchNet per fold and seed; one checkpoint per fold (its seeds stacked) in the bundle."""
+
+    name = MEMBER
+    packages = ("torch",)
+
+    def is_available(self) -> tuple[bool, str]:
+        return is_available()
+
+    def prepare(self, data: TrainingData, cfg: Config) -> _Context:
+        s = resolve_settings(cfg)
+        device = select_device(cfg)
+        args = model_args(s)
+        n_params = bm.count_parameters(bm.build(args))
+        log.info(
+            "branchnet member: %d sequences, device %s, preset %s: %d epochs x %d seed(s), width %d, "
+            "%d parameters, norm %s, ToF CNN %s, AMP %s",
+            data.n_sequences,
+            device,
+            s.preset,
+            s.epochs,
+            s.seeds,
+            s.width,
+            n_params,
+            s.norm,
+            "on" if s.tof_cnn else "off",
+            "on" if (s.amp and device.type == "cuda") else "off",
+        )
+        return _Context(device, s, args)
+
+    def fingerprint_settings(self, ctx: _Context, cfg: Config) -> dict[str, Any]:
+        return {"effective": ctx.settings.to_dict(), "checkpoint_format": CHECKPOINT_FORMAT}
+
+    def fold_files(self, fold: int) -> list[str]:
+        return [f"fold{fold}.pt"]
+
+    def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
+        r = train_fold(data, split, cfg, ctx.settings, ctx.device)
+        save_checkpoint(work / f"fold{split.fold}.pt", ctx.model_args, r.state_dicts)
+        y_val = data.y[split.valid]
+        record = {
+            "score_full": metric.score_proba(y_val, r.proba_full),
+            "score_imu": metric.score_proba(y_val, r.proba_imu),
+            "pad_len": r.pad_len,
+            "scaler": r.scaler.to_dict() if r.scaler is not None else None,
+            "epochs": ctx.settings.epochs,
+            "seeds": ctx.settings.seeds,
+            "orientation_source": r.orientation_source,
+            "epoch_log": r.epoch_logs,  # for the log only: the kept weights are the final ones
+        }
+        record["score_mean"] = 0.5 * (record["score_full"] + record["score_imu"])
+        log.info(
+            "branchnet fold %d (final weights, %d seed(s)): full %.4f imu %.4f",
+            split.fold,
+            ctx.settings.seeds,
+            record["score_full"],
+            record["score_imu"],
+        )
+        return FoldResult(r.proba_full, r.proba_imu, record)
+
+    def summary_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {
+            "epochs": ctx.settings.epochs,
+            "seeds": ctx.settings.seeds,
+            "preset": ctx.settings.preset,
+            "selection": "none: fixed schedule, final (EMA) weights",
+            "folds": {str(k): _scores(r) for k, r in records.items()},
+        }
+
+    def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        folds = sorted(records)
+        return {
+            "model_args": ctx.model_args,
+            "settings": ctx.settings.to_dict(),
+            "fold_files": {str(k): f"fold{k}.pt" for k in folds},
+            "pad_len": {str(k): int(records[k]["pad_len"]) for k in folds},
+            "pad_side": PAD_SIDE,
+            "scalers": {str(k): records[k]["scaler"] for k in folds},  # the statistics used in training (or None)
+            "seeds": ctx.settings.seeds,
+            "torch_version": torch.__version__,
+            "fold_scores": {str(k): _scores(records[k]) for k in folds},
+        }
+
+    def write_extra_files(self, bundle_tmp: Path, ctx: _Context, records: dict[int, dict], work: Path) -> None:
+        io_utils.write_json(bundle_tmp / "effective_settings.json", ctx.settings.to_dict())
+
+    def load(self, bundle_dir: Path, cfg: Config) -> BranchNetMember:
+        return load_member(bundle_dir, cfg)
+
+
+def _scores(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record[k] for k in ("score_full", "score_imu", "score_mean")}
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+class BranchNetMember:
+    """Every fold's seeds, built once and kept in memory in eval mode; softmax averaged over all of them.
+
+    IMU-only sequences (the table's ``has_tof_thm`` False) run with the thermopile/ToF branches gated
+    off: the view sensor dropout trained and the IMU-only OOF scored.
+    """
+
+    def __init__(
+        self,
+        models: list[list[nn.Module]],
+        pad_lens: list[int],
+        feature_names: tuple[str, ...],
+        device: torch.device,
+        amp: bool,
+        tof_cnn: bool,
+        metadata: dict[str, Any],
+    ) -> None:
+        self.models = models  # per fold, per seed
+        self.pad_lens = pad_lens
+        self.feature_names_ = tuple(feature_names)
+        self.classes_ = metric.GESTURES
+        self.device = device
+        self.amp = amp
+        self.tof_cnn = tof_cnn
+        self.metadata = metadata
+
+    @property
+    def n_models(self) -> int:
+        return sum(len(m) for m in self.models)
+
+    def predict_proba(self, table: features.FrameTable) -> np.ndarray:
+        """(n_seq, 18) probabilities in ``metric.GESTURES`` order."""
+        if tuple(table.feature_names) != self.feature_names_:
+            diff = bundle.diff_list("feature_names", list(self.feature_names_), list(table.feature_names))
+            raise ValueError(f"branchnet member: frame features differ from the bundle's ({diff})")
+        n = table.n_sequences
+        proba = np.zeros((n, metric.N_CLASSES), dtype=np.float64)
+        if n == 0:
+            return proba.astype(np.float32)
+        order = np.argsort(table.lengths, kind="stable")  # similar lengths share a chunk: less padding
+        dummy_y = np.zeros(n, dtype=np.int64)
+        longest_pad = max(self.pad_lens)
+        with torch.inference_mode():
+            for start in range(0, n, _PREDICT_CHUNK):
+                idx = order[start : start + _PREDICT_CHUNK]
+                acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
+                # Built once for the longest pad length: a shorter one is its tail (pad_batch keeps the tail).
+                arr = build_arrays(table, idx, dummy_y, longest_pad, None, self.tof_cnn)
+                real = max(int(arr.mask.sum(dim=1).max()), 1)
+                has_tof = arr.has_tof.to(self.device)
+                views: dict[int, tuple] = {}
+                for fold_models, pad_len in zip(self.models, self.pad_lens):
+                    keep = min(real, pad_len)  # the network ignores padding: drop what no row uses
+                    if keep not in views:
+                        mask = arr.mask[:, -keep:].to(self.device)
+                        grids = None
+                        if self.tof_cnn:
+                            codes = arr.grids[:, -keep:] if arr.grids is not None else None
+                            grids = grids_of(codes, tuple(mask.shape), self.device)
+                        views[keep] = (arr.x[:, -keep:].to(self.device), mask, grids)
+                    x, mask, grids = views[keep]
+                    for model in fold_models:
+                        with autocast_context(self.device, self.amp):
+                            logits = model(x, mask, grids, has_tof)["gesture"]
+                        acc += torch.softmax(logits.float(), dim=1).cpu().numpy()
+                proba[idx] = acc / self.n_models
+        return proba.astype(np.float32)
+
+
+def load_member(bundle_dir: Path, cfg: Config) -> BranchNetMember:
+    """Read and check the bundle, build every fold's seeds once (eval mode, on the device)."""
+    bundle_dir = Path(bundle_dir)
+    meta = BranchNetPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
+    if meta.get("torch_version") != torch.__version__:
+        log.warning(
+            "branchnet bundle %s was written by torch %s, running torch %s",
+            bundle_dir,
+            meta.get("torch_version"),
+            torch.__version__,
+        )
+    device = select_device(cfg)
+    models, pad_lens = [], []
+    for fold in meta["folds"]:
+        models.append(load_checkpoint(bundle_dir / meta["fold_files"][str(fold)], device))
+        pad_lens.append(int(meta["pad_len"][str(fold)]))
+    settings = meta.get("settings", {})
+    amp = bool(settings.get("amp", True)) and device.type == "cuda"
+    tof_cnn = bool(meta["model_args"].get("tof_cnn", True))
+    return BranchNetMember(models, pad_lens, tuple(meta["feature_names"]), device, amp, tof_cnn, meta)
+
+
+__all__ = [
+    "MEMBER",
+    "PAD_SIDE",
+    "PRESETS",
+    "BranchNetMember",
+    "BranchNetPipeline",
+    "Settings",
+    "augment_batch",
+    "build_arrays",
+    "load_checkpoint",
+    "load_member",
+    "mixup",
+    "model_args",
+    "resolve_settings",
+    "rotate_z",
+    "save_checkpoint",
+    "sensor_dropout",
+    "time_stretch",
+    "train_fold",
+    "train_one",
+]
