@@ -22,7 +22,7 @@ $(VENV)/.installed-ray: requirements-ray.txt | $(VENV)/.installed
 
 venv-ray: $(VENV)/.installed-ray
 
-# End to end on generated data: data -> features -> folds -> 3 members -> blend -> gateway -> score -> report.
+# End to end on generated data: data -> features -> folds -> 4 members -> blend -> gateway -> score -> report.
 # The epoch counts below keep it to minutes on a 2-core CPU; drop them for full training.
 run: venv
 	TORCH_EPOCHS=$${TORCH_EPOCHS:-10} KERAS_MAX_EPOCHS=$${KERAS_MAX_EPOCHS:-10} \

@@ -15,11 +15,9 @@ the fold's scaler stored as buffers). Imports only the layers below it (never an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +33,15 @@ import bundle
 import features
 import io_utils
 import metric
-import threads
 from config import Config, ConfigError
 from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
+from torch_common import (
+    autocast_context,
+    is_available,
+    seed_everything,
+    select_device,
+    warn_if_other_torch,
+)
 
 MEMBER = "branchnet"
 PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
@@ -83,11 +87,6 @@ TOFTHM_IDX = THM_IDX + TOF_IDX
 _LINEAR = [int(i) for i in features.feature_index(["linear_acc_x", "linear_acc_y", "linear_acc_z"])]
 WORLD_VECTORS: tuple[tuple[int, int, int], ...] = ((_LINEAR[0], _LINEAR[1], _LINEAR[2]),)
 GRAVITY_IDX = [int(i) for i in features.feature_index(["gravity_x", "gravity_y", "gravity_z"])]
-
-
-def is_available() -> tuple[bool, str]:
-    """torch is imported at module top, so reaching this means it is installed."""
-    return True, f"torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -170,27 +169,6 @@ def model_args(s: Settings) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- device helpers
-
-
-def select_device(cfg: Config) -> torch.device:
-    """CUDA when available, else CPU with ``cfg.run.n_threads`` intra-op threads."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    torch.set_num_threads(threads.n_threads(cfg))
-    return torch.device("cpu")
-
-
-def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """float16 autocast on CUDA when enabled; a no-op on CPU (AMP is never used there)."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- fold arrays
@@ -888,13 +866,7 @@ def load_member(bundle_dir: Path, cfg: Config) -> BranchNetMember:
     """Read and check the bundle, build every fold's seeds once (eval mode, on the device)."""
     bundle_dir = Path(bundle_dir)
     meta = BranchNetPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
-    if meta.get("torch_version") != torch.__version__:
-        log.warning(
-            "branchnet bundle %s was written by torch %s, running torch %s",
-            bundle_dir,
-            meta.get("torch_version"),
-            torch.__version__,
-        )
+    warn_if_other_torch(MEMBER, bundle_dir, meta)
     device = select_device(cfg)
     models, pad_lens = [], []
     for fold in meta["folds"]:

@@ -11,10 +11,8 @@ pipeline); nothing heavy runs at import.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import random
 import sys
 import time
 from collections import OrderedDict
@@ -33,20 +31,22 @@ import distributed
 import features
 import io_utils
 import metric
-import threads
 from config import Config
 from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
+from torch_common import (
+    autocast_context,
+    is_available,
+    seed_everything,
+    select_device,
+    strip_module_prefix,
+    warn_if_other_torch,
+)
 
 MEMBER = "torch"
 PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
 _PREDICT_CHUNK = 256  # sequences per forward pass at prediction time
 
 log = logging.getLogger(__name__)
-
-
-def is_available() -> tuple[bool, str]:
-    """torch is imported at module top, so reaching this means it is installed."""
-    return True, f"torch {torch.__version__}"
 
 
 # ----------------------------------------------------------------------------- model
@@ -161,42 +161,15 @@ def model_args_from_config(n_channels: int, cfg: Config) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- device helpers
 
 
-def select_device(cfg: Config) -> torch.device:
-    """CUDA when available, else CPU with ``cfg.run.n_threads`` intra-op threads."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    torch.set_num_threads(threads.n_threads(cfg))
-    return torch.device("cpu")
-
-
 def amp_enabled(device: torch.device, cfg: Config) -> bool:
     """AMP only ever on CUDA (CPU autocast to bfloat16 is slower here and changes numerics)."""
     return bool(cfg.torch.amp) and device.type == "cuda"
-
-
-def autocast_context(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """float16 autocast on CUDA when enabled; a no-op context otherwise."""
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
-    """Drop the ``module.`` prefix that nn.DataParallel adds, so bundles load into a bare model."""
-    prefix = "module."
-    return OrderedDict((k[len(prefix) :] if k.startswith(prefix) else k, v) for k, v in state_dict.items())
 
 
 def unwrap_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """A CPU copy of the weights of ``model`` (DataParallel, DistributedDataParallel or bare), without ``module.``."""
     inner = distributed.unwrap(model)
     return strip_module_prefix({k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()})
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- training data
@@ -592,13 +565,7 @@ def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
     """Read and check the bundle, build every fold's model once (eval mode, on the device)."""
     bundle_dir = Path(bundle_dir)
     meta = TorchPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
-    if meta.get("torch_version") != torch.__version__:
-        log.warning(
-            "torch bundle %s was written by torch %s, running torch %s",
-            bundle_dir,
-            meta.get("torch_version"),
-            torch.__version__,
-        )
+    warn_if_other_torch(MEMBER, bundle_dir, meta)
     device = select_device(cfg)
     models, scalers, pad_lens = [], [], []
     for fold in meta["folds"]:
