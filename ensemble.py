@@ -184,14 +184,18 @@ def calibration_for_view(
     fold_ids: np.ndarray,
     min_gain: float,
     fit: Callable[..., tuple[np.ndarray, float]] = equal_weights,
+    cross: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Judge a class bias on top of the blend ``fit`` makes of ``probas``, nested: nothing sees the scored fold.
 
     For each held-out fold k the bias is fitted on the other folds' *cross-fitted* blend, whose weights
     were themselves fitted without fold k, and applied to fold k's cross-fitted blend. Returns the
     record for weights.json and the honest OOF probabilities of the shipped choice (with the bias if used).
+    ``cross`` / ``weights``: the cross-fitted blend and the all-rows weights, when the caller has them already.
     """
-    cross = cross_fitted_blend(y, probas, fold_ids, fit)
+    if cross is None:
+        cross = cross_fitted_blend(y, probas, fold_ids, fit)
     held_out = np.zeros_like(cross)
     for k in np.unique(fold_ids):
         train, held = fold_ids != k, fold_ids == k
@@ -200,7 +204,7 @@ def calibration_for_view(
         held_out[held] = apply_class_bias(cross[held], bias_k)
     without = score_proba(y, cross)
     with_bias = score_proba(y, held_out)
-    w_all, _ = fit(y, probas)
+    w_all = fit(y, probas)[0] if weights is None else weights
     bias, fitted = fit_class_bias(y, blend(probas, w_all))
     used = with_bias > without + min_gain
     record = {
@@ -250,11 +254,14 @@ def fit_ensemble(
         t0 = time.perf_counter()
         w_rand, s_rand = fit_weights_random(y, probas, draws=cfg.ensemble.random_search_draws, seed=seed)
         t_rand = time.perf_counter() - t0
-        cross = score_proba(y, cross_fitted_blend(y, probas, folds, fit))
+        cross_blended = cross_fitted_blend(y, probas, folds, fit)
+        cross = score_proba(y, cross_blended)
         best = max(singles, key=lambda m: singles[m])
         if len(members) > 1 and cross > singles[best]:
             shipped, weights = "blend", {m: float(x) for m, x in zip(members, w)}
-            calibration, honest[view] = calibration_for_view(y, probas, folds, cfg.ensemble.calibration_min_gain, fit)
+            calibration, honest[view] = calibration_for_view(
+                y, probas, folds, cfg.ensemble.calibration_min_gain, fit, cross=cross_blended, weights=w
+            )
         else:  # the fitted weights lose to one member on folds they never saw: serve that member
             shipped, weights = best, {m: float(m == best) for m in members}
             calibration, honest[view] = calibration_for_view(
