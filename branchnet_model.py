@@ -12,9 +12,10 @@ Separate first layers per sensor group (the 1st-place "key part"), at the sampli
 
 merged: masked max-pool by 2 -> Conv1d + residual block -> masked max-pool by 2 -> packed BiGRU ->
 masked attention + mean pooling -> a shared layer and the heads (18 gestures; optional auxiliary heads:
-9-class target/non-target, binary, orientation). A per-sequence flag ``has_tof`` gates the thermopile
-and ToF branches: with the flag 0 their contribution is exactly zero, so the IMU-only view (sensor
-dropout in training, IMU-only sequences at serving) is the same network with those branches off.
+9-class target/non-target, binary, orientation; and a per-step phase head on the GRU's outputs). A
+per-sequence flag ``has_tof`` gates the thermopile and ToF branches: with the flag 0 their contribution is
+exactly zero, so the IMU-only view (sensor dropout in training, IMU-only sequences at serving) is the
+same network with those branches off.
 
 Input normalisation is part of the network: ``norm="batchnorm"`` puts a masked BatchNorm first in every
 branch (raw frame features in, no fitted scaler; 1st place's "largest improvement early on");
@@ -42,6 +43,7 @@ TOF_GRID = 8
 N_TARGETS = len(metric.TARGET_GESTURES)  # gestures 0..7 are the targets (metric.GESTURES order)
 N_NINE = N_TARGETS + 1  # 8 targets + "non-target"
 N_ORIENTATIONS = 4
+HEADS = ("nine", "binary", "orientation", "phase")  # the auxiliary heads a model may have
 NORMS = ("batchnorm", "scaler")
 
 
@@ -246,7 +248,8 @@ class BranchNet(nn.Module):
     ``imu_idx`` / ``thm_idx`` / ``tof_idx`` say which of them feed which branch. ``grids`` are the ToF
     grids, ``decode_tof(encode_tof(raw readings))`` (None: nothing reported).
     Outputs: ``gesture`` (B, n_classes) and, when their heads exist, ``nine`` (B, 9), ``binary`` (B,),
-    ``orientation`` (B, 4).
+    ``orientation`` (B, 4) and ``phase`` (B, ceil(L/4)): per quarter-rate step, the logit of "Gesture"
+    (vs "Transition"), start aligned (step i covers real input steps 4i..4i+3; 0 past the sequence's end).
 
     Time resolution: the first layer of each branch runs at the sampling rate (10 Hz), the ToF CNN (on
     every second frame) and the fusion at half of it, the GRU at a quarter (as the torch member's).
@@ -265,13 +268,13 @@ class BranchNet(nn.Module):
         branches: bool = True,
         norm: str = "batchnorm",
         dropout: float = 0.2,
-        heads: tuple[str, ...] = ("nine", "binary", "orientation"),
+        heads: tuple[str, ...] = ("nine", "binary", "orientation", "phase"),
     ) -> None:
         super().__init__()
         self.imu_idx, self.thm_idx, self.tof_idx = list(imu_idx), list(thm_idx), list(tof_idx)
         self.tof_cnn, self.branches = bool(tof_cnn), bool(branches)
         self.heads = tuple(heads)
-        unknown = set(self.heads) - {"nine", "binary", "orientation"}
+        unknown = set(self.heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown heads {sorted(unknown)}")
         w_imu, w_thm, w_tof = width, max(width // 4, 4), max(width // 2, 4)
@@ -308,6 +311,7 @@ class BranchNet(nn.Module):
         self.out_nine = nn.Linear(2 * width, N_NINE) if "nine" in self.heads else None
         self.out_binary = nn.Linear(2 * width, 1) if "binary" in self.heads else None
         self.out_orientation = nn.Linear(2 * width, N_ORIENTATIONS) if "orientation" in self.heads else None
+        self.out_phase = nn.Linear(2 * rnn_hidden, 1) if "phase" in self.heads else None
 
     def set_scaler(self, mean: Any, std: Any) -> None:
         """Store the training fold's scaler (per frame-table channel) in the input layers (norm="scaler")."""
@@ -389,6 +393,8 @@ class BranchNet(nn.Module):
             out["binary"] = self.out_binary(z).squeeze(-1)
         if self.out_orientation is not None:
             out["orientation"] = self.out_orientation(z)
+        if self.out_phase is not None:
+            out["phase"] = self.out_phase(hr).squeeze(-1).masked_fill(~pmask, 0.0)
         return out
 
     def _grid_features(self, grids: torch.Tensor, sensor_mask: torch.Tensor) -> torch.Tensor:
@@ -430,6 +436,7 @@ __all__ = [
     "count_parameters",
     "N_NINE",
     "N_ORIENTATIONS",
+    "HEADS",
     "N_TARGETS",
     "NORMS",
 ]

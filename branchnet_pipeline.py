@@ -122,6 +122,7 @@ class Settings:
     aux_nine: float
     aux_binary: float
     aux_orientation: float
+    aux_phase: float
     ema: bool
     amp: bool
     log_every: int
@@ -149,9 +150,8 @@ def resolve_settings(cfg: Config) -> Settings:
 
 def model_args(s: Settings) -> dict[str, Any]:
     """Constructor arguments of ``branchnet_model.BranchNet``, stored in every checkpoint."""
-    heads = tuple(
-        h for h, w in (("nine", s.aux_nine), ("binary", s.aux_binary), ("orientation", s.aux_orientation)) if w
-    )
+    weights = {"nine": s.aux_nine, "binary": s.aux_binary, "orientation": s.aux_orientation, "phase": s.aux_phase}
+    heads = tuple(h for h in bm.HEADS if weights[h])
     return {
         "imu_idx": IMU_IDX,
         "thm_idx": THM_IDX,
@@ -184,6 +184,8 @@ class FoldArrays:
     has_tof: torch.Tensor  # (n,) bool: thm/tof present (the table's has_tof_thm)
     y: torch.Tensor  # (n,) int64
     orientation: torch.Tensor  # (n,) int64, -1 = unknown
+    phase: torch.Tensor | None = None  # (n, P) float32: 1 Gesture, 0 Transition or padding; None: no phase labels
+    phase_known: torch.Tensor | None = None  # (n,) float32: 1 where every real step has a phase label
 
     @property
     def n(self) -> int:
@@ -202,8 +204,13 @@ def build_arrays(
     orientation: np.ndarray | None = None,
     with_grids: bool = True,
     chunk: int = 512,
+    phase: np.ndarray | None = None,
 ) -> FoldArrays:
-    """``idx``'s sequences of ``table`` padded to ``pad_len`` (raw values: normalisation is in the network)."""
+    """``idx``'s sequences of ``table`` padded to ``pad_len`` (raw values: normalisation is in the network).
+
+    ``orientation`` (per sequence) and ``phase`` (per table row, ``TrainingData.phase``) are auxiliary
+    targets: pass them for training rows only.
+    """
     idx = np.asarray(idx, dtype=np.int64)
     x, mask = features.pad_batch(table, idx, pad_len, None)
     grids = None
@@ -214,6 +221,10 @@ def build_arrays(
             codes[start : start + len(part)] = bm.encode_tof(features.pad_tof_pixels(table, part, pad_len))
         grids = torch.from_numpy(codes)
     orient = np.full(len(idx), -1, dtype=np.int64) if orientation is None else np.asarray(orientation)[idx]
+    phase_pad = phase_known = None
+    if phase is not None:
+        phase_pad, known = pad_row_labels(table, idx, pad_len, phase)
+        phase_pad, phase_known = torch.from_numpy(phase_pad), torch.from_numpy(known)
     return FoldArrays(
         x=torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
         mask=torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)),
@@ -221,7 +232,27 @@ def build_arrays(
         has_tof=torch.from_numpy(np.asarray(table.has_tof_thm[idx], dtype=bool)),
         y=torch.from_numpy(np.asarray(y[idx], dtype=np.int64)),
         orientation=torch.from_numpy(orient.astype(np.int64)),
+        phase=phase_pad,
+        phase_known=phase_known,
     )
+
+
+def pad_row_labels(
+    table: features.FrameTable, idx: np.ndarray, pad_len: int, labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row 0/1 labels (-1 unknown) of ``idx``'s sequences, aligned with ``features.pad_batch``.
+
+    Returns (n, pad_len) float32 (tail kept, front padded with 0; unknown steps 0) and (n,) float32, 1 for
+    a sequence whose kept steps all have a label.
+    """
+    out = np.zeros((len(idx), pad_len), dtype=np.float32)
+    known = np.zeros(len(idx), dtype=np.float32)
+    for i, k in enumerate(np.asarray(idx, dtype=np.int64)):
+        start, stop = int(table.offsets[k]), int(table.offsets[k + 1])
+        rows = labels[max(start, stop - pad_len) : stop]
+        out[i, pad_len - len(rows) :] = np.maximum(rows, 0)
+        known[i] = float(len(rows) > 0 and bool((rows >= 0).all()))
+    return out, known
 
 
 def grids_of(codes: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -250,14 +281,13 @@ def length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator)
 def orientation_targets(data: TrainingData, split: FoldSplit, seed: int) -> tuple[np.ndarray, str]:
     """Per-sequence orientation class for the auxiliary head, -1 where unknown; and where it came from.
 
-    ``TrainingData`` carries no orientation column today (``data.load_train`` keeps it in ``labels``,
-    ``member_base.training_data`` does not pass it on). When it does (an ``orientation`` array of
-    indices into ``schema.ORIENTATIONS``), that is used. Otherwise the posture is derived from what the
-    member has: k-means (4 clusters) of each sequence's mean gravity direction over its first third
-    (the rest pose, before the reach), fitted on the training fold's sequences only. Validation rows
-    get -1: the fold being scored never gives a target.
+    ``TrainingData.orientation`` (the labels' ``orientation`` column, indices into
+    ``schema.ORIENTATIONS``) is used where the data have it. Without it (data with no orientation
+    column), the posture is derived from what the member has: k-means (4 clusters) of each sequence's
+    mean gravity direction over its first third (the rest pose, before the reach), fitted on the
+    training fold's sequences only. Validation rows get -1: the fold being scored never gives a target.
     """
-    given = getattr(data, "orientation", None)
+    given = data.orientation
     out = np.full(data.n_sequences, -1, dtype=np.int64)
     if given is not None:
         given = np.asarray(given, dtype=np.int64)
@@ -386,13 +416,33 @@ def sensor_dropout(
     return x, grids, has_tof & ~drop
 
 
-def one_hot_targets(y: torch.Tensor, orientation: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Soft targets of every head: gesture (18), nine (8 targets + non-target), binary, orientation (0 if unknown)."""
+def one_hot_targets(
+    y: torch.Tensor, orientation: torch.Tensor, phase_known: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Soft per-sequence targets: gesture (18), nine (8 targets + non-target), binary, orientation (0 if
+    unknown) and the weight of the per-step phase target (0 without one)."""
     gesture = nn.functional.one_hot(y, metric.N_CLASSES).float()
     nine = torch.cat([gesture[:, : bm.N_TARGETS], gesture[:, bm.N_TARGETS :].sum(dim=1, keepdim=True)], dim=1)
     known = orientation >= 0
     orient = nn.functional.one_hot(orientation.clamp(min=0), bm.N_ORIENTATIONS).float() * known[:, None].float()
-    return {"gesture": gesture, "nine": nine, "binary": nine[:, : bm.N_TARGETS].sum(dim=1), "orientation": orient}
+    phase_w = torch.zeros(len(y), device=y.device) if phase_known is None else phase_known.float()
+    return {
+        "gesture": gesture,
+        "nine": nine,
+        "binary": nine[:, : bm.N_TARGETS].sum(dim=1),
+        "orientation": orient,
+        "phase_weight": phase_w,
+    }
+
+
+def phase_target(phase: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start-aligned per-step phase (B, L) -> the fraction of "Gesture" per quarter-rate step (B, ceil(L/4)),
+    and which of those steps are real: the network's time grid after its two poolings by 2."""
+    m = mask.float()[:, None, :]
+    total = nn.functional.avg_pool1d(phase.float()[:, None, :] * m, 4, 4, ceil_mode=True)
+    count = nn.functional.avg_pool1d(m, 4, 4, ceil_mode=True)
+    real = count[:, 0] > 0
+    return (total / count.clamp(min=1e-6))[:, 0].clamp(0, 1), real
 
 
 def augment_batch(
@@ -400,7 +450,9 @@ def augment_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
     """One training batch: z-rotation, mixup, time stretch/shift, sensor dropout (draws on CPU: reproducible).
 
-    Returns start-aligned inputs (the stretch's output; factor 1 where a sequence is not stretched).
+    Returns start-aligned inputs (the stretch's output; factor 1 where a sequence is not stretched). The
+    per-step phase target rides along as one more channel of ``x`` (so mixup mixes it, the stretch
+    resamples it) and comes back as ``targets["phase"]`` with ``targets["phase_mask"]`` (quarter rate).
     """
     b = batch.n
 
@@ -409,7 +461,11 @@ def augment_batch(
 
     x, mask, has_tof = batch.x.to(device), batch.mask.to(device), batch.has_tof.to(device)
     grids = grids_of(batch.grids, tuple(mask.shape), device) if s.tof_cnn else None
-    targets = one_hot_targets(batch.y.to(device), batch.orientation.to(device))
+    known = None if batch.phase_known is None else batch.phase_known.to(device)
+    targets = one_hot_targets(batch.y.to(device), batch.orientation.to(device), known)
+    with_phase = batch.phase is not None and s.aux_phase > 0
+    if with_phase:
+        x = torch.cat([x, batch.phase.to(device)[:, :, None]], dim=2)
     if s.rotate_deg > 0:
         x = rotate_z(x, (draw(b) * 2 - 1) * math.radians(s.rotate_deg))
     if s.mixup_prob > 0 and s.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < s.mixup_prob:
@@ -422,6 +478,9 @@ def augment_batch(
     factor = torch.where(stretched, 1 - s.stretch + 2 * s.stretch * draw(b), torch.ones(b, device=device))
     crop = torch.floor(draw(b) * s.shift * n)
     x, mask, grids = time_stretch(x, mask, grids, factor, crop)
+    if with_phase:
+        targets["phase"], targets["phase_mask"] = phase_target(x[:, :, -1], mask)
+        x = x[:, :, :-1]
     if s.sensor_dropout > 0:
         x, grids, has_tof = sensor_dropout(x, grids, has_tof, draw(b) < s.sensor_dropout)
     return x, mask, grids, has_tof, targets
@@ -449,6 +508,10 @@ def loss_fn(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], s: S
         known = targets["orientation"].sum()  # rows without a target count 0 (no device sync to test for them)
         ce = soft_ce(out["orientation"], targets["orientation"])
         loss = loss + s.aux_orientation * ce.sum() / known.clamp(min=1e-6)
+    if "phase" in out and "phase" in targets:
+        weight = targets["phase_mask"].float() * targets["phase_weight"][:, None]
+        bce = nn.functional.binary_cross_entropy_with_logits(out["phase"].float(), targets["phase"], reduction="none")
+        loss = loss + s.aux_phase * (bce * weight).sum() / weight.sum().clamp(min=1e-6)
     return loss
 
 
@@ -540,6 +603,8 @@ def train_one(
                 has_tof=train.has_tof[idx],
                 y=train.y[idx],
                 orientation=train.orientation[idx],
+                phase=train.phase[idx] if train.phase is not None else None,
+                phase_known=train.phase_known[idx] if train.phase_known is not None else None,
             )
             x, mask, grids, has_tof, targets = augment_batch(batch, s, aug_gen, device)
             with autocast_context(device, amp):
@@ -623,7 +688,8 @@ def train_fold(data: TrainingData, split: FoldSplit, cfg: Config, s: Settings, d
     scaler = fit_fold_scaler(data, split) if s.norm == "scaler" else None  # training folds only
     pad_len = features.resolve_pad_len(data.table.lengths[split.train], cfg.features)
     orient, source = orientation_targets(data, split, cfg.run.seed + split.fold)
-    train = build_arrays(data.table, split.train, data.y, pad_len, orient, s.tof_cnn)
+    phase = data.phase if s.aux_phase > 0 else None
+    train = build_arrays(data.table, split.train, data.y, pad_len, orient, s.tof_cnn, phase=phase)
     val_full = build_arrays(data.table, split.valid, data.y, pad_len, None, s.tof_cnn)
     val_imu = build_arrays(data.imu_table, split.valid, data.y, pad_len, None, s.tof_cnn)
     states, pf, pi, logs = [], [], [], []
@@ -744,6 +810,7 @@ class BranchNetPipeline(MemberPipeline):
             "epochs": ctx.settings.epochs,
             "seeds": ctx.settings.seeds,
             "orientation_source": r.orientation_source,
+            "phase_target": bool(ctx.settings.aux_phase > 0 and data.phase is not None),
             "epoch_log": r.epoch_logs,  # for the log only: the kept weights are the final ones
         }
         record["score_mean"] = 0.5 * (record["score_full"] + record["score_imu"])

@@ -203,6 +203,7 @@ class BranchNetConfig(MemberConfig):
     aux_nine: float = 0.3  # loss weight of the 9-class head (8 targets + non-target); 0 = no head
     aux_binary: float = 0.3  # loss weight of the target vs non-target head; 0 = no head
     aux_orientation: float = 0.2  # loss weight of the orientation (posture) head; 0 = no head
+    aux_phase: float = 0.2  # loss weight of the per-step phase head (Transition vs Gesture); 0 = no head
     ema: bool = True  # serve (and score) the EMA weights; 0: the final raw weights
     amp: bool = True  # only ever on CUDA
     log_every: int = 5  # score the validation fold every k epochs, for the log only (0 = never)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import polars as pl
 
 import bundle
 import cv
@@ -51,6 +52,7 @@ import io_utils
 from config import SWITCH_FIELDS, Config
 from features import FRAME_FEATURES, FrameTable, ScalerStats, build_frame_table, drop_tof_thm, fit_scaler
 from metric import GESTURES, N_CLASSES
+from schema import ORIENTATIONS, PHASES
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,10 @@ class TrainingData:
     y: np.ndarray  # (n,) int64 indices into metric.GESTURES
     fold_ids: np.ndarray  # (n,) int64
     folds_hash: str
+    # Labels beyond the gesture, for auxiliary targets (None: the data have none). A member must not read
+    # them for validation rows when scoring; they never reach serving.
+    orientation: np.ndarray | None = None  # (n,) int64 indices into schema.ORIENTATIONS, -1 = unknown
+    phase: np.ndarray | None = None  # (n_rows,) int8 per frame-table row: 1 Gesture, 0 Transition, -1 unknown
 
     def __post_init__(self) -> None:
         n = self.table.n_sequences
@@ -108,6 +114,21 @@ class TrainingData:
             raise ValueError(f"fold_ids hold {len(np.unique(fold_ids))} fold(s); cross-validation needs at least 2")
         object.__setattr__(self, "y", y.astype(np.int64))
         object.__setattr__(self, "fold_ids", fold_ids.astype(np.int64))
+        if self.orientation is not None:
+            orientation = np.asarray(self.orientation)
+            if orientation.shape != (n,) or not np.issubdtype(orientation.dtype, np.integer):
+                raise ValueError(f"orientation must be ({n},) integers, got {orientation.shape} {orientation.dtype}")
+            if n and (orientation.min() < -1 or orientation.max() >= len(ORIENTATIONS)):
+                raise ValueError(f"orientation holds indices outside -1..{len(ORIENTATIONS) - 1}")
+            object.__setattr__(self, "orientation", orientation.astype(np.int64))
+        if self.phase is not None:
+            phase = np.asarray(self.phase)
+            n_rows = int(self.table.offsets[-1])
+            if phase.shape != (n_rows,) or not np.issubdtype(phase.dtype, np.integer):
+                raise ValueError(f"phase must be ({n_rows},) integers (one per row), got {phase.shape} {phase.dtype}")
+            if n_rows and (phase.min() < -1 or phase.max() > 1):
+                raise ValueError("phase holds values outside -1 (unknown), 0 (Transition), 1 (Gesture)")
+            object.__setattr__(self, "phase", phase.astype(np.int8))
 
     @property
     def n_sequences(self) -> int:
@@ -329,8 +350,8 @@ class MemberPipeline(ABC):
         """What must not change between a killed run and its resume, or a bundle and a skip."""
         h = hashlib.sha256()
         h.update("\n".join(map(str, data.table.sequence_ids)).encode())
-        for arr in (data.y, data.fold_ids, data.table.lengths):
-            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        for arr in (data.y, data.fold_ids, data.table.lengths, data.orientation, data.phase):
+            h.update(b"-" if arr is None else np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         section = dataclasses.asdict(cfg.member(self.name))
         for key in SWITCH_FIELDS:  # switches, bundle location and blend weight do not change what is trained
             section.pop(key, None)
@@ -471,4 +492,47 @@ def training_data(
     folds = cv.load_or_make_folds(
         folds_path, table.sequence_ids, table.subjects, labels["gesture"].to_numpy(), cfg.run.n_folds, cfg.run.fold_seed
     )
-    return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))
+    return TrainingData(
+        table,
+        imu_table,
+        y,
+        cv.fold_array(folds, table.sequence_ids),
+        cv.folds_hash(folds),
+        orientation=orientation_indices(labels),
+        phase=phase_per_row(rows, table),
+    )
+
+
+def orientation_indices(labels: Any) -> np.ndarray | None:
+    """Per sequence, its ``orientation``'s index in ``schema.ORIENTATIONS`` (-1 unknown); None without the column."""
+    if "orientation" not in labels.columns:
+        return None
+    index = {o: i for i, o in enumerate(ORIENTATIONS)}
+    values = labels["orientation"].to_list()
+    out = np.array([index.get(o, -1) for o in values], dtype=np.int64)
+    unknown = int((out < 0).sum())
+    if unknown:
+        seen = sorted({str(o) for o, k in zip(values, out, strict=True) if k < 0})[:3]
+        log.warning("%d sequence(s) with an unknown orientation (no auxiliary target), e.g. %s", unknown, seen)
+    return out
+
+
+def phase_per_row(rows: Any, table: FrameTable) -> np.ndarray | None:
+    """Per frame-table row, 1 for ``phase`` "Gesture", 0 for "Transition", -1 unknown; None without the column.
+
+    The frame table holds the rows sorted by (sequence_id, sequence_counter), as ``features.clean_sensors``
+    sorts them; the phase column is sorted the same way.
+    """
+    if "phase" not in rows.columns or "sequence_counter" not in rows.columns:
+        return None
+    ordered = rows.select(
+        pl.col("sequence_id").cast(pl.String), pl.col("sequence_counter").cast(pl.Int64, strict=False), "phase"
+    ).sort(["sequence_id", "sequence_counter"], maintain_order=True)
+    if ordered.height != int(table.offsets[-1]):
+        raise RuntimeError(f"phase column has {ordered.height} rows, the frame table {int(table.offsets[-1])}")
+    code = {p: i for i, p in enumerate(PHASES)}  # Transition 0, Gesture 1
+    phase = ordered["phase"].replace_strict(code, default=-1, return_dtype=pl.Int8).to_numpy()
+    unknown = int((phase < 0).sum())
+    if unknown:
+        log.warning("%d row(s) with an unknown phase (no auxiliary target there)", unknown)
+    return phase

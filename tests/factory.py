@@ -121,9 +121,9 @@ def labelled_rows(
                 cols["sequence_id"] += [seq] * n
                 cols["sequence_counter"] += list(range(n))
                 cols["subject"] += [f"SUBJ_{s:06d}"] * n
-                cols["orientation"] += [ORIENTATIONS[0]] * n
+                cols["orientation"] += [ORIENTATIONS[k % len(ORIENTATIONS)]] * n
                 cols["behavior"] += [BEHAVIORS[-1]] * n
-                cols["phase"] += ["Gesture"] * n
+                cols["phase"] += ["Transition"] * (n // 3) + ["Gesture"] * (n - n // 3)
                 cols["gesture"] += [GESTURES[c]] * n
                 k += 1
     sensors = np.concatenate(blocks).astype(np.float32)
@@ -145,6 +145,7 @@ def training_data(
     """``member_base.TrainingData`` for ``raw``: both views, labels, subject-grouped stratified folds."""
     import cv
     import features
+    import member_base
     from config import Config
     from member_base import TrainingData
 
@@ -153,7 +154,19 @@ def training_data(
     imu_table = features.build_frame_table(features.drop_tof_thm(raw), demographics, feat_cfg)
     y = labels_of(raw, table.sequence_ids)
     folds = cv.make_folds(table.sequence_ids, table.subjects, y, n_folds, seed)
-    return TrainingData(table, imu_table, y, cv.fold_array(folds, table.sequence_ids), cv.folds_hash(folds))
+    orientation = None
+    if "orientation" in raw.columns:
+        labels = raw.group_by("sequence_id").agg(pl.col("orientation").first()).sort("sequence_id")
+        orientation = member_base.orientation_indices(labels)
+    return TrainingData(
+        table,
+        imu_table,
+        y,
+        cv.fold_array(folds, table.sequence_ids),
+        cv.folds_hash(folds),
+        orientation=orientation,
+        phase=member_base.phase_per_row(raw, table),
+    )
 
 
 def imu_separable_rows(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -263,6 +262,24 @@ def test_augment_batch_is_reproducible_and_consistent(data):
     torch.testing.assert_close(x, x2)
     assert x.shape[:2] == mask.shape == grids.shape[:2] and has.shape == (8,)
     torch.testing.assert_close(targets["gesture"].sum(1), torch.ones(8))
+    assert "phase" not in targets  # no phase labels passed
+
+
+def test_phase_rides_through_the_augmentations_and_trains_its_head(data):
+    cfg, s = tiny_settings(BRANCHNET_MIXUP_PROB="1", BRANCHNET_STRETCH_PROB="1")
+    arr = bp.build_arrays(data.table, np.arange(8), data.y, 40, phase=data.phase)
+    x, mask, grids, has, targets = bp.augment_batch(arr, s, torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert x.shape[2] == len(features.FRAME_FEATURES)  # the phase channel is split off again
+    t4 = math.ceil(mask.shape[1] / 4)
+    assert targets["phase"].shape == targets["phase_mask"].shape == (8, t4)
+    assert ((targets["phase"] >= 0) & (targets["phase"] <= 1)).all() and targets["phase_weight"].gt(0).all()
+    model = bm.build(bp.model_args(s))
+    out = model(x, mask, grids, has)
+    with_phase = bp.loss_fn(out, targets, s)
+    without = bp.loss_fn(out, targets, dataclasses.replace(s, aux_phase=0.0))
+    assert float(with_phase.detach()) > float(without.detach())
+    with_phase.backward()
+    assert model.out_phase.weight.grad.abs().sum() > 0
 
 
 def test_length_batches_cover_every_sequence_once():
@@ -292,21 +309,49 @@ def test_presets_expand_and_explicit_settings_win():
     assert bp.model_args(bp.resolve_settings(load_config({"BRANCHNET_AUX_BINARY": "0"})))["heads"] == [
         "nine",
         "orientation",
+        "phase",
     ]
 
 
 def test_orientation_targets_come_from_training_rows_only(data):
     split = data.split(0)
+    assert data.orientation is not None  # the factory's rows carry train.csv's orientation column
     orient, source = bp.orientation_targets(data, split, 0)
+    assert source == "labels" and (orient[split.valid] == -1).all()
+    np.testing.assert_array_equal(orient[split.train], data.orientation[split.train])
+    # data without the column: the posture is derived from the training fold's gravity, validation still -1
+    unlabelled = dataclasses.replace(data, orientation=None)
+    orient, source = bp.orientation_targets(unlabelled, split, 0)
     assert "derived" in source or "none" in source
     assert (orient[split.valid] == -1).all()
-    # what TrainingData would be if it carried the labels' orientation column
-    labelled = SimpleNamespace(
-        table=data.table, n_sequences=data.n_sequences, orientation=np.arange(data.n_sequences) % 4
-    )
-    orient, source = bp.orientation_targets(labelled, split, 0)
-    assert source == "labels" and (orient[split.valid] == -1).all()
-    np.testing.assert_array_equal(orient[split.train], split.train % 4)
+
+
+def test_phase_labels_line_up_with_the_padded_steps(data):
+    """The phase target of every kept step is its row's phase; padding is 0 and unknown rows clear the flag."""
+    idx = np.array([0, 3])
+    pad = 30
+    phase, known = bp.pad_row_labels(data.table, idx, pad, data.phase)
+    x, mask = features.pad_batch(data.table, idx, pad, None)
+    for i, k in enumerate(idx):
+        start, stop = data.table.offsets[k], data.table.offsets[k + 1]
+        rows = data.phase[max(start, stop - pad) : stop]
+        np.testing.assert_array_equal(phase[i][mask[i]], rows)
+        assert (phase[i][~mask[i]] == 0).all()
+    assert known.tolist() == [1.0, 1.0]
+    holes = data.phase.copy()
+    holes[data.table.offsets[3 + 1] - 1] = -1  # the last row of sequence 3 has no label
+    assert bp.pad_row_labels(data.table, idx, pad, holes)[1].tolist() == [1.0, 0.0]
+
+
+def test_phase_target_is_the_gesture_fraction_per_quarter_rate_step():
+    phase = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.float32)
+    mask = torch.tensor([[True] * 9 + [False] * 3])
+    target, real = bp.phase_target(phase, mask)
+    torch.testing.assert_close(target, torch.tensor([[0.5, 0.75, 1.0]]))
+    assert real.tolist() == [[True, True, True]]
+    model = bm.build(bp.model_args(tiny_settings()[1]))
+    out = model.eval()(torch.randn(1, 12, len(features.FRAME_FEATURES)), mask)
+    assert out["phase"].shape == target.shape  # the head's time grid is the target's
 
 
 # ----------------------------------------------------------------------------- training
@@ -353,7 +398,12 @@ def test_validation_labels_do_not_influence_the_oof(data):
     rng = np.random.default_rng(0)
     y[split.valid] = rng.permutation(metric.N_CLASSES)[y[split.valid]]  # other labels on every validation row
     assert (y[split.valid] != data.y[split.valid]).any()
-    permuted = TrainingData(data.table, data.imu_table, y, data.fold_ids, data.folds_hash)
+    orientation = data.orientation.copy()  # the validation rows' auxiliary labels change too
+    orientation[split.valid] = (orientation[split.valid] + 1) % 4
+    held_rows = np.repeat(data.fold_ids == split.fold, np.diff(data.table.offsets))
+    phase = data.phase.copy()
+    phase[held_rows] = 1 - phase[held_rows]
+    permuted = TrainingData(data.table, data.imu_table, y, data.fold_ids, data.folds_hash, orientation, phase)
     device = torch.device("cpu")
     a = bp.train_fold(data, split, cfg, s, device)
     b = bp.train_fold(permuted, split, cfg, s, device)
@@ -374,7 +424,7 @@ def test_seeds_per_fold_are_averaged_for_the_oof_and_at_serving(data, tmp_path):
     pad = r.pad_len
     orient, _ = bp.orientation_targets(data, split, cfg.run.seed + split.fold)
     arrs = (
-        bp.build_arrays(data.table, split.train, data.y, pad, orient),
+        bp.build_arrays(data.table, split.train, data.y, pad, orient, phase=data.phase),
         bp.build_arrays(data.table, split.valid, data.y, pad),
         bp.build_arrays(data.imu_table, split.valid, data.y, pad),
     )

@@ -383,7 +383,15 @@ def validation_labels_leak(pipeline: MemberPipeline, td: TrainingData, cfg, tmp:
     held = td.fold_ids == 0
     y[held] = [rng.choice(present[present != v]) for v in y[held].tolist()]  # another class, counts change too
     assert (y[held] != td.y[held]).all()
-    permuted = TrainingData(td.table, td.imu_table, y, td.fold_ids, td.folds_hash)
+    orientation, phase = td.orientation, td.phase  # the auxiliary labels of the held fold change too
+    if orientation is not None:
+        orientation = orientation.copy()
+        orientation[held] = (orientation[held] + 1) % 4
+    if phase is not None:
+        rows = np.repeat(held, np.diff(td.table.offsets))
+        phase = phase.copy()
+        phase[rows] = 1 - np.maximum(phase[rows], 0)
+    permuted = TrainingData(td.table, td.imu_table, y, td.fold_ids, td.folds_hash, orientation, phase)
     a = _oof_of_fold_0(pipeline, td, cfg, tmp / "true")
     b = _oof_of_fold_0(pipeline, permuted, cfg, tmp / "permuted")
     return not all(np.array_equal(p, q) for p, q in zip(a, b))
