@@ -440,6 +440,9 @@ class Predictor:
         log.info(
             "Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights
         )
+        unused = [m for m in self.members if all(self.weights[v].get(m, 0.0) <= 0 for v in VIEWS)]
+        if unused:
+            log.info("member(s) %s have weight 0 in both views: loaded and checked, never called", unused)
 
     def _load_weights(self, specs: list[MemberSource], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
         path = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
@@ -513,6 +516,8 @@ class Predictor:
             [[self.weights["full" if h else "imu_only"].get(m, 0.0) for m in self.members] for h in table.has_tof_thm]
         ).reshape(n, len(self.members))
         for j, (name, member) in enumerate(self.members.items()):
+            if not view_w[:, j].any():  # weight 0 in the views asked for: its answer cannot count, skip the call
+                continue
             try:
                 p = np.asarray(member.predict_proba(table), dtype=np.float64)
                 if p.shape != (n, N_CLASSES) or not np.isfinite(p).all():

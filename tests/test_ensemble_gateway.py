@@ -65,6 +65,30 @@ def test_fitted_weights_and_imu_only_view(tmp_path):
     assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
 
 
+def test_a_member_with_weight_zero_in_a_view_is_not_called_for_it(tmp_path, caplog):
+    cfg = load_config({}, out_dir=str(tmp_path))
+    members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}
+    weights = {
+        "views": {
+            "full": {"weights": {"lgbm": 1.0, "torch": 0.0}},
+            "imu_only": {"weights": {"lgbm": 0.3, "torch": 0.7}},
+        }
+    }
+    write_json(tmp_path / "ensemble" / "weights.json", weights)
+    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    after_start = members["torch"].calls  # start-up checks every member, whatever its weight
+    assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[0]
+    assert members["torch"].calls == after_start  # weight 0 in the full view: not called for it
+    assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
+    assert members["torch"].calls == after_start + 1
+    write_json(
+        tmp_path / "ensemble" / "weights.json", {"views": {v: weights["views"]["full"] for v in weights["views"]}}
+    )
+    with caplog.at_level(logging.INFO, logger="ensemble"):
+        ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    assert "['torch'] have weight 0 in both views" in caplog.text
+
+
 def test_member_failure_is_excluded_logged_and_strict_raises(tmp_path, caplog):
     members = {"lgbm": FakeMember(0, fail=True), "torch": FakeMember(5)}
     cfg = load_config({}, out_dir=str(tmp_path))
