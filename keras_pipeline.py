@@ -76,19 +76,22 @@ class _EpochLog:
 
     @staticmethod
     def make(keras: Any, tag: str) -> Any:
-        def on_epoch_end(epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            log.info(
-                "keras %s epoch %d: loss %.4f val_loss %.4f val_acc %.3f lr %.2e",
-                tag,
-                epoch + 1,
-                logs.get("loss", float("nan")),
-                logs.get("val_loss", float("nan")),
-                logs.get("val_accuracy", float("nan")),
-                float(logs.get("learning_rate", float("nan"))),
-            )
+        class EpochLog(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                logs = logs or {}
+                # a schedule's rate is not in ``logs``; the optimizer evaluates it at its step count
+                lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+                log.info(
+                    "keras %s epoch %d: loss %.4f val_loss %.4f val_acc %.3f (log only) lr %.2e",
+                    tag,
+                    epoch + 1,
+                    logs.get("loss", float("nan")),
+                    logs.get("val_loss", float("nan")),
+                    logs.get("val_accuracy", float("nan")),
+                    lr,
+                )
 
-        return keras.callbacks.LambdaCallback(on_epoch_end=on_epoch_end)
+        return EpochLog()
 
 
 def _fit(

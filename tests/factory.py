@@ -206,3 +206,36 @@ def imu_separable_rows(
             frames.append(pl.DataFrame(data))
             k += 1
     return pl.concat(frames)
+
+
+def trained_lgbm_run(root: Path, env: dict[str, str], n_subjects: int, seed: int, n_test_subjects: int | None = None):
+    """A real lgbm bundle trained through ``main.stage_train`` on generated data in ``root``.
+
+    ``env``: an explicit settings mapping (the developer's shell must not change a test). Returns the config,
+    the bundle folder, the test rows and demographics, and one full-sensor test sequence with its subject's row.
+    """
+    from types import SimpleNamespace
+
+    import config
+    import data
+    import main
+    import synth
+
+    kwargs = {} if n_test_subjects is None else {"n_test_subjects": n_test_subjects}
+    synth.write_dataset(root / "data", n_subjects=n_subjects, seed=seed, **kwargs)
+    cfg = config.load_config(env, data_dir=str(root / "data"), out_dir=str(root / "out"), debug=True)
+    main.stage_train(cfg, ["lgbm"], main.StageTimer())
+    test = data.read_test(root / "data")  # cleanly typed Float32 rows
+    demo = data.read_demographics(root / "data" / "test_demographics.csv")
+    has = test.group_by("sequence_id", maintain_order=True).agg(pl.col("thm_1").is_not_null().any().alias("h"))
+    sid = has.filter(pl.col("h"))["sequence_id"][0]  # a full-sensor sequence
+    seq = test.filter(pl.col("sequence_id") == sid)
+    return SimpleNamespace(
+        cfg=cfg,
+        root=root,
+        bundles=root / "out" / "bundles",
+        test=test,
+        demo_all=demo,
+        seq=seq,
+        demo=demo.filter(pl.col("subject") == seq["subject"][0]),
+    )

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -24,16 +23,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import bundle
-import config
-import data
 import ensemble
 import features
 import inference_server
 import lgbm_pipeline
-import main
-import synth
 from metric import GESTURES
 from schema import ACC_COLS, DEMOGRAPHIC_FEATURES, ROT_COLS, SENSOR_COLS, TEST_COLUMNS, THM_COLS, TOF_COLS
+from tests.factory import trained_lgbm_run
 
 pytestmark = pytest.mark.slow  # trains a real bundle through main.stage_train, then many property-based cases
 
@@ -50,31 +46,9 @@ TOFTHM = list(THM_COLS + TOF_COLS)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real lgbm bundle (3 folds, debug size) trained through main.stage_train on generated data."""
-    root = tmp_path_factory.mktemp("hostile")
-    synth.write_dataset(root / "data", n_subjects=5, seed=3)
-    # an explicit env mapping: the developer's shell (CMI_*) must not change the test. STRICT=1: these
-    # tests check the errors; the serving (degraded) mode is tested in test_serving_hostile.py.
-    cfg = config.load_config(
-        {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"},
-        data_dir=str(root / "data"),
-        out_dir=str(root / "out"),
-        debug=True,
-    )
-    main.stage_train(cfg, ["lgbm"], main.StageTimer())
-    test = data.read_test(root / "data")  # cleanly typed Float32 rows
-    demo = data.read_demographics(root / "data" / "test_demographics.csv")
-    has = test.group_by("sequence_id", maintain_order=True).agg(pl.col("thm_1").is_not_null().any().alias("h"))
-    sid = has.filter(pl.col("h"))["sequence_id"][0]  # a full-sensor sequence
-    seq = test.filter(pl.col("sequence_id") == sid)
-    return SimpleNamespace(
-        cfg=cfg,
-        root=root,
-        bundles=root / "out" / "bundles",
-        test=test,
-        demo_all=demo,
-        seq=seq,
-        demo=demo.filter(pl.col("subject") == seq["subject"][0]),
-    )
+    # STRICT=1: these tests check the errors; the serving (degraded) mode is tested in test_serving_hostile.py.
+    env = {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"}
+    return trained_lgbm_run(tmp_path_factory.mktemp("hostile"), env, n_subjects=5, seed=3)
 
 
 def _specs():

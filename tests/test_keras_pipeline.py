@@ -7,6 +7,7 @@ well under a minute and a half on one CPU core.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -160,7 +161,9 @@ def test_bundle_mismatch_is_refused(trained: dict, tmp_path: Path) -> None:
         kp.load_member(b, trained["cfg"])
 
 
-def test_fit_runs_as_graph_above_the_eager_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fit_runs_as_graph_above_the_eager_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """Real training runs compile a graph (only tiny runs go eager); one tiny epoch checks that path."""
     pytest.importorskip("tensorflow")
     cfg = tiny_cfg(tmp_path)
@@ -173,8 +176,11 @@ def test_fit_runs_as_graph_above_the_eager_threshold(tmp_path: Path, monkeypatch
     x = rng.normal(size=(20, 32, len(features.IMU_FEATURES))).astype(np.float32)
     m = np.ones((20, 32), np.float32)
     y = np.arange(20) % N_CLASSES
-    rec = kp._fit(keras, tf, model, (x, m), y, (x[:8], m[:8]), y[:8], cfg, 0, "graph test")
+    with caplog.at_level(logging.INFO, logger="keras_pipeline"):
+        rec = kp._fit(keras, tf, model, (x, m), y, (x[:8], m[:8]), y[:8], cfg, 0, "graph test")
     assert rec["eager"] is False and rec["epochs_run"] == 1 and np.isfinite(rec["final_val_loss"])
+    line = next(r.getMessage() for r in caplog.records if "graph test epoch 1" in r.getMessage())
+    assert np.isfinite(float(line.rsplit("lr ", 1)[1]))  # the schedule's rate, not a missing log key
 
 
 # --------------------------------------------------------------------------- custom layers

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -21,7 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import config
-import data
 import ensemble
 import features
 import inference_server
@@ -29,7 +27,6 @@ import lgbm_pipeline
 import main
 import report
 import serving_guard
-import synth
 from io_utils import write_json
 from metric import GESTURES
 from schema import (
@@ -41,6 +38,7 @@ from schema import (
     THM_COLS,
     TOF_COLS,
 )
+from tests.factory import trained_lgbm_run
 
 pytestmark = pytest.mark.slow  # trains a real bundle through main.stage_train, then every hostile serving case
 
@@ -53,34 +51,12 @@ STRICT_ERRORS = (features.FeatureError, ensemble.PredictorError)
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real lgbm bundle (3 folds, debug size) trained through main.stage_train; weights.json holds the prior."""
+    env = {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "LGBM_DEBUG_N_ESTIMATORS": "20"}
     root = tmp_path_factory.mktemp("serving_hostile")
-    synth.write_dataset(root / "data", n_subjects=3, seed=5, n_test_subjects=2)  # small: the file's budget
-    cfg = config.load_config(
-        {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "LGBM_DEBUG_N_ESTIMATORS": "20"},
-        data_dir=str(root / "data"),
-        out_dir=str(root / "out"),
-        debug=True,
-    )
-    assert not cfg.run.strict  # an explicit env mapping: serving mode whatever the suite's STRICT=1 says
-    main.stage_train(cfg, ["lgbm"], main.StageTimer())
-    test = data.read_test(root / "data")
-    demo = data.read_demographics(root / "data" / "test_demographics.csv")
-    has = test.group_by("sequence_id", maintain_order=True).agg(pl.col("thm_1").is_not_null().any().alias("h"))
-    sid = has.filter(pl.col("h"))["sequence_id"][0]
-    seq = test.filter(pl.col("sequence_id") == sid)
-    strict_cfg = config.load_config(
-        {"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1", "STRICT": "1"}, out_dir=str(root / "out"), debug=True
-    )
-    return SimpleNamespace(
-        cfg=cfg,
-        strict_cfg=strict_cfg,
-        root=root,
-        bundles=root / "out" / "bundles",
-        test=test,
-        demo_all=demo,
-        seq=seq,
-        demo=demo.filter(pl.col("subject") == seq["subject"][0]),
-    )
+    t = trained_lgbm_run(root, env, n_subjects=3, seed=5, n_test_subjects=2)  # small: the file's budget
+    assert not t.cfg.run.strict  # an explicit env mapping: serving mode whatever the suite's STRICT=1 says
+    t.strict_cfg = config.load_config({**env, "STRICT": "1"}, out_dir=str(root / "out"), debug=True)
+    return t
 
 
 def _predictor(trained, strict: bool = False) -> ensemble.Predictor:
