@@ -229,6 +229,9 @@ class EnsembleConfig:
     wear_min_sequences: int = 2  # a subject is never taken as rotated on fewer sequences
     wear_min_log_odds: float = 6.9  # floor of the evidence threshold (summed log-odds; 6.9 = 1000:1)
     wear_threshold_margin: float = 1.5  # threshold = margin x the highest evidence a held-out normal subject reached
+    # Serving: members answer one call concurrently in this many threads (their native code runs outside the
+    # GIL); 1 = one after another; 0 = one thread per member, at most the CPU count.
+    predict_threads: int = 0
 
 
 @dataclass

@@ -10,9 +10,11 @@ config section. It knows nothing of LightGBM, torch or Keras.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -435,6 +437,7 @@ class Predictor:
         ens_dir = Path(weights_path).parent if weights_path else self.bundle_root.parent / "ensemble"
         self.wear = wear.WearDetector.load(ens_dir, cfg)
         self.subject_pp = subject_pp.SubjectPostProcessor.load(ens_dir, cfg)
+        self._pool = self._member_pool(cfg.ensemble.predict_threads)
         self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info(
@@ -490,6 +493,33 @@ class Predictor:
             out[view] = {m: x / total for m, x in present.items()}
         return out
 
+    def _member_pool(self, threads: int) -> ThreadPoolExecutor | None:
+        """Threads that call the members of one request concurrently; None: one after another."""
+        if threads < 0:
+            raise PredictorError(f"ENSEMBLE_PREDICT_THREADS={threads}: must be 0 (automatic), 1 or more")
+        n = min(len(self.members), os.cpu_count() or 1) if threads == 0 else min(threads, len(self.members))
+        return ThreadPoolExecutor(max_workers=n, thread_name_prefix="member") if n > 1 else None
+
+    def _call_members(self, table: FrameTable, names: list[str]) -> dict[str, np.ndarray | BaseException]:
+        """Each named member's probabilities for ``table``, or the exception it raised (in the members' order)."""
+
+        def call(name: str) -> np.ndarray:
+            return np.asarray(self.members[name].predict_proba(table), dtype=np.float64)
+
+        out: dict[str, np.ndarray | BaseException] = {}
+        if self._pool is None or len(names) < 2:
+            for name in names:
+                try:
+                    out[name] = call(name)
+                except Exception as e:  # handled (strict: re-raised) by the caller, one member at a time
+                    out[name] = e
+            return out
+        futures = {name: self._pool.submit(call, name) for name in names}
+        for name, future in futures.items():
+            error = future.exception()
+            out[name] = error if error is not None else future.result()
+        return out
+
     def _warm_up(self) -> None:
         """One full-sensor and one IMU-only call before serving: graph building and compilation
         (Keras XLA, lazy allocations) happen at start-up, not inside the first timed predict()."""
@@ -515,11 +545,17 @@ class Predictor:
         view_w = np.array(
             [[self.weights["full" if h else "imu_only"].get(m, 0.0) for m in self.members] for h in table.has_tof_thm]
         ).reshape(n, len(self.members))
-        for j, (name, member) in enumerate(self.members.items()):
-            if not view_w[:, j].any():  # weight 0 in the views asked for: its answer cannot count, skip the call
+        names = list(self.members)
+        # a member with weight 0 in the views asked for cannot change the answer: not called
+        called = [m for j, m in enumerate(names) if view_w[:, j].any()]
+        answers = self._call_members(table, called)
+        for j, name in enumerate(names):
+            if name not in answers:
                 continue
             try:
-                p = np.asarray(member.predict_proba(table), dtype=np.float64)
+                p = answers[name]
+                if isinstance(p, BaseException):
+                    raise p
                 if p.shape != (n, N_CLASSES) or not np.isfinite(p).all():
                     raise PredictorError(f"returned probabilities of shape {p.shape} / non-finite values")
             except Exception as e:  # one member's failure must not cost the answer: excluded, counted, logged

@@ -1,4 +1,5 @@
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +90,43 @@ def test_a_member_with_weight_zero_in_a_view_is_not_called_for_it(tmp_path, capl
     assert "['torch'] have weight 0 in both views" in caplog.text
 
 
-def test_member_failure_is_excluded_logged_and_strict_raises(tmp_path, caplog):
+class BarrierMember(FakeMember):
+    """Answers only once the other member is inside its call too: proves the calls overlap."""
+
+    def __init__(self, cls: int, barrier: threading.Barrier):
+        super().__init__(cls)
+        self.barrier = barrier
+
+    def predict_proba(self, table):
+        if table.sequence_ids[0] != "WARMUP":  # the warm-up calls run one after another
+            self.barrier.wait(timeout=10)
+        return super().predict_proba(table)
+
+
+def test_members_answer_one_call_concurrently(tmp_path):
+    barrier = threading.Barrier(2)
+    members = {"lgbm": BarrierMember(0, barrier), "torch": BarrierMember(5, barrier)}
+    cfg = load_config({"ENSEMBLE_PREDICT_THREADS": "2", "STRICT": "1"}, out_dir=str(tmp_path))
+    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    assert pred.predict(make_sequence("SEQ_000001", 12), None) == GESTURES[5]  # a sequential call would break it
+    with pytest.raises(ensemble.PredictorError, match="ENSEMBLE_PREDICT_THREADS"):
+        ensemble.Predictor(
+            load_config({"ENSEMBLE_PREDICT_THREADS": "-1"}), _specs(tmp_path, members), tmp_path / "bundles"
+        )
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_member_failure_is_excluded_logged_and_strict_raises(tmp_path, caplog, threads):
+    """The same in sequence (1) and with the members called concurrently (3 threads)."""
     members = {"lgbm": FakeMember(0, fail=True), "torch": FakeMember(5)}
-    cfg = load_config({}, out_dir=str(tmp_path))
+    cfg = load_config({"ENSEMBLE_PREDICT_THREADS": threads}, out_dir=str(tmp_path))
     pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
     with caplog.at_level(logging.ERROR):
         assert pred.predict(make_sequence("SEQ_000009", 8), None) == GESTURES[5]
     assert "SEQ_000009" in caplog.text and pred.summary()["member_failures"] == {"lgbm": 1}
-    strict = ensemble.Predictor(load_config({"STRICT": "1"}), _specs(tmp_path, members), tmp_path / "bundles")
+    strict_cfg = load_config({"STRICT": "1", "ENSEMBLE_PREDICT_THREADS": threads})
+    strict = ensemble.Predictor(strict_cfg, _specs(tmp_path, members), tmp_path / "bundles")
+    assert (strict._pool is None) == (threads == "1")
     with pytest.raises(RuntimeError, match="boom"):
         strict.predict(make_sequence("SEQ_000009", 8), None)
     every = {"lgbm": FakeMember(0, fail=True)}
