@@ -767,6 +767,7 @@ class BranchNetPipeline(MemberPipeline):
 
     name = MEMBER
     packages = ("torch",)
+    uses_aux_labels = True  # the orientation and per-step phase heads
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()

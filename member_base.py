@@ -169,6 +169,8 @@ class MemberPipeline(ABC):
     bundle_format: ClassVar[int] = 1  # this member's own layout inside the bundle
     # Trains one fold across the ranks of a torchrun job (DistributedDataParallel, distributed.py).
     supports_ddp: ClassVar[bool] = False
+    # Trains on TrainingData.orientation / .phase (auxiliary targets): they then enter the fingerprint.
+    uses_aux_labels: ClassVar[bool] = False
 
     # ---- hooks ---------------------------------------------------------------------------
     def is_available(self) -> tuple[bool, str]:
@@ -350,8 +352,11 @@ class MemberPipeline(ABC):
         """What must not change between a killed run and its resume, or a bundle and a skip."""
         h = hashlib.sha256()
         h.update("\n".join(map(str, data.table.sequence_ids)).encode())
-        for arr in (data.y, data.fold_ids, data.table.lengths, data.orientation, data.phase):
-            h.update(b"-" if arr is None else np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        for arr in (data.y, data.fold_ids, data.table.lengths):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        if self.uses_aux_labels:
+            for arr in (data.orientation, data.phase):
+                h.update(b"-" if arr is None else np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         section = dataclasses.asdict(cfg.member(self.name))
         for key in SWITCH_FIELDS:  # switches, bundle location and blend weight do not change what is trained
             section.pop(key, None)

@@ -9,6 +9,7 @@ skip-if-trained.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -276,6 +277,10 @@ def test_complete_bundle_is_skipped_and_force_retrains(name, trained, data, monk
         pipeline.fingerprint(ctx, data["td"], switched)
         == json.loads((t["bundle"] / "metadata.json").read_text())["fingerprint"]
     )
+    # Other orientation / phase labels: retrained only by a member that trains on them.
+    relabelled = dataclasses.replace(data["td"], orientation=(data["td"].orientation + 1) % 4)
+    changed = pipeline.fingerprint(ctx, relabelled, switched) != pipeline.fingerprint(ctx, data["td"], switched)
+    assert changed == pipeline.uses_aux_labels
 
 
 @pytest.mark.slow
