@@ -411,6 +411,272 @@ class BranchNet(nn.Module):
         return feats
 
 
+# ----------------------------------------------------------------------------- several models in one pass
+
+
+def _affine_of(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel of an eval-mode ``MaskedBatchNorm`` or ``InputNorm``: y = x * scale + shift."""
+    if isinstance(layer, InputNorm):
+        if layer.bn is not None:
+            return _affine_of(layer.bn)
+        return 1.0 / layer.std, -layer.mean / layer.std
+    scale = layer.weight * torch.rsqrt(layer.running_var + layer.eps)
+    return scale, layer.bias - layer.running_mean * scale
+
+
+class _StackedAffine(nn.Module):
+    """M per-channel affine maps side by side on (B, M*C, L) fold-major channels; padded steps stay 0."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        pairs = [_affine_of(x) for x in layers]
+        self.register_buffer("scale", torch.cat([a for a, _ in pairs]).detach().float()[None, :, None])
+        self.register_buffer("shift", torch.cat([b for _, b in pairs]).detach().float()[None, :, None])
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask[:, None, :].to(torch.float32)
+        return ((x.float() * self.scale + self.shift) * m).to(x.dtype)
+
+
+def _grouped_conv(convs: list[nn.Conv1d]) -> nn.Conv1d:
+    """M convolutions of the same shape as one grouped convolution (groups=M) on fold-major channels."""
+    c = convs[0]
+    out = nn.Conv1d(
+        c.in_channels * len(convs),
+        c.out_channels * len(convs),
+        c.kernel_size[0],
+        padding=c.padding[0],
+        groups=len(convs),
+        bias=False,
+    )
+    out.weight.data.copy_(torch.cat([x.weight.detach() for x in convs]))
+    return out
+
+
+class _StackedConvBlock(nn.Module):
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.conv = _grouped_conv([b.conv for b in blocks])
+        self.bn = _StackedAffine([b.bn for b in blocks])
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x), mask)) * mask[:, None, :].to(x.dtype)
+
+
+class _StackedResBlock(nn.Module):
+    def __init__(self, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.a = _StackedConvBlock([b.a for b in blocks])
+        self.conv = _grouped_conv([b.conv for b in blocks])
+        self.bn = _StackedAffine([b.bn for b in blocks])
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(self.a(x, mask)), mask)
+        return self.act(x + h) * mask[:, None, :].to(x.dtype)
+
+
+def _stack_linear(layers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, in, out) weights and (M, out) biases of M linear layers (y = x @ W + b per model)."""
+    w = torch.stack([x.weight.detach().T for x in layers])
+    b = torch.stack([x.bias.detach() for x in layers])
+    return w, b
+
+
+def _block_diagonal_gru(grus: list[nn.GRU]) -> nn.GRU:
+    """M one-layer GRUs of the same shape as one GRU with block-diagonal weights: M independent GRUs.
+
+    PyTorch stacks the gates as rows [reset; update; new]; each gate's block of the big matrix holds the
+    M models' blocks on its diagonal, so every hidden unit only ever sees its own model's inputs and state.
+    """
+    g0, m = grus[0], len(grus)
+    h, w_in = g0.hidden_size, g0.input_size
+    big = nn.GRU(m * w_in, m * h, batch_first=True, bidirectional=g0.bidirectional)
+    for suffix in ("", "_reverse") if g0.bidirectional else ("",):
+        w_ih = torch.zeros(3 * m * h, m * w_in)
+        w_hh = torch.zeros(3 * m * h, m * h)
+        b_ih = torch.zeros(3 * m * h)
+        b_hh = torch.zeros(3 * m * h)
+        for k, g in enumerate(grus):
+            for gate in range(3):
+                rows = slice(gate * m * h + k * h, gate * m * h + (k + 1) * h)
+                src = slice(gate * h, (gate + 1) * h)
+                w_ih[rows, k * w_in : (k + 1) * w_in] = getattr(g, f"weight_ih_l0{suffix}").detach()[src]
+                w_hh[rows, k * h : (k + 1) * h] = getattr(g, f"weight_hh_l0{suffix}").detach()[src]
+                b_ih[rows] = getattr(g, f"bias_ih_l0{suffix}").detach()[src]
+                b_hh[rows] = getattr(g, f"bias_hh_l0{suffix}").detach()[src]
+        getattr(big, f"weight_ih_l0{suffix}").data.copy_(w_ih)
+        getattr(big, f"weight_hh_l0{suffix}").data.copy_(w_hh)
+        getattr(big, f"bias_ih_l0{suffix}").data.copy_(b_ih)
+        getattr(big, f"bias_hh_l0{suffix}").data.copy_(b_hh)
+    return big
+
+
+class StackedBranchNet(nn.Module):
+    """M trained ``BranchNet`` models (same constructor arguments) evaluated in one forward pass.
+
+    Serving cost is dominated by per-layer overhead on one short sequence, not by arithmetic, so the M
+    models (folds x seeds) run side by side: their channels fold-major, convolutions grouped, BatchNorm
+    as per-channel affine maps (eval mode), the GRUs as one block-diagonal GRU and the linear layers as
+    batched matrix products. ``forward(x, mask, grids, has_tof) -> (B, M, n_classes)`` gesture logits,
+    equal to each model's own ``forward(...)["gesture"]`` up to float rounding (tested). Inference only:
+    the weights are copied at construction.
+    """
+
+    def __init__(self, models: list[BranchNet]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("StackedBranchNet needs at least one model")
+        first = models[0]
+        self.m = len(models)
+        self.branches, self.tof_cnn = first.branches, first.tof_cnn
+        for other in models[1:]:
+            if (other.branches, other.tof_cnn, other.imu_idx, other.thm_idx, other.tof_idx) != (
+                first.branches,
+                first.tof_cnn,
+                first.imu_idx,
+                first.thm_idx,
+                first.tof_idx,
+            ):
+                raise ValueError("StackedBranchNet: the models' constructor arguments differ")
+        for name in ("imu_index", "thm_index", "tof_index", "all_index"):
+            self.register_buffer(name, getattr(first, name).clone(), persistent=False)
+        if self.branches:
+            self.imu_norm = _StackedAffine([x.imu_norm for x in models])
+            self.thm_norm = _StackedAffine([x.thm_norm for x in models])
+            self.tof_norm = _StackedAffine([x.tof_norm for x in models])
+            self.imu_in = _StackedConvBlock([x.imu_in for x in models])
+            self.thm_in = _StackedConvBlock([x.thm_in for x in models])
+            self.tof_in = _StackedConvBlock([x.tof_in for x in models])
+            self.imu_res = _StackedResBlock([x.imu_res for x in models])
+            self.n_imu = first.imu_res.a.conv.in_channels
+        else:
+            self.all_norm = _StackedAffine([x.all_norm for x in models])
+            self.all_in = _StackedConvBlock([x.all_in for x in models])
+        if self.tof_cnn:
+            cnns = [x.grid_cnn for x in models]
+            self.grid_out = first.grid_cnn.out
+            for i, conv in enumerate(("conv1", "conv2")):
+                layers = [getattr(c, conv) for c in cnns]
+                s2 = (layers[0].size // 2) ** 2
+                with torch.no_grad():
+                    dense = torch.stack(
+                        [nn.functional.conv2d(x.basis, x.weight, stride=2, padding=1).flatten(1) for x in layers]
+                    )
+                self.register_buffer(f"grid_w{i}", dense.float())
+                self.register_buffer(f"grid_b{i}", torch.stack([x.bias.detach().repeat_interleave(s2) for x in layers]))
+            w, b = _stack_linear([c.fc for c in cnns])
+            self.register_buffer("grid_fc_w", w)
+            self.register_buffer("grid_fc_b", b)
+            self.grid_mix = _StackedConvBlock([x.grid_mix for x in models])
+        self.fuse = _StackedConvBlock([x.fuse for x in models])
+        self.fuse_res = _StackedResBlock([x.fuse_res for x in models])
+        self.gru = _block_diagonal_gru([x.gru for x in models])
+        self.hidden = first.gru.hidden_size
+        for name, layers in (
+            ("attn1", [x.attn[0] for x in models]),
+            ("attn2", [x.attn[2] for x in models]),
+            ("shared", [x.shared[0] for x in models]),
+            ("head", [x.out_gesture for x in models]),
+        ):
+            w, b = _stack_linear(layers)
+            self.register_buffer(f"{name}_w", w)
+            self.register_buffer(f"{name}_b", b)
+        self.eval()
+
+    def _folds(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) shared input -> (B, M*C, L), one copy per model."""
+        return h.repeat(1, self.m, 1)
+
+    def _cat(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-model concatenation of fold-major (B, M*C_i, L) tensors -> (B, M*sum(C_i), L)."""
+        b, length = parts[0].shape[0], parts[0].shape[2]
+        return torch.cat([p.reshape(b, self.m, -1, length) for p in parts], dim=2).reshape(b, -1, length)
+
+    def _grid_features(self, grids: torch.Tensor, sensor_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, 5, 65) -> (B, M * 5 * (out + 1), L): every model's ToF CNN on the real frames with ToF."""
+        b, length = sensor_mask.shape
+        width = N_TOF_SENSORS * (self.grid_out + 1)
+        feats = torch.zeros(b, length, self.m, width, device=grids.device, dtype=grids.dtype)
+        sel = grids[sensor_mask]  # (N, 5, 65)
+        if sel.shape[0]:
+            pix = sel[..., :-1].reshape(-1, TOF_GRID * TOF_GRID)  # (N*5, 64), the same input for every model
+            h = nn.functional.silu(torch.einsum("nf,mfo->mno", pix, self.grid_w0.to(pix.dtype)) + self.grid_b0[:, None])
+            h = nn.functional.silu(torch.bmm(h, self.grid_w1.to(h.dtype)) + self.grid_b1[:, None])
+            h = nn.functional.silu(torch.bmm(h, self.grid_fc_w.to(h.dtype)) + self.grid_fc_b[:, None])
+            v = h.reshape(self.m, sel.shape[0], N_TOF_SENSORS, self.grid_out)
+            flag = sel[..., -1:].to(v.dtype).expand(self.m, -1, -1, -1)
+            v = torch.cat([v, flag], dim=3).reshape(self.m, sel.shape[0], width)
+            feats = feats.to(v.dtype)
+            feats[sensor_mask] = v.transpose(0, 1)
+        return feats.permute(0, 2, 3, 1).reshape(b, self.m * width, length)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        grids: torch.Tensor | None = None,
+        has_tof: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b = x.shape[0]
+        mask = mask.to(torch.bool)
+        flag = torch.ones(b, device=x.device) if has_tof is None else has_tof.to(x.device).float()
+        if self.tof_cnn:
+            if grids is None:
+                grids = torch.zeros(*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH, device=x.device)
+            mask, x, grids = compact(mask, x, grids)
+        else:
+            mask, x = compact(mask, x)
+        lengths = mask.sum(dim=1)
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.clamp(min=1)[:, None]
+        gate = flag[:, None, None].to(x.dtype)
+        on = flag[:, None] > 0
+        sensor_mask = mask & on
+        h = x.transpose(1, 2)
+        if self.branches:
+            hi = self.imu_in(self.imu_norm(self._folds(h[:, self.imu_index]), mask), mask)
+            ht = self.thm_in(self.thm_norm(self._folds(h[:, self.thm_index] * gate), sensor_mask), sensor_mask)
+            ha = self.tof_in(self.tof_norm(self._folds(h[:, self.tof_index] * gate), sensor_mask), sensor_mask)
+            hf = self._cat([hi, ht * gate, ha * gate])
+        else:
+            hf = self.all_in(self.all_norm(self._folds(h[:, self.all_index]), mask), mask)
+        hf, pmask = masked_max_pool(hf, mask)
+        l2 = hf.shape[2]
+        if self.branches:
+            per = hf.reshape(b, self.m, -1, l2)
+            imu = self.imu_res(per[:, :, : self.n_imu].reshape(b, -1, l2), pmask)
+            hf = self._cat([imu, per[:, :, self.n_imu :].reshape(b, -1, l2)])
+        parts = [hf]
+        if self.tof_cnn:
+            psensor = pmask & on
+            grid = self._grid_features(grids[:, ::2], psensor)
+            parts.append(self.grid_mix(grid, psensor) * gate)
+        parts.append((gate.expand(-1, 1, l2) * pmask[:, None, :].to(hf.dtype)).repeat(1, self.m, 1))
+        hf = self.fuse_res(self.fuse(self._cat(parts), pmask), pmask)
+        hf, pmask = masked_max_pool(hf, pmask)
+        hf = hf.transpose(1, 2)  # (B, L/4, M*width), fold-major features
+        plen = pmask.sum(dim=1)
+        if bool(pmask.all()):
+            hr, _ = self.gru(hf)
+        else:
+            packed = pack_padded_sequence(hf, plen.cpu(), batch_first=True, enforce_sorted=False)
+            packed, _ = self.gru(packed)
+            hr, _ = pad_packed_sequence(packed, batch_first=True, total_length=hf.shape[1])
+        t = hr.shape[1]
+        hr = hr.reshape(b, t, 2, self.m, self.hidden).permute(0, 1, 3, 2, 4).reshape(b, t, self.m, 2 * self.hidden)
+        a = torch.tanh(torch.einsum("btmc,mch->btmh", hr, self.attn1_w.to(hr.dtype)) + self.attn1_b)
+        scores = (torch.einsum("btmh,mho->btmo", a, self.attn2_w.to(a.dtype)) + self.attn2_b)[..., 0]
+        scores = scores.float().masked_fill(~pmask[:, :, None], float("-inf"))
+        weights = torch.softmax(scores, dim=1).to(hr.dtype)
+        att = torch.einsum("btm,btmc->bmc", weights, hr)
+        mean = (hr * pmask[:, :, None, None].to(hr.dtype)).sum(dim=1) / plen.clamp(min=1)[:, None, None].to(hr.dtype)
+        z = torch.cat([att, mean, flag[:, None, None].to(hr.dtype).expand(b, self.m, 1)], dim=2)
+        z = nn.functional.silu(torch.einsum("bmc,mco->bmo", z, self.shared_w.to(z.dtype)) + self.shared_b)
+        return torch.einsum("bmc,mco->bmo", z, self.head_w.to(z.dtype)) + self.head_b
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -425,6 +691,7 @@ def build(model_args: dict[str, Any]) -> BranchNet:
 
 __all__ = [
     "BranchNet",
+    "StackedBranchNet",
     "MaskedBatchNorm",
     "TofFrameCNN",
     "encode_tof",

@@ -354,6 +354,36 @@ def test_phase_target_is_the_gesture_fraction_per_quarter_rate_step():
     assert out["phase"].shape == target.shape  # the head's time grid is the target's
 
 
+@pytest.mark.parametrize(
+    "kw", [{}, {"branches": False}, {"tof_cnn": False}, {"norm": "scaler"}], ids=["default", "one", "no_cnn", "scaler"]
+)
+def test_stacked_models_give_each_models_own_logits(kw):
+    """Several models in one pass (grouped convolutions, a block-diagonal GRU) = each model alone."""
+    models = []
+    for k in range(3):
+        net = small_net(seed=k, **kw).eval()
+        for m in net.modules():
+            if isinstance(m, bm.InputNorm):  # a non-trivial fitted scaler too
+                m.mean.uniform_(-1.0, 1.0)
+                m.std.uniform_(0.5, 2.0)
+        models.append(net)
+    torch.manual_seed(5)
+    b, length = 4, 37
+    x = torch.randn(b, length, len(features.FRAME_FEATURES))
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[1, :10] = False  # front padded, as the member pads
+    mask[2, :30] = False
+    grids = torch.rand(b, length, bm.N_TOF_SENSORS, bm.GRID_WIDTH) if models[0].tof_cnn else None
+    has_tof = torch.tensor([True, False, True, True])
+    with torch.inference_mode():
+        stacked = bm.StackedBranchNet(models)(x, mask, grids, has_tof)
+        each = torch.stack([m(x, mask, grids, has_tof)["gesture"] for m in models], dim=1)
+    assert stacked.shape == (b, 3, metric.N_CLASSES)
+    torch.testing.assert_close(stacked, each, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="differ"):
+        bm.StackedBranchNet([models[0], small_net(tof_cnn=not models[0].tof_cnn)])
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -440,6 +470,15 @@ def test_seeds_per_fold_are_averaged_for_the_oof_and_at_serving(data, tmp_path):
     assert member.n_models == 2
     served = member.predict_proba(data.table.select(split.valid))
     np.testing.assert_allclose(served, r.proba_full, atol=1e-5)
+    # folds with other pad lengths (some sequences cut to their tail): stacked passes = one model at a time
+    folds = [models, models[:1], models[1:]]
+    pads = [pad, 20, pad + 5]
+    stacked = bp.BranchNetMember(folds, pads, features.FRAME_FEATURES, device, False, True, {})
+    loop = bp.BranchNetMember(folds, pads, features.FRAME_FEATURES, device, False, True, {}, stacked=False)
+    valid = data.table.select(split.valid)
+    assert int(valid.lengths.max()) > 20  # the 20-step fold really sees other inputs
+    np.testing.assert_allclose(stacked.predict_proba(valid), loop.predict_proba(valid), atol=1e-6)
+    assert len(stacked._stacked) >= 2  # the short fold ran in a pass of its own
 
 
 def test_checkpoint_round_trip_with_weights_only(data, tmp_path):
