@@ -233,6 +233,29 @@ def compact(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, .
     return (new_mask, *out)
 
 
+def prepare_inputs(
+    x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor | None, has_tof: torch.Tensor | None, tof_cnn: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Checked inputs with their real steps moved to the front: (x, mask, grids, has_tof as float (B,))."""
+    if x.dim() != 3 or mask.shape != x.shape[:2]:
+        raise ValueError(f"expected x (B, L, C) and mask (B, L); got {tuple(x.shape)} and {tuple(mask.shape)}")
+    mask = mask.to(torch.bool)
+    flag = torch.ones(x.shape[0], device=x.device) if has_tof is None else has_tof.to(x.device).float()
+    if tof_cnn:
+        if grids is None:  # nothing reported: proximity and presence 0
+            grids = torch.zeros(*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH, device=x.device)
+        if grids.shape != (*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH):
+            raise ValueError(f"expected grids (B, L, 5, {GRID_WIDTH}); got {tuple(grids.shape)}")
+        mask, x, grids = compact(mask, x, grids)
+    else:
+        mask, x = compact(mask, x)
+        grids = None
+    # An all-padding row (never produced by the member) keeps one zero step so packing stays valid.
+    lengths = mask.sum(dim=1)
+    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.clamp(min=1)[:, None]
+    return x, mask, grids, flag
+
+
 def masked_max_pool(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, L) right-padded -> (B, C, ceil(L/2)); a pooled step is real if any of its two inputs is."""
     h = h.masked_fill(~mask[:, None, :], float("-inf"))
@@ -332,22 +355,7 @@ class BranchNet(nn.Module):
         grids: torch.Tensor | None = None,
         has_tof: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        if x.dim() != 3 or mask.shape != x.shape[:2]:
-            raise ValueError(f"expected x (B, L, C) and mask (B, L); got {tuple(x.shape)} and {tuple(mask.shape)}")
-        b = x.shape[0]
-        mask = mask.to(torch.bool)
-        flag = torch.ones(b, device=x.device) if has_tof is None else has_tof.to(x.device).float()
-        if self.tof_cnn:
-            if grids is None:  # nothing reported: proximity and presence 0
-                grids = torch.zeros(*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH, device=x.device)
-            if grids.shape != (*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH):
-                raise ValueError(f"expected grids (B, L, 5, {GRID_WIDTH}); got {tuple(grids.shape)}")
-            mask, x, grids = compact(mask, x, grids)
-        else:
-            mask, x = compact(mask, x)
-        # An all-padding row (never produced by the member) keeps one zero step so packing stays valid.
-        lengths = mask.sum(dim=1)
-        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.clamp(min=1)[:, None]
+        x, mask, grids, flag = prepare_inputs(x, mask, grids, has_tof, self.tof_cnn)
         gate = flag[:, None, None].to(x.dtype)
         on = flag[:, None] > 0
         sensor_mask = mask & on  # real steps of sequences whose thm/tof the model may use
@@ -621,16 +629,7 @@ class StackedBranchNet(nn.Module):
         has_tof: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b = x.shape[0]
-        mask = mask.to(torch.bool)
-        flag = torch.ones(b, device=x.device) if has_tof is None else has_tof.to(x.device).float()
-        if self.tof_cnn:
-            if grids is None:
-                grids = torch.zeros(*x.shape[:2], N_TOF_SENSORS, GRID_WIDTH, device=x.device)
-            mask, x, grids = compact(mask, x, grids)
-        else:
-            mask, x = compact(mask, x)
-        lengths = mask.sum(dim=1)
-        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths.clamp(min=1)[:, None]
+        x, mask, grids, flag = prepare_inputs(x, mask, grids, has_tof, self.tof_cnn)
         gate = flag[:, None, None].to(x.dtype)
         on = flag[:, None] > 0
         sensor_mask = mask & on

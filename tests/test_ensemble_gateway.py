@@ -51,42 +51,32 @@ def test_predictor_blends_with_renormalised_default_weights(tmp_path):
     assert members["torch"].calls == 3  # loaded once; two warm-up calls at start-up, then one per sequence
 
 
-def test_fitted_weights_and_imu_only_view(tmp_path):
-    cfg = load_config({}, out_dir=str(tmp_path))
-    members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}
-    weights = {
-        "views": {
-            "full": {"weights": {"lgbm": 0.9, "torch": 0.1}},
-            "imu_only": {"weights": {"lgbm": 0.1, "torch": 0.9}},
-        }
-    }
+def _with_fitted_weights(tmp_path: Path, members: dict[str, FakeMember], full: dict, imu_only: dict):
+    """A Predictor over ``members`` with a weights.json of these per-view weights."""
+    weights = {"views": {"full": {"weights": full}, "imu_only": {"weights": imu_only}}}
     write_json(tmp_path / "ensemble" / "weights.json", weights)
-    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    cfg = load_config({}, out_dir=str(tmp_path))
+    return ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+
+
+def test_fitted_weights_and_imu_only_view(tmp_path):
+    members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}
+    pred = _with_fitted_weights(tmp_path, members, {"lgbm": 0.9, "torch": 0.1}, {"lgbm": 0.1, "torch": 0.9})
     assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[0]
     assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
 
 
 def test_a_member_with_weight_zero_in_a_view_is_not_called_for_it(tmp_path, caplog):
-    cfg = load_config({}, out_dir=str(tmp_path))
     members = {"lgbm": FakeMember(0), "torch": FakeMember(5)}
-    weights = {
-        "views": {
-            "full": {"weights": {"lgbm": 1.0, "torch": 0.0}},
-            "imu_only": {"weights": {"lgbm": 0.3, "torch": 0.7}},
-        }
-    }
-    write_json(tmp_path / "ensemble" / "weights.json", weights)
-    pred = ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+    full = {"lgbm": 1.0, "torch": 0.0}
+    pred = _with_fitted_weights(tmp_path, members, full, {"lgbm": 0.3, "torch": 0.7})
     after_start = members["torch"].calls  # start-up checks every member, whatever its weight
     assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[0]
     assert members["torch"].calls == after_start  # weight 0 in the full view: not called for it
     assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
     assert members["torch"].calls == after_start + 1
-    write_json(
-        tmp_path / "ensemble" / "weights.json", {"views": {v: weights["views"]["full"] for v in weights["views"]}}
-    )
     with caplog.at_level(logging.INFO, logger="ensemble"):
-        ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
+        _with_fitted_weights(tmp_path, members, full, full)
     assert "['torch'] have weight 0 in both views" in caplog.text
 
 
