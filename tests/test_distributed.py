@@ -46,6 +46,11 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, "STRICT": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
+def _run(cmd: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """``cmd`` in the repository root, output captured as text."""
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -191,14 +196,7 @@ DDP_ENV = {
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    r = subprocess.run(
-        [sys.executable, "main.py", "synth", "--out", str(out), "--subjects", "4", "--seed", "5"],
-        cwd=ROOT,
-        env=_env({}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = _run([sys.executable, "main.py", "synth", "--out", str(out), "--subjects", "4", "--seed", "5"], _env({}), 300)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -206,25 +204,11 @@ def synth_data(tmp_path_factory):
 @pytest.mark.slow
 def test_torchrun_two_ranks_give_the_single_process_oof(synth_data, tmp_path):
     train = ["main.py", "train", "--data-dir", str(synth_data), "--members", "torch", "--debug"]
-    single = subprocess.run(
-        [sys.executable, *train, "--out", str(tmp_path / "single")],
-        cwd=ROOT,
-        env=_env(DDP_ENV),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    single = _run([sys.executable, *train, "--out", str(tmp_path / "single")], _env(DDP_ENV), 600)
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2"]
     rdzv = [f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-backend=c10d", "--rdzv-id=cmi-test"]
-    ddp = subprocess.run(
-        [*torchrun, *rdzv, *train, "--out", str(tmp_path / "ddp")],
-        cwd=ROOT,
-        env=_env(DDP_ENV),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    ddp = _run([*torchrun, *rdzv, *train, "--out", str(tmp_path / "ddp")], _env(DDP_ENV), 600)
     assert ddp.returncode == 0, ddp.stderr[-5000:]
 
     folds = np.loadtxt(tmp_path / "ddp" / "folds.csv", delimiter=",", skiprows=1, dtype=str)[:, -1].astype(int)
@@ -247,14 +231,7 @@ def test_gpu_check_on_the_cpu_end_to_end(tmp_path):
     """``gpu-check --cpu``: every stage of the GPU check, tiny, on this machine (torch only: Keras' TF start-up and
     eager training would cost minutes here; which members it would train comes from the registry)."""
     env = _env({**TINY["torch"], "CMI_N_THREADS": "1"})
-    r = subprocess.run(
-        [sys.executable, "main.py", "gpu-check", "--cpu", "--members", "torch", "--out", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    r = _run([sys.executable, "main.py", "gpu-check", "--cpu", "--members", "torch", "--out", str(tmp_path)], env, 900)
     assert r.returncode == 0, r.stderr[-5000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     neural = [
