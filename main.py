@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -201,7 +203,9 @@ def build_predictor(cfg: Config, bundle_dir: Path | None = None) -> Predictor:
     return ensemble.Predictor(cfg, bundle_root=bundle_dir or cfg.run.resolved_bundle_dir())
 
 
-def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) -> dict[str, Any]:
+def stage_serve(
+    cfg: Config, timer: StageTimer, bundle_dir: Path | None = None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     import inference_server
     import threads
 
@@ -221,7 +225,7 @@ def stage_serve(cfg: Config, timer: StageTimer, bundle_dir: Path | None = None) 
             startup_s=startup,
             degraded=predictor.degraded_sequences,
         )
-    info: dict[str, Any] = {"predictor": predictor.summary(), "startup_s": startup}
+    info: dict[str, Any] = {"predictor": predictor.summary(), "startup_s": startup, **(extra or {})}
     if result is not None:
         info["latency"] = result.latency_summary()
         info["submission"] = str(result.submission_path)
@@ -458,8 +462,122 @@ def cmd_export_notebook(args: argparse.Namespace) -> None:
     print(f"notebook: {path}")
 
 
+@dataclass
+class KagglePlan:
+    """What one Kaggle notebook run does: which members it trains (and at which size), then where it serves from."""
+
+    rerun: bool
+    train: list[str]
+    bundle_dir: Path
+    debug: bool = False  # the re-run fallback trains at debug size (it must finish before the gateway gives up)
+    fallback: bool = False  # True: the re-run found no bundle and trains CMI_RERUN_TRAIN to keep the submission
+    found: str = ""  # how bundle_dir was found (for the log and serve.json)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "bundle_dir": str(self.bundle_dir)}
+
+
+def loadable_members(cfg: Config, bundle_root: Path) -> list[str]:
+    """The members in use (``USE_<M>``) whose bundle under ``bundle_root`` (or ``<M>_BUNDLE_PATH``) reads and checks."""
+    import bundle
+
+    found = []
+    for m in members.names():
+        section = cfg.member(m)
+        if not section.use:
+            continue
+        where = Path(section.bundle_path) if section.bundle_path else bundle_root / m
+        try:
+            bundle.read_metadata(where, m)  # metadata and every sealed file's digest
+        except bundle.BundleError as e:
+            log.debug("no loadable %s bundle at %s: %s", m, where, e)
+            continue
+        found.append(m)
+    return found
+
+
+def attached_bundle_dirs(kaggle_input: Path, max_depth: int = 4) -> list[Path]:
+    """``bundles/`` folders holding at least one member bundle in the datasets attached under ``kaggle_input``."""
+    if not kaggle_input.is_dir():
+        return []
+    names = set(members.names())
+    out: list[Path] = []
+    root_depth = len(kaggle_input.parts)
+    for here, dirs, _ in os.walk(kaggle_input):
+        path = Path(here)
+        if len(path.parts) - root_depth >= max_depth:
+            dirs[:] = []
+        if path.name == "bundles" and any((path / m / "metadata.json").is_file() for m in names):
+            out.append(path)
+            dirs[:] = []
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    return sorted(out)
+
+
+def plan_kaggle_run(cfg: Config, rerun: bool) -> KagglePlan:
+    """Decide what a Kaggle notebook run does, before anything is trained; SystemExit when it cannot succeed.
+
+    Bundles are served from the first of: ``CMI_BUNDLE_DIR``; ``<out>/bundles`` when it holds a loadable
+    bundle; the one ``bundles/`` folder of a dataset attached under ``CMI_KAGGLE_INPUT`` (several: an error
+    naming them). The commit run trains what the switches ask, as always. The hidden-test re-run starts with
+    an empty working folder and the gateway waits at most 15 minutes for the server, so it never trains the
+    full ensemble: it serves attached bundles, or, with none, trains ``CMI_RERUN_TRAIN`` at debug size (a
+    weak but valid submission, logged as such), or stops at once with a message saying what to attach.
+    """
+    out = Path(cfg.run.out_dir)
+    own = out / "bundles"
+    kaggle_input = Path(cfg.run.kaggle_input)
+
+    def locate() -> tuple[Path | None, str]:
+        if cfg.run.bundle_dir:
+            return Path(cfg.run.bundle_dir), "CMI_BUNDLE_DIR"
+        if loadable_members(cfg, own):
+            return own, "this run's working folder"
+        attached = [d for d in attached_bundle_dirs(kaggle_input) if loadable_members(cfg, d)]
+        if len(attached) > 1:
+            raise SystemExit(
+                f"several attached datasets hold bundles: {', '.join(map(str, attached))}; "
+                "set CMI_BUNDLE_DIR to the one to serve"
+            )
+        if attached:
+            return attached[0], f"the dataset attached at {attached[0]}"
+        return None, ""
+
+    attach_hint = (
+        "save a training run's output (its bundles/ and ensemble/ folders) as a Kaggle dataset, attach it to this "
+        "notebook and set CMI_BUNDLE_DIR=/kaggle/input/<dataset>/bundles (with the *_TRAIN switches at 0)"
+    )
+    wanted = default_training_members(cfg)
+    if not rerun:
+        where, how = locate()
+        if wanted:  # trains into <out>/bundles and serves them unless CMI_BUNDLE_DIR names others
+            serve_from = Path(cfg.run.bundle_dir) if cfg.run.bundle_dir else own
+            return KagglePlan(False, wanted, serve_from, found="CMI_BUNDLE_DIR" if cfg.run.bundle_dir else "trained")
+        if where is None or not loadable_members(cfg, where):
+            raise SystemExit(
+                f"nothing to serve: no member is switched on for training and no bundle was found; {attach_hint}"
+            )
+        return KagglePlan(False, [], where, found=how)
+    where, how = locate()
+    if where is not None and loadable_members(cfg, where):
+        return KagglePlan(True, [], where, found=how)
+    fallback = [m.strip() for m in cfg.run.rerun_train.split(",") if m.strip()]
+    try:
+        members.check(fallback)
+    except members.UnknownMemberError as e:
+        raise SystemExit(f"CMI_RERUN_TRAIN: {e}") from None
+    fallback = [m for m in fallback if m in wanted]
+    if not fallback:
+        looked = where or f"{own} and the datasets under {kaggle_input}"
+        raise SystemExit(
+            f"competition re-run: no loadable bundle in {looked}, and CMI_RERUN_TRAIN names no member whose "
+            f"switches are on, so nothing can be served; {attach_hint}"
+        )
+    return KagglePlan(True, fallback, own, debug=True, fallback=True, found="re-run fallback training")
+
+
 def kaggle_main() -> None:
-    """Run as the competition notebook: train what the flags ask (unless re-running), then serve.
+    """Run as the competition notebook: the commit run and the hidden-test re-run (``plan_kaggle_run``).
 
     Paths come from CMI_DATA_DIR / CMI_OUT_DIR / CMI_BUNDLE_DIR when set, else the Kaggle defaults.
     """
@@ -473,13 +591,38 @@ def kaggle_main() -> None:
     out = Path(cfg.run.out_dir)
     setup_logging(out)
     timer = StageTimer(out / "timings.json")
-    if os.getenv("KAGGLE_IS_COMPETITION_RERUN"):
-        log.info("competition re-run: no training, loading bundles from %s", cfg.run.resolved_bundle_dir())
-    else:
-        names = default_training_members(cfg)
-        if names:
-            stage_train(cfg, names, timer)
-    stage_serve(cfg, timer)
+    rerun = bool(os.getenv("KAGGLE_IS_COMPETITION_RERUN"))
+    plan = plan_kaggle_run(cfg, rerun)
+    if plan.fallback:
+        log.error(
+            "competition re-run: no loadable bundle (CMI_BUNDLE_DIR unset or empty, nothing attached under %s, and "
+            "the re-run's working folder starts empty); training %s at debug size so the submission is not lost. "
+            "Its score is far below a full training: attach the trained bundles as a dataset (README, On Kaggle)",
+            cfg.run.kaggle_input,
+            ", ".join(plan.train),
+        )
+        cfg.run.debug = True
+        for m in members.names():  # serve what was just trained, nothing the plan left out
+            cfg.member(m).use = m in plan.train
+    elif rerun:
+        log.info("competition re-run: no training, serving the bundles of %s (%s)", plan.found, plan.bundle_dir)
+    if plan.train:
+        t0 = time.perf_counter()
+        stage_train(cfg, plan.train, timer)
+        if plan.fallback:
+            spent = time.perf_counter() - t0
+            log.warning("re-run fallback training took %.0f s (the gateway waits at most 15 min for the server)", spent)
+        elif not cfg.run.bundle_dir:
+            log.warning(
+                "the bundles trained here are in %s: the hidden-test re-run starts with an empty working folder and "
+                "will not see them. Without attached bundles the re-run trains %s at debug size (weak); for this "
+                "run's ensemble, %s",
+                out / "bundles",
+                cfg.run.rerun_train or "nothing (and stops)",
+                "save this version's output as a dataset, attach it and set "
+                "CMI_BUNDLE_DIR=/kaggle/input/<dataset>/bundles",
+            )
+    stage_serve(cfg, timer, plan.bundle_dir, extra={"kaggle": plan.to_dict()})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,11 @@ defaults = {
     "LGBM_TRAIN": "1", "TORCH_TRAIN": "1", "KERAS_TRAIN": "1",   # train these members in this run
     "USE_LGBM": "1", "USE_TORCH": "1", "USE_KERAS": "1",         # blend and serve these members
     # "ENSEMBLE_WEIGHTS": "lgbm:0.2,torch:0.45,keras:0.35",      # defaults used without a fitted weights.json
+    # Bundles served: CMI_BUNDLE_DIR, else this run's own, else the one bundles/ folder of an attached dataset.
+    # The hidden-test re-run starts with an empty /kaggle/working and must serve within 15 min: it serves
+    # attached bundles, or with none trains CMI_RERUN_TRAIN at debug size (weak, logged) - attach your bundles.
     # "CMI_BUNDLE_DIR": "/kaggle/input/<your-dataset>/bundles",  # attached bundles (set *_TRAIN=0 then)
+    # "CMI_RERUN_TRAIN": "",                                     # re-run without bundles: stop instead
     # "TORCH_BUNDLE_PATH": "/kaggle/input/<dataset>/torch",      # one member's bundle from elsewhere
     # "KERAS_BUNDLE_PATH": "/kaggle/input/<dataset>/keras",
     # "LOAD_TORCH_FOLDS_IN_MEMORY": "0", "LOAD_KERAS_FOLDS_IN_MEMORY": "0",  # low memory: reload folds per call

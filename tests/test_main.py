@@ -95,21 +95,6 @@ def test_serve_on_the_real_sample_test_file(small_data, tmp_path):
     assert sorted(sub["sequence_id"].to_list()) == ["SEQ_000001", "SEQ_000011"]
 
 
-def test_exported_notebook_runs_and_serves(small_data, tmp_path):
-    nb = notebook_export.export_notebook(tmp_path / "nb.ipynb", src_dir=str(tmp_path / "src"))
-    code = notebook_export.notebook_code(nb)
-    assert "main.kaggle_main()" in code[-1] and any("features.py" in c for c in code)
-    script = tmp_path / "nb.py"
-    script.write_text("\n\n".join(code))
-    work = tmp_path / "work"
-    work.mkdir()
-    env = {**SMALL, "CMI_DATA_DIR": str(small_data), "CMI_OUT_DIR": str(work / "out"), "CMI_DEBUG": "1"}
-    r = _run([str(script)], env, cwd=work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert pl.read_parquet(work / "out" / "submission.parquet").height > 0
-    assert (tmp_path / "src" / "features.py").read_text() == (ROOT / "features.py").read_text()
-
-
 def _our_imports() -> dict[str, set[str]]:
     """module -> the modules of ours it imports (anywhere in the file, lazily or not)."""
     import ast
