@@ -15,7 +15,9 @@ from io_utils import write_text
 
 ROOT = Path(__file__).resolve().parent
 # Everything predict() and training need is every top-level module but these (they measure or export).
-EXCLUDED: frozenset[str] = frozenset({"ablation.py", "benchmarks.py", "gpu_check.py", "notebook_export.py"})
+EXCLUDED: frozenset[str] = frozenset(
+    {"ablation.py", "benchmarks.py", "gpu_check.py", "notebook_export.py", "realism.py"}
+)
 
 
 def modules() -> tuple[str, ...]:
