@@ -285,6 +285,7 @@ def shared_folds(spec: AblationSpec) -> tuple[Path, str]:
         labels["gesture"].to_numpy(),
         base.run.n_folds,
         base.run.fold_seed,
+        remake=spec.force,  # ablate --force remakes them, as train --force does
     )
     return Path(spec.out_dir) / "folds.csv", cv.folds_hash(folds)
 

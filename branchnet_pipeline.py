@@ -737,16 +737,26 @@ def load_checkpoint(path: Path, device: torch.device) -> list[nn.Module]:
         raise bundle.BundleError(
             f"{path}: not a branchnet checkpoint (keys {sorted(obj) if isinstance(obj, dict) else type(obj)})"
         )
-    args = dict(obj["model_args"])
     n_ch = len(features.FRAME_FEATURES)
-    if max(args["imu_idx"] + args["thm_idx"] + args["tof_idx"]) >= n_ch:
-        raise bundle.BundleError(f"{path}: model reads channels the features ({n_ch}) do not have")
+    try:
+        args = dict(obj["model_args"])
+        if max(args["imu_idx"] + args["thm_idx"] + args["tof_idx"]) >= n_ch:
+            raise bundle.BundleError(f"{path}: model reads channels the features ({n_ch}) do not have")
+        n_seeds = int(obj["n_seeds"])
+        state = dict(obj["state_dict"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise bundle.BundleError(f"{path}: malformed branchnet checkpoint ({type(e).__name__}: {e})") from None
     models = []
-    for k in range(int(obj["n_seeds"])):
-        model = bm.build(args)
+    for k in range(n_seeds):
         try:
-            model.load_state_dict({name: t[k] for name, t in obj["state_dict"].items()})
-        except (RuntimeError, IndexError) as e:
+            model = bm.build(args)
+        except (KeyError, TypeError, ValueError) as e:
+            raise bundle.BundleError(
+                f"{path}: model arguments do not build the network ({type(e).__name__}: {e})"
+            ) from None
+        try:
+            model.load_state_dict({name: t[k] for name, t in state.items()})
+        except (RuntimeError, IndexError, TypeError) as e:
             raise bundle.BundleError(f"{path}: weights do not fit the model {args}: {e}") from None
         models.append(model.to(device).eval())
     return models
@@ -768,6 +778,7 @@ class BranchNetPipeline(MemberPipeline):
     name = MEMBER
     packages = ("torch",)
     uses_aux_labels = True  # the orientation and per-step phase heads
+    code_modules = ("branchnet_pipeline", "branchnet_model", "torch_common")  # their code is in the fingerprint
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()
@@ -949,15 +960,21 @@ def load_member(bundle_dir: Path, cfg: Config) -> BranchNetMember:
     """Read and check the bundle, build every fold's seeds once (eval mode, on the device)."""
     bundle_dir = Path(bundle_dir)
     meta = BranchNetPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
+    where = bundle_dir / bundle.METADATA_FILE
+    names, pad_lens = [], []
+    for fold in bundle.field(meta, "folds", list, where, items=int):  # every field checked before any file opens
+        names.append(bundle.field(meta, ("fold_files", str(fold)), str, where))
+        pad_lens.append(bundle.field(meta, ("pad_len", str(fold)), int, where))
+        if pad_lens[-1] < 1:
+            raise bundle.BundleError(f"{where}: field pad_len.{fold} is {pad_lens[-1]}, expected at least 1")
+    bundle.field(meta, "model_args", dict, where)
+    amp_setting = bundle.field(meta, ("settings", "amp"), bool, where, default=True)
+    tof_cnn = bundle.field(meta, ("model_args", "tof_cnn"), bool, where, default=True)
     warn_if_other_torch(MEMBER, bundle_dir, meta)
     device = select_device(cfg)
-    models, pad_lens = [], []
-    for fold in meta["folds"]:
-        models.append(load_checkpoint(bundle_dir / meta["fold_files"][str(fold)], device))
-        pad_lens.append(int(meta["pad_len"][str(fold)]))
-    settings = meta.get("settings", {})
-    amp = bool(settings.get("amp", True)) and device.type == "cuda"
-    tof_cnn = bool(meta["model_args"].get("tof_cnn", True))
+    # model files only through bundle.sealed_file: sealed, inside the bundle, digest checked before torch reads it
+    models = [load_checkpoint(bundle.sealed_file(bundle_dir, meta, name), device) for name in names]
+    amp = amp_setting and device.type == "cuda"
     return BranchNetMember(models, pad_lens, tuple(meta["feature_names"]), device, amp, tof_cnn, meta)
 
 

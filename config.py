@@ -239,9 +239,23 @@ class EnsembleConfig:
     wear_min_sequences: int = 2  # a subject is never taken as rotated on fewer sequences
     wear_min_log_odds: float = 6.9  # floor of the evidence threshold (summed log-odds; 6.9 = 1000:1)
     wear_threshold_margin: float = 1.5  # threshold = margin x the highest evidence a held-out normal subject reached
+    # Training rotates back at most max(1, floor(share x subjects)) subjects; more found: none rotated (a warning).
+    # The real train set has 2 of 81 subjects (2.5 %) wearing the device rotated (docs/REAL_DATA_FACTS).
+    wear_max_train_share: float = 0.1
     # Serving: members answer one call concurrently in this many threads (their native code runs outside the
     # GIL); 1 = one after another; 0 = one thread per member, at most the CPU count.
     predict_threads: int = 0
+    # Serving bounds (ensemble.Predictor, README "Serving bounds"). A longer sequence is cut to its last rows by
+    # sequence_counter before anything else (the gesture ends a sequence): real sequences are a few hundred rows
+    # at most (p95 ~127), so 20,000 is ~30x the longest yet bounds one call (~0.5 s, +0.06 GB with a LightGBM
+    # bundle here; uncut, 1e6 rows cost ~3 s and +2.6 GB in the input repair alone, ~58 s / ~6.5 GB end to end).
+    serve_max_rows: int = 20_000
+    # Per-subject online state (wear evidence, slot assignment) is kept for at most this many subjects; beyond it
+    # the least recently seen subject is forgotten (counted, logged). The hidden test has ~51 subjects.
+    serve_max_subjects: int = 1000
+    # Sequence ids remembered per subject by the wear evidence (a retried id counts once among them); the
+    # evidence of older ones stays in the subject's sum.
+    wear_max_history: int = 400
 
 
 @dataclass
@@ -558,6 +572,10 @@ def validate(cfg: Config) -> None:
         (cfg.ensemble.subject_pp_orders >= 1, "ENSEMBLE_SUBJECT_PP_ORDERS must be >= 1"),
         (cfg.ensemble.wear_min_sequences >= 1, "ENSEMBLE_WEAR_MIN_SEQUENCES must be >= 1"),
         (cfg.ensemble.wear_threshold_margin >= 1, "ENSEMBLE_WEAR_THRESHOLD_MARGIN must be >= 1"),
+        (cfg.ensemble.serve_max_rows >= 1, "ENSEMBLE_SERVE_MAX_ROWS must be >= 1"),
+        (cfg.ensemble.serve_max_subjects >= 1, "ENSEMBLE_SERVE_MAX_SUBJECTS must be >= 1"),
+        (cfg.ensemble.wear_max_history >= 1, "ENSEMBLE_WEAR_MAX_HISTORY must be >= 1"),
+        (0 < cfg.ensemble.wear_max_train_share <= 1, "ENSEMBLE_WEAR_MAX_TRAIN_SHARE must be in (0, 1]"),
     ]
     checks += [(cfg.member(m).weight >= 0, f"ENSEMBLE_W_{m.upper()} must be >= 0") for m in cfg.member_names()]
     for ok, message in checks:

@@ -1,6 +1,7 @@
 """Folds and out-of-fold (OOF) predictions shared by every member.
 
-Folds are computed once per data set (``folds.csv``) and reused; every member
+Folds are computed once per data set (``folds.csv``, with each sequence's subject
+and gesture) and reused only while ids, subjects and gestures all match; every member
 writes its OOF probabilities in one sequence order and one class order, for a
 full-sensor view and an IMU-only view (half of the hidden test has no thm/tof).
 """
@@ -30,7 +31,11 @@ class FoldsError(ValueError):
 def make_folds(
     sequence_ids: np.ndarray, subjects: np.ndarray, gestures: np.ndarray, n_folds: int = 5, seed: int = 42
 ) -> pl.DataFrame:
-    """StratifiedGroupKFold: grouped by subject (no subject in two folds), stratified by gesture."""
+    """StratifiedGroupKFold: grouped by subject (no subject in two folds), stratified by gesture.
+
+    Returns ``sequence_id, subject, gesture, fold`` sorted by sequence id: what ``load_or_make_folds`` checks
+    a saved ``folds.csv`` against before reusing it.
+    """
     n_subjects = len(np.unique(subjects))
     if n_subjects < n_folds:
         raise FoldsError(f"{n_subjects} subject(s) cannot fill {n_folds} subject-grouped folds; lower CMI_N_FOLDS")
@@ -41,7 +46,14 @@ def make_folds(
             fold[val] = k
     except ValueError as e:  # e.g. every gesture rarer than the number of folds
         raise FoldsError(f"cannot make {n_folds} stratified folds of {len(gestures)} sequences: {e}") from None
-    return pl.DataFrame({"sequence_id": sequence_ids, "subject": subjects, "fold": fold}).sort("sequence_id")
+    return pl.DataFrame(
+        {
+            "sequence_id": np.asarray(sequence_ids).astype(str),
+            "subject": np.asarray(subjects).astype(str),
+            "gesture": np.asarray(gestures).astype(str),
+            "fold": fold,
+        }
+    ).sort("sequence_id")
 
 
 def folds_hash(folds: pl.DataFrame) -> str:
@@ -49,23 +61,96 @@ def folds_hash(folds: pl.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def load_or_make_folds(
-    path: str | Path, sequence_ids: np.ndarray, subjects: np.ndarray, gestures: np.ndarray, n_folds: int, seed: int
-) -> pl.DataFrame:
-    """Reuse ``folds.csv`` when it exists (it must cover exactly these sequences), else make and save it."""
+FOLDS_SCHEMA = {"sequence_id": pl.String, "subject": pl.String, "gesture": pl.String, "fold": pl.Int64}
+_REMAKE_HINT = "`train --force` (or `run`/`ablate --force`) remakes the folds and retrains every member on them"
+
+
+def _changed(column: str, old: pl.Series, new: np.ndarray, ids: pl.Series) -> str | None:
+    """``"N sequence(s) changed <column> (e.g. ...)"`` when ``old`` and ``new`` differ, else None."""
+    differs = old.cast(pl.String).fill_null("").to_numpy().astype(str) != new
+    if not differs.any():
+        return None
+    first = ", ".join(np.asarray(ids.to_list())[differs][:3].tolist())
+    return f"{int(differs.sum())} sequence(s) changed {column} (e.g. {first})"
+
+
+def check_folds(
+    path: str | Path, folds: pl.DataFrame, sequence_ids: np.ndarray, subjects: np.ndarray, gestures: np.ndarray
+) -> None:
+    """Raise ``FoldsError`` unless a saved ``folds.csv`` belongs to exactly these sequences, subjects and gestures.
+
+    Folds made for other subjects would put one subject in two folds (subject leakage into the OOF); folds
+    made for other gestures would no longer be stratified. The message says what changed and how to remake.
+    """
     path = Path(path)
-    if path.exists():
-        folds = pl.read_csv(path, schema_overrides={"sequence_id": pl.String, "subject": pl.String, "fold": pl.Int64})
-        have, want = set(folds["sequence_id"].to_list()), set(np.asarray(sequence_ids).tolist())
-        if have != want:
-            raise FoldsError(
-                f"{path} does not match the training data: {len(want - have)} sequence(s) without a fold, "
-                f"{len(have - want)} unknown; delete it to recompute folds for this data set"
-            )
+    have, want = set(folds["sequence_id"].to_list()), set(np.asarray(sequence_ids).astype(str).tolist())
+    if have != want:
+        raise FoldsError(
+            f"{path} does not match the training data: {len(want - have)} sequence(s) without a fold, "
+            f"{len(have - want)} unknown; {_REMAKE_HINT}"
+        )
+    if folds.height != len(have):
+        raise FoldsError(f"{path} lists {folds.height - len(have)} sequence(s) more than once; {_REMAKE_HINT}")
+    missing = [c for c in ("subject", "gesture") if c not in folds.columns]
+    if missing:
+        raise FoldsError(
+            f"{path} has no {' or '.join(missing)} column (written by an older version), so it cannot be checked "
+            f"against the training data's subjects and gestures; {_REMAKE_HINT}"
+        )
+    want_df = pl.DataFrame(
+        {
+            "sequence_id": np.asarray(sequence_ids).astype(str),
+            "subject": np.asarray(subjects).astype(str),
+            "gesture": np.asarray(gestures).astype(str),
+        }
+    ).sort("sequence_id")
+    saved = folds.sort("sequence_id")
+    found = (
+        _changed(c, saved[c], want_df[c].to_numpy().astype(str), saved["sequence_id"]) for c in ("subject", "gesture")
+    )
+    changes = [c for c in found if c]
+    if changes:
+        raise FoldsError(
+            f"{path} was made for other data: {'; '.join(changes)}. Its folds are grouped by subject and "
+            f"stratified by gesture for those data (reused, a subject could sit in two folds); {_REMAKE_HINT}"
+        )
+    split = saved.group_by("subject").agg(pl.col("fold").n_unique().alias("n")).filter(pl.col("n") > 1)
+    if split.height:
+        raise FoldsError(
+            f"{path} puts {split.height} subject(s) in more than one fold (e.g. {split['subject'][0]}): "
+            f"folds must be grouped by subject; {_REMAKE_HINT}"
+        )
+
+
+def load_or_make_folds(
+    path: str | Path,
+    sequence_ids: np.ndarray,
+    subjects: np.ndarray,
+    gestures: np.ndarray,
+    n_folds: int,
+    seed: int,
+    remake: bool = False,
+) -> pl.DataFrame:
+    """Reuse ``folds.csv`` when it belongs to these data (``check_folds``), else make and save it.
+
+    A saved file that does not match is an error (``FoldsError``), never silently replaced: members trained
+    on it would be skipped or resumed on other folds. ``remake`` (``train --force``) makes the folds afresh.
+    """
+    path = Path(path)
+    if path.exists() and not remake:
+        try:
+            folds = pl.read_csv(path, schema_overrides=FOLDS_SCHEMA)
+        except pl.exceptions.PolarsError as e:
+            raise FoldsError(f"{path} cannot be read as folds ({e}); {_REMAKE_HINT}") from None
+        if "sequence_id" not in folds.columns or "fold" not in folds.columns:
+            raise FoldsError(f"{path} lacks a sequence_id or fold column; {_REMAKE_HINT}")
+        check_folds(path, folds, sequence_ids, subjects, gestures)
         if folds["fold"].n_unique() != n_folds:
-            raise FoldsError(f"{path} has {folds['fold'].n_unique()} folds but CMI_N_FOLDS={n_folds}")
+            raise FoldsError(f"{path} has {folds['fold'].n_unique()} folds but CMI_N_FOLDS={n_folds}; {_REMAKE_HINT}")
         log.info("reusing folds from %s (hash %s)", path, folds_hash(folds))
         return folds
+    if path.exists():
+        log.info("remaking %s (--force)", path)
     folds = make_folds(sequence_ids, subjects, gestures, n_folds, seed)
     with atomic_path(path) as tmp:
         folds.write_csv(tmp)

@@ -68,6 +68,7 @@ def read_train(data_dir: str | Path) -> pl.DataFrame:
     path = Path(data_dir) / "train.csv"
     df = _read_csv(path, TRAIN_COLUMNS, "train")
     validate_labels(df, str(path))
+    check_sequence_subjects(df, str(path))
     return df
 
 
@@ -99,6 +100,26 @@ def validate_labels(df: pl.DataFrame, where: str) -> None:
     if multi.height:
         raise DataError(
             f"{where}: {multi.height} sequence(s) carry more than one gesture, e.g. {multi['sequence_id'][0]}"
+        )
+
+
+def check_sequence_subjects(df: pl.DataFrame, where: str) -> None:
+    """Each sequence is one subject's recording: a ``sequence_id`` under two subjects is an error naming it.
+
+    Grouping by sequence would otherwise merge two recordings into one (and give it the first subject).
+    """
+    shared = (
+        df.group_by("sequence_id")
+        .agg(pl.col("subject").unique().sort().alias("subjects"))
+        .filter(pl.col("subjects").list.len() > 1)
+        .sort("sequence_id")
+    )
+    if shared.height:
+        seq, subjects = shared["sequence_id"][0], shared["subjects"][0].to_list()
+        more = f" ({shared.height} such sequence ids in all)" if shared.height > 1 else ""
+        raise DataError(
+            f"{where}: sequence_id {seq} belongs to {len(subjects)} subjects ({', '.join(map(str, subjects))}){more}; "
+            "a sequence is one subject's recording: give each its own sequence_id"
         )
 
 

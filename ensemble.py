@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -22,14 +23,16 @@ from typing import Any, Protocol
 import numpy as np
 import polars as pl
 
+import ensemble_seal
 import members as members_registry
 import serving_guard
 import subject_pp
 import wear
+from bundle import BundleError
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof, write_member_oof
 from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
-from io_utils import read_json, write_json
+from io_utils import write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
 
@@ -361,6 +364,7 @@ class PredictorStats:
     answers: Counter = field(default_factory=Counter)  # which step of the fallback chain answered
     n_degraded: int = 0  # answers from a fallback step or on repaired input
     degraded: dict[str, dict[str, Any]] = field(default_factory=dict)  # sequence_id -> {"answer", "problems"}
+    sequences_cut: int = 0  # longer than ENSEMBLE_SERVE_MAX_ROWS: cut to their tail (serving)
 
 
 # How many degraded sequences are listed by id (all are counted): the hidden test has ~3,257.
@@ -372,6 +376,19 @@ class Predictor:
 
     ``predict`` has the signature the competition gateway calls and is a bound
     method named ``predict`` (the server finds the endpoint by ``__name__``).
+
+    Start-up treats a damaged part like a missing one in serving (``cfg.run.strict`` off): a member whose
+    bundle raises while loading or in its warm-up call is left out (``missing`` and ``damaged``), and so
+    is an optional step whose file raises (blend weights -> the ``ENSEMBLE_W_*`` defaults, class prior ->
+    the next source, subject post-processing and wear detection -> off; ``steps_left_out``), each logged
+    and listed in ``summary()["start_up"]`` (serve.json). With STRICT=1 each of these raises. Nothing to
+    serve (no member loaded) raises in both modes, and so does a missing or damaged member with
+    ``FAIL_IF_<M>_MISSING=1``.
+
+    Bounds: a sequence longer than ``ENSEMBLE_SERVE_MAX_ROWS`` is cut to its tail (serving; STRICT raises),
+    per-subject state is kept for at most ``ENSEMBLE_SERVE_MAX_SUBJECTS`` subjects. Concurrency: one lock
+    around each whole ``predict`` call (and ``summary``), so concurrent calls run one after another and
+    cannot mix sequences or per-subject state; the gateway calls one at a time, where it costs nothing.
     """
 
     def __init__(
@@ -383,9 +400,12 @@ class Predictor:
     ) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
+        self._lock = threading.Lock()  # one predict() at a time: per-call and per-subject state are not shared
         self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
         self.members: dict[str, Member] = {}
         self.missing: dict[str, str] = {}
+        self.damaged: dict[str, str] = {}  # serving: members whose bundle raised at start-up (also in missing)
+        self.steps_left_out: dict[str, str] = {}  # serving: optional steps whose file raised at start-up
         sources: list[MemberSource] = []
         if specs is None:  # every registered member; one that cannot be imported counts as missing
             for name in members_registry.names():
@@ -407,80 +427,148 @@ class Predictor:
             elif not bundle_dir.exists():
                 self.missing[spec.name] = f"no bundle at {bundle_dir}"
             else:
-                member = spec.load(bundle_dir, cfg)  # a corrupt bundle raises here, at start-up
-                if not section.folds_in_memory:
-                    log.warning(
-                        "member %s: LOAD_%s_FOLDS_IN_MEMORY=0: every predict() call reloads each fold "
-                        "from %s (low memory, much slower per call; see the benchmarks)",
-                        spec.name,
-                        spec.name.upper(),
-                        bundle_dir,
-                    )
-                    member = ReloadingMember(spec, bundle_dir, cfg)
-                self.members[spec.name] = member
+                try:
+                    self.members[spec.name] = self._load_member(spec, bundle_dir, section.folds_in_memory)
+                except Exception as e:  # noqa: BLE001  (strict: re-raised; serving: left out like a missing one)
+                    why = self._start_up_failure(f"member {spec.name}", bundle_dir, e, "left out")
+                    self.missing[spec.name] = self.damaged[spec.name] = why
         for name, why in self.missing.items():
             if cfg.member(name).fail_if_missing and cfg.member(name).use:
                 raise PredictorError(
                     f"member {name} is required (FAIL_IF_{name.upper()}_MISSING=1) but not usable: {why}"
                 )
-            log.warning("member %s not used: %s", name, why)
+            if name not in self.damaged:  # a damaged one was logged as an error already
+                log.warning("member %s not used: %s", name, why)
         if not self.members:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
+        weights_file = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
         self.class_bias: dict[str, np.ndarray] = {}
-        self.weights = self._load_weights(sources, weights_path)
-        self.prior = serving_guard.load_class_prior(
-            Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json",
-            self.bundle_root.parent / "oof",
+        try:
+            self.weights = self._load_weights(sources, weights_path)
+        except Exception as e:  # noqa: BLE001
+            self.steps_left_out["weights"] = self._start_up_failure(
+                "blend weights", weights_file, e, "the ENSEMBLE_W_* default weights, no class bias"
+            )
+            self.class_bias = {}
+            self.weights = self._default_weights(sources)
+        prior_problems: list[str] | None = None if cfg.run.strict else []
+        self.prior = serving_guard.load_class_prior(  # not from a weights.json left out as damaged
+            None if "weights" in self.steps_left_out else weights_file, self.bundle_root.parent / "oof", prior_problems
         )
+        if prior_problems:
+            self.steps_left_out["class_prior"] = f"{'; '.join(prior_problems)} -> {self.prior.source}"
         self.stats = PredictorStats()
         # Per-subject online state lives on this instance: upside-down wear detection and slot assignment.
         ens_dir = Path(weights_path).parent if weights_path else self.bundle_root.parent / "ensemble"
-        self.wear = wear.WearDetector.load(ens_dir, cfg)
-        self.subject_pp = subject_pp.SubjectPostProcessor.load(ens_dir, cfg)
+        try:
+            detector = wear.WearDetector.load(ens_dir, cfg)
+        except Exception as e:  # noqa: BLE001
+            self.steps_left_out["wear"] = self._start_up_failure(
+                "wear detection", ens_dir / wear.WEAR_FILE, e, "off (no upside-down wear detection)"
+            )
+            detector = wear.WearDetector(None)
+        self.wear = detector.with_bounds(cfg)
+        try:
+            self.subject_pp = subject_pp.SubjectPostProcessor.load(ens_dir, cfg)
+        except Exception as e:  # noqa: BLE001
+            self.steps_left_out["subject_pp"] = self._start_up_failure(
+                "subject post-processing", ens_dir / subject_pp.PROTOCOL_FILE, e, "off (plain argmax)"
+            )
+            self.subject_pp = subject_pp.SubjectPostProcessor(None, None, cfg)
         self._pool = self._member_pool(cfg.ensemble.predict_threads)
-        self._warm_up()
         self.load_seconds = time.perf_counter() - t0
         log.info(
             "Predictor ready in %.2f s: members %s, weights %s", self.load_seconds, list(self.members), self.weights
         )
+        if self.damaged or self.steps_left_out:
+            log.error(
+                "Predictor serves without %d damaged member(s) %s and %d optional step(s) %s (see serve.json "
+                "start_up; STRICT=1 makes each an error)",
+                len(self.damaged),
+                sorted(self.damaged),
+                len(self.steps_left_out),
+                sorted(self.steps_left_out),
+            )
         unused = [m for m in self.members if all(self.weights[v].get(m, 0.0) <= 0 for v in VIEWS)]
         if unused:
             log.info("member(s) %s have weight 0 in both views: loaded and checked, never called", unused)
 
+    def _load_member(self, spec: MemberSource, bundle_dir: Path, folds_in_memory: bool) -> Member:
+        """One member loaded and warmed up: a corrupt bundle, or a member that cannot predict, raises here."""
+        member = spec.load(bundle_dir, self.cfg)
+        if not folds_in_memory:
+            log.warning(
+                "member %s: LOAD_%s_FOLDS_IN_MEMORY=0: every predict() call reloads each fold "
+                "from %s (low memory, much slower per call; see the benchmarks)",
+                spec.name,
+                spec.name.upper(),
+                bundle_dir,
+            )
+            member = ReloadingMember(spec, bundle_dir, self.cfg)
+        self._warm_up(member)
+        return member
+
+    def _start_up_failure(self, what: str, path: Path, error: Exception, instead: str) -> str:
+        """A member or optional step whose file raised at start-up: re-raised under STRICT=1 (with a note naming
+        it), else logged; returns the reason listed in ``summary()["start_up"]``."""
+        why = f"{path} could not be loaded: {type(error).__name__}: {error}"
+        if self.cfg.run.strict:
+            error.add_note(f"Predictor start-up (STRICT=1): {what} from {path}")
+            raise error
+        log.error("%s: %s; serving goes on: %s (STRICT=1 makes this an error)", what, why, instead)
+        return f"{why} -> {instead}"
+
+    def _default_weights(self, specs: list[MemberSource]) -> dict[str, dict[str, float]]:
+        """The ``ENSEMBLE_W_*`` default weights of the loaded members, per view, normalised (equal if all 0)."""
+        present = {s.name: float(self.cfg.member(s.name).weight) for s in specs if s.name in self.members}
+        if sum(present.values()) <= 0:
+            present = {m: 1.0 for m in present}
+        total = sum(present.values())
+        return {view: {m: x / total for m, x in present.items()} for view in VIEWS}
+
     def _load_weights(self, specs: list[MemberSource], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
+        """Per view, member -> weight (renormalised over loaded members): weights.json's, or ENSEMBLE_W_* without it.
+
+        The ensemble set is checked first (``ensemble_seal``): the loaded bundles must be those the set was
+        fitted with, and weights.json is parsed only after its digest matched the manifest. Every failure is a
+        ``bundle.BundleError`` naming the file (a weight that is not finite and >= 0 names the view and member).
+        """
         path = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
         defaults = {s.name: self.cfg.member(s.name).weight for s in specs}
-        if path.exists():
-            fitted = read_json(path)
+        loaded = {}
+        for name in self.members:
+            section = self.cfg.member(name)
+            loaded[name] = Path(section.bundle_path) if section.bundle_path else self.bundle_root / name
+        ensemble_seal.check_bundles(path.parent, loaded)
+        raw = ensemble_seal.read_sealed(path.parent, path.name)
+        if raw is not None:
+            fitted = ensemble_seal.parse_json(raw, path)
             try:
                 views = {v: {str(m): float(x) for m, x in fitted["views"][v]["weights"].items()} for v in VIEWS}
             except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise PredictorError(
+                raise BundleError(
                     f"{path} is not a weights file of this project ({type(e).__name__}: {e}); "
                     "delete it to use the ENSEMBLE_W_* defaults, or refit"
                 ) from None
+            bad = [f"{m} in view {v}: {x}" for v in VIEWS for m, x in views[v].items() if not np.isfinite(x) or x < 0]
+            if bad:
+                raise BundleError(f"{path}: weights must be finite and >= 0; found " + ", ".join(bad))
             for v in VIEWS:
-                bias = (fitted["views"][v].get("calibration") or {}).get("class_bias")
+                calibration = fitted["views"][v].get("calibration") or {}
+                if not isinstance(calibration, dict):
+                    raise BundleError(f"{path}: calibration of view {v} is not an object: {calibration!r:.80}")
+                bias = calibration.get("class_bias")
                 if bias is not None:
-                    if len(bias) != N_CLASSES:
-                        raise PredictorError(
-                            f"{path}: class_bias of view {v} has {len(bias)} values, expected {N_CLASSES}"
+                    try:
+                        values = np.asarray(bias, dtype=np.float64)
+                    except (TypeError, ValueError):
+                        values = np.zeros(0)
+                    if values.shape != (N_CLASSES,) or not np.isfinite(values).all():
+                        raise BundleError(
+                            f"{path}: class_bias of view {v} must be {N_CLASSES} finite numbers, found {bias!r:.80}"
                         )
-                    self.class_bias[v] = np.asarray(bias, dtype=np.float64)
+                    self.class_bias[v] = values
             log.info("blend weights from %s (class-bias calibration: %s)", path, sorted(self.class_bias) or "none")
-            for name, ident in (fitted.get("bundles") or {}).items():
-                meta_path = self.bundle_root / name / "metadata.json"
-                if name in self.members and meta_path.exists():
-                    created = read_json(meta_path).get("created")
-                    if ident.get("created") != created:
-                        log.warning(
-                            "weights in %s were fitted on another %s bundle (created %s; loaded bundle %s): "
-                            "re-run training or the blend fit",
-                            path,
-                            name,
-                            ident.get("created"),
-                            created,
-                        )
         else:
             views = {v: defaults for v in VIEWS}
             log.info("no fitted %s: default weights ENSEMBLE_W_* %s", path, defaults)
@@ -520,7 +608,8 @@ class Predictor:
             out[name] = error if error is not None else future.result()
         return out
 
-    def _warm_up(self) -> None:
+    @staticmethod
+    def _warm_up(member: Member) -> None:
         """One full-sensor and one IMU-only call before serving: graph building and compilation
         (Keras XLA, lazy allocations) happen at start-up, not inside the first timed predict()."""
         n_ch = len(FRAME_FEATURES)
@@ -534,8 +623,7 @@ class Predictor:
                 subjects=np.array([""]),
                 demographics=np.full((1, len(DEMOGRAPHIC_FEATURES)), np.nan, np.float32),
             )
-            for member in self.members.values():
-                member.predict_proba(table)  # a member that cannot predict fails here, at start-up
+            member.predict_proba(table)  # a member that cannot predict fails here, at start-up
 
     def predict_proba_table(self, table: FrameTable) -> np.ndarray:
         """Blended (n, 18) probabilities; IMU-only sequences use the IMU-only view's weights."""
@@ -587,14 +675,20 @@ class Predictor:
         Serving (``cfg.run.strict`` off) never raises: hostile input is repaired, and an input no
         member can use is answered by the fallback chain of ``serving_guard`` (logged, counted in
         ``summary()``). With STRICT=1 every such problem raises an error naming it.
+
+        One call at a time (a lock around the whole call): concurrent callers wait, so no call sees
+        another's rows or a half-updated subject. A sequence longer than ``ENSEMBLE_SERVE_MAX_ROWS`` is
+        cut to its tail first (listed as degraded); with STRICT=1 it raises.
         """
-        if self.cfg.run.strict:
-            return self._predict_strict(sequence, demographics)
-        try:
-            return self._predict_serving(sequence, demographics)
-        except Exception as e:  # the last line of defence: a bug here must not cost the submission
-            log.exception("predict: unexpected %s; answering from the class prior", type(e).__name__)
-            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, [f"unexpected {type(e).__name__}: {e}"])
+        with self._lock:
+            if self.cfg.run.strict:
+                return self._predict_strict(sequence, demographics)
+            try:
+                return self._predict_serving(sequence, demographics)
+            except Exception as e:  # the last line of defence: a bug here must not cost the submission
+                log.exception("predict: unexpected %s; answering from the class prior", type(e).__name__)
+                problem = f"unexpected {type(e).__name__}: {e}"
+                return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, [problem])
 
     def _predict_strict(self, sequence: Any, demographics: Any) -> str:
         try:
@@ -604,6 +698,11 @@ class Predictor:
             raise PredictorError(str(e)) from None
         if sequence is None or sequence.height == 0:
             raise PredictorError("predict() got a sequence with zero rows")
+        if sequence.height > self.cfg.ensemble.serve_max_rows:
+            raise PredictorError(
+                f"predict() got a sequence of {sequence.height} rows, more than ENSEMBLE_SERVE_MAX_ROWS="
+                f"{self.cfg.ensemble.serve_max_rows} (serving would cut it to its tail)"
+            )
         if "sequence_id" in sequence.columns and sequence["sequence_id"].null_count():
             raise PredictorError(f"{sequence['sequence_id'].null_count()} row(s) have no sequence_id")
         if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
@@ -653,6 +752,10 @@ class Predictor:
         self.stats.calls += 1
         if seq is None or seq.height == 0:
             return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, problems + ["zero rows"])
+        seq, cut = serving_guard.cut_to_tail(seq, self.cfg.ensemble.serve_max_rows)  # bounded cost from here on
+        if cut:
+            self.stats.sequences_cut += 1
+            problems += cut
         seq, repairs = serving_guard.repair_sequence(seq)
         problems += repairs
         sid = str(seq["sequence_id"][0])
@@ -703,12 +806,34 @@ class Predictor:
 
     def degraded_sequences(self) -> dict[str, dict[str, Any]]:
         """sequence_id -> how its answer was degraded (the step that answered, the problems found)."""
-        return {k: dict(v) for k, v in self.stats.degraded.items()}
+        with self._lock:
+            return {k: dict(v) for k, v in self.stats.degraded.items()}
 
     def summary(self) -> dict[str, Any]:
+        with self._lock:
+            return self._summary()
+
+    def _summary(self) -> dict[str, Any]:
+        e = self.cfg.ensemble
         return {
             "members": list(self.members),
             "missing": self.missing,
+            # start-up in serving: damaged members left out and optional steps left out, with the reason of each
+            "start_up": {
+                "members_damaged": dict(self.damaged),
+                "steps_left_out": dict(self.steps_left_out),
+                "count": len(self.damaged) + len(self.steps_left_out),
+            },
+            "bounds": {
+                "max_rows": e.serve_max_rows,
+                "sequences_cut": self.stats.sequences_cut,
+                "max_subjects": e.serve_max_subjects,
+                "subjects_evicted": {
+                    "wear": self.wear.n_evicted,
+                    "subject_pp": self.subject_pp.assigner.n_evicted if self.subject_pp.assigner else 0,
+                },
+                "concurrency": "one lock around each predict() call",
+            },
             "weights": self.weights,
             "load_seconds": self.load_seconds,
             "calls": self.stats.calls,
@@ -720,6 +845,6 @@ class Predictor:
             "degraded": {
                 "count": self.stats.n_degraded,
                 "fallback_prior": self.prior.source,
-                "sequences": self.degraded_sequences(),
+                "sequences": {k: dict(v) for k, v in self.stats.degraded.items()},
             },
         }

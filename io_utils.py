@@ -1,17 +1,25 @@
-"""Atomic writes: a reader never sees a half-written file. Imports nothing of ours."""
+"""Atomic writes (a reader never sees a half-written file) and one writer per output folder. Imports nothing of ours."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"  # <out>/.lock: held (flock) by the one process writing the folder
 
 
 @contextlib.contextmanager
@@ -90,6 +98,108 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+
+class OutputLockError(RuntimeError):
+    """Another process holds the lock of an output folder; the message names it and the folder."""
+
+
+def _holder_text(raw: bytes) -> str:
+    """What a lock file says about its holder, for the error message."""
+    try:
+        h = json.loads(raw.decode())
+        return f"pid {h['pid']} on {h['host']}, running {h['command']!r} since {h['started']}"
+    except (ValueError, KeyError, TypeError):  # the holder has just taken the lock and not written it yet
+        return "a process that has not yet written its details"
+
+
+@contextlib.contextmanager
+def output_lock(folder: str | Path, command: str | None = None) -> Iterator[dict[str, Any]]:
+    """Hold ``<folder>/.lock`` (an OS file lock, ``fcntl.flock``) for the duration; yields what it records.
+
+    Non-blocking: while another process holds it, this raises ``OutputLockError`` naming that process (pid,
+    host, command, since when) and the folder. The file records the holder's pid, host, command and start
+    time; it is emptied on release and left in place. The kernel releases the lock of a process that dies,
+    however it dies, so a killed run never leaves the folder locked. flock locks belong to an open file
+    description: a second ``output_lock`` on the same folder in the same process fails too (no nesting).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: documented in the README, logged, not silent
+        log.warning("no fcntl on this system: %s is not locked against a second writer", folder)
+        yield {}
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(os.pread(fd, 65536, 0))
+            os.close(fd)
+            raise OutputLockError(
+                f"output folder {folder} is in use by another writer: {holder} (lock file {path}). "
+                "Wait for it to finish or stop it, or give this run another --out"
+            ) from None
+        try:  # the file locked must still be the one at ``path`` (not one removed since it was opened)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command if command is not None else " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        yield info
+    finally:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # an empty lock file: nobody's details linger
+        os.close(fd)  # releases the lock
+
+
+def is_stale_temporary(name: str) -> bool:
+    """A name ``atomic_path`` / ``atomic_dir`` give their temporaries: ``.<name>.XXXX.tmp`` or ``.<name>.old``."""
+    return name.startswith(".") and name.endswith((".tmp", ".old"))
+
+
+def remove_stale_temporaries(roots: Iterable[str | Path]) -> list[Path]:
+    """Remove what killed writers left under ``roots`` (recursively): ``.*.tmp`` / ``.*.old`` files and folders.
+
+    Only safe while holding the folder's ``output_lock``: a live writer's temporaries look the same. Symbolic
+    links are removed, never followed. Returns what was removed.
+    """
+    removed: list[Path] = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            continue
+        for here, dirs, files in os.walk(root):
+            for name in [d for d in dirs if is_stale_temporary(d)]:
+                dirs.remove(name)  # not descended into: removed whole
+                p = Path(here) / name
+                if p.is_symlink():
+                    p.unlink()
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            for name in files:
+                if is_stale_temporary(name):
+                    p = Path(here) / name
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                    removed.append(p)
+    return removed
 
 
 def _json_default(obj: Any) -> Any:

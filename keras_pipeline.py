@@ -42,6 +42,10 @@ EAGER_MAX_STEPS = 24
 XLA_MAX_BATCH = 8  # batches up to this size use the XLA-compiled inference function
 PREDICT_BATCH = 256  # sequences per inference call: bounds memory on big tables
 _PACKAGES = ("tensorflow", "tensorflow-cpu", "keras")  # versions recorded in the bundle
+# .keras loading relies on safe_mode, whose bypasses were fixed up to Keras 3.14 (CVE-2026-1462 among them):
+# older versions are refused before any model file is opened. requirements.txt pins PINNED_KERAS.
+MIN_KERAS = "3.14.0"
+PINNED_KERAS = "3.15.1"
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +256,7 @@ class KerasPipeline(MemberPipeline):
     name = MEMBER
     packages = _PACKAGES
     bundle_format = FORMAT
+    code_modules = ("keras_pipeline", "keras_model")  # their code is in the fingerprint
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()
@@ -438,6 +443,43 @@ class KerasMember:
         return out
 
 
+def check_keras_version(version: str) -> None:
+    """Refuse to load ``.keras`` files with a Keras older than ``MIN_KERAS`` (its ``safe_mode`` had bypasses)."""
+    from packaging.version import InvalidVersion, Version  # noqa: PLC0415  (installed with keras)
+
+    try:
+        ok = Version(version) >= Version(MIN_KERAS)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise bundle.BundleError(
+            f"keras {version} is installed; loading .keras bundles needs keras >= {MIN_KERAS} (earlier versions "
+            f"have safe_mode bypasses that run code from a model file): pip install keras=={PINNED_KERAS}"
+        )
+
+
+def _checked_fields(bundle_dir: Path, meta: dict) -> tuple[list[int], int]:
+    """The folds and pad length of the metadata, every per-fold scaler readable (else BundleError naming it)."""
+    where = bundle_dir / bundle.METADATA_FILE
+    folds = bundle.field(meta, "folds", list, where, items=int)
+    pad_len = bundle.field(meta, "pad_len", int, where)
+    if pad_len < 1:
+        raise bundle.BundleError(f"{where}: field pad_len is {pad_len}, expected at least 1")
+    for k in folds:
+        d = bundle.field(meta, ("scalers", str(k)), dict, where)
+        bundle.parse_field(where, f"scalers.{k}", features.ScalerStats.from_dict, d)
+    return folds, pad_len
+
+
+def _load_sealed_model(keras: Any, bundle_dir: Path, meta: dict, name: str) -> Any:
+    """A fold's model, from a file that is sealed, inside the bundle and digest-checked just now; safe mode on."""
+    path = bundle.sealed_file(bundle_dir, meta, name)
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001  (a foreign or damaged archive raises many kinds of error)
+        raise bundle.BundleError(f"{path}: not a loadable Keras model: {type(e).__name__}: {e}") from None
+
+
 def load_member(bundle_dir: Path, cfg: Config) -> KerasMember:
     """Check the bundle's metadata against the code, load every fold's two models once, compile inference."""
     bundle_dir = Path(bundle_dir)
@@ -453,15 +495,16 @@ def load_member(bundle_dir: Path, cfg: Config) -> KerasMember:
         problems.append(f"pad side {meta.get('pad_side')!r}, code pads on the left")
     if problems:
         raise bundle.BundleError(f"{bundle_dir / 'metadata.json'}: " + "; ".join(problems))
+    folds, pad_len = _checked_fields(bundle_dir, meta)
     keras = _keras(cfg)
+    check_keras_version(keras.__version__)
     tf = _tf()
     full_models, imu_models = [], []
-    for k in meta["folds"]:
+    for k in folds:
         for kind, dest in (("full", full_models), ("imu", imu_models)):
-            path = bundle_dir / f"fold{k}_{kind}.keras"
-            dest.append(keras.saving.load_model(path, compile=False))
+            dest.append(_load_sealed_model(keras, bundle_dir, meta, f"fold{k}_{kind}.keras"))
     imu_idx, tof_idx = _channel_index()
-    infer = _make_infer_fn(tf, full_models, imu_models, int(meta["pad_len"]), len(imu_idx), len(tof_idx))
+    infer = _make_infer_fn(tf, full_models, imu_models, pad_len, len(imu_idx), len(tof_idx))
     log.info("keras: loaded %d folds from %s", len(full_models), bundle_dir)
     return KerasMember(bundle_dir, meta, full_models, imu_models, infer)
 
@@ -473,22 +516,23 @@ def predict_proba_reload_per_call(bundle_dir: Path, table: Any, cfg: Config) -> 
     """
     bundle_dir = Path(bundle_dir)
     meta = bundle.read_metadata(bundle_dir, MEMBER, features.FRAME_FEATURES)
+    folds, pad_len = _checked_fields(bundle_dir, meta)
     keras = _keras(cfg)
+    check_keras_version(keras.__version__)
     imu_idx, tof_idx = _channel_index()
-    pad_len = int(meta["pad_len"])
     has = np.asarray(table.has_tof_thm, dtype=bool)
     out = np.zeros((table.n_sequences, N_CLASSES), dtype=np.float64)
     idx = np.arange(table.n_sequences)
-    for k in meta["folds"]:
+    for k in folds:
         x, mask = features.pad_batch(table, idx, pad_len, features.ScalerStats.from_dict(meta["scalers"][str(k)]))
         mask = mask.astype(np.float32)
-        full = keras.saving.load_model(bundle_dir / f"fold{k}_full.keras", compile=False)
-        light = keras.saving.load_model(bundle_dir / f"fold{k}_imu.keras", compile=False)
+        full = _load_sealed_model(keras, bundle_dir, meta, f"fold{k}_full.keras")
+        light = _load_sealed_model(keras, bundle_dir, meta, f"fold{k}_imu.keras")
         if has.any():
             out[has] += np.asarray(full([x[has][..., imu_idx], x[has][..., tof_idx], mask[has]], training=False))
         if (~has).any():
             out[~has] += np.asarray(light([x[~has][..., imu_idx], mask[~has]], training=False))
-    return out / len(meta["folds"])
+    return out / len(folds)
 
 
 __all__ = [

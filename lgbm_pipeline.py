@@ -364,6 +364,7 @@ class LGBMPipeline(MemberPipeline):
 
     name = MEMBER
     packages = ("lightgbm",)
+    code_modules = ("lgbm_pipeline",)  # with MemberPipeline.shared_code_modules: their code is in the fingerprint
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()
@@ -476,13 +477,14 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
     names_full, names_imu = current_feature_names(cfg)
     meta = bundle.read_metadata(bundle_dir, MEMBER, names_full)
     meta_path = bundle_dir / "metadata.json"
-    if list(meta.get("feature_names_imu", [])) != names_imu:
+    imu_in_bundle = bundle.field(meta, "feature_names_imu", list, meta_path)
+    if list(imu_in_bundle) != names_imu:
         raise bundle.BundleError(
             f"{MEMBER} bundle {meta_path} does not match the code: "
-            f"{_diff('feature_names_imu', list(meta.get('feature_names_imu') or []), names_imu)}"
+            f"{_diff('feature_names_imu', list(imu_in_bundle), names_imu)}"
         )
     # Same names but other settings (tail fraction, mirroring, dt) would silently change every value.
-    trained_with = meta.get("feature_config") or {}
+    trained_with = bundle.field(meta, "feature_config", dict, meta_path)
     now = json.loads(json.dumps(dataclasses.asdict(cfg.features)))  # tuples read back as lists
     changed = sorted(k for k in set(trained_with) | set(now) if trained_with.get(k) != now.get(k))
     if changed:
@@ -495,16 +497,22 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
         log.warning(
             "%s bundle trained with lightgbm %s, running %s", MEMBER, meta.get("lightgbm_version"), lgb.__version__
         )
-    params = {**(meta.get("params") or {}), "num_threads": threads.n_threads(cfg)}
-    entries = meta.get("models") or []
+    params = {**bundle.field(meta, "params", dict, meta_path), "num_threads": threads.n_threads(cfg)}
+    seed = bundle.field(meta, "seed", int, meta_path, default=42)
+    entries = bundle.field(meta, "models", list, meta_path, items=dict)
+    for i in range(len(entries)):  # every entry well-formed before any file is opened
+        bundle.field(meta, ("models", i, "view"), str, meta_path)
+        bundle.field(meta, ("models", i, "fold"), int, meta_path)
+        bundle.field(meta, ("models", i, "file"), str, meta_path)
+        bundle.field(meta, ("models", i, "present_classes"), list, meta_path, items=int)
     by_view: dict[str, list[LGBMSequenceClassifier]] = {"full": [], "imu": []}
     for view in VIEWS:
         expected = names_full if view == "full" else names_imu
-        view_entries = sorted((e for e in entries if e.get("view") == view), key=lambda e: int(e["fold"]))
+        view_entries = sorted((e for e in entries if e["view"] == view), key=lambda e: e["fold"])
         for e in view_entries:
-            path = bundle_dir / e["file"]
-            if not path.is_file():
-                raise bundle.BundleError(f"{path}: model file listed in {meta_path} is missing")
+            # The one way to a model file: sealed in metadata.json, inside the bundle, digest checked just now
+            # (LightGBM's parser aborts the interpreter on some truncated files).
+            path = bundle.sealed_file(bundle_dir, meta, e["file"])
             try:
                 booster = lgb.Booster(model_file=str(path))
             except lgb.basic.LightGBMError as err:
@@ -516,7 +524,7 @@ def load_member(bundle_dir: Path, cfg: Config) -> LGBMMember:
                     f"{_diff('booster feature_name()', got, expected)}"
                 )
             try:
-                model = LGBMSequenceClassifier.from_booster(booster, e["present_classes"], params, meta.get("seed", 42))
+                model = LGBMSequenceClassifier.from_booster(booster, e["present_classes"], params, seed)
             except ValueError as err:
                 raise bundle.BundleError(f"{path}: {err}") from None
             by_view[view].append(model)

@@ -8,6 +8,7 @@
     python main.py bench  --out DIR
     python main.py ablate --data-dir DIR --out DIR --variant NAME:KEY=VALUE,... [--seeds 42,43] [--members lgbm]
     python main.py export-notebook --out FILE
+    python main.py realism --data-dir DIR [--run OUT]   # the data (and a run) beside the real data's figures
     python main.py gpu-check [--cpu] [--out DIR]  # one prepared GPU check: epoch times, memory, latency
     torchrun --nproc_per_node=N main.py train --members torch ...   # one job over N processes (DDP)
 
@@ -26,7 +27,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -111,12 +112,46 @@ def stage_synth(
     return out
 
 
-def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = False) -> dict[str, Any]:
+@contextlib.contextmanager
+def claim_output(out: Path) -> Iterator[None]:
+    """This process is the one writer of ``out`` (``io_utils.output_lock`` on ``<out>/.lock``) while inside;
+    what killed runs left behind (``.*.tmp`` / ``.*.old`` under bundles/, ensemble/, oof/) is removed first.
+
+    Another process holding it: ``io_utils.OutputLockError`` naming that process. The ``.<member>_work``
+    folders are resumable state (keyed by fingerprint) and stay.
+    """
+    import io_utils
+
+    with io_utils.output_lock(out):
+        removed = io_utils.remove_stale_temporaries([out / "bundles", out / "ensemble", out / "oof"])
+        if removed:
+            log.info(
+                "removed %d stale temporary file(s)/folder(s) left by an interrupted run in %s: %s",
+                len(removed),
+                out,
+                ", ".join(str(p.relative_to(out)) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""),
+            )
+        yield
+
+
+def stage_train(
+    cfg: Config, names: list[str], timer: StageTimer, force: bool = False, output_claimed: bool = False
+) -> dict[str, Any]:
     """Train ``names`` on the shared folds (skipping complete bundles unless ``force``), then fit the blend.
 
     ``cfg.run.executor`` says how the fold jobs run (executors.py). Under torchrun rank 0 does everything
-    here; the other ranks receive its training data and train with it (``_train_other_rank``).
+    here; the other ranks receive its training data and train with it (``_train_other_rank``). Rank 0 holds
+    the output folder for the whole stage (``claim_output``) unless the caller already does (``output_claimed``).
+    ``force`` also remakes ``folds.csv``.
     """
+    if output_claimed or distributed.env_rank() != 0:
+        return _stage_train(cfg, names, timer, force)
+    with claim_output(Path(cfg.run.out_dir)):
+        return _stage_train(cfg, names, timer, force)
+
+
+def _stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = False) -> dict[str, Any]:
+    """``stage_train``'s work, in the claimed output folder."""
     import data
     import ensemble
     import executors
@@ -137,9 +172,24 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
     with timer.stage("frame features"):
         table = build_frame_table(train.rows, train.demographics, cfg.features)
         # Subjects wearing the device upside down are found and rotated back before training.
-        rows, corrected = wear.prepare_training_rows(train.rows, train.demographics, table, cfg, out / "ensemble")
+        steps: dict[str, Any] = {"wear detector": {}}  # optional steps: what each did or why it was skipped
+        rows, corrected = _optional_step(
+            "wear detector",
+            cfg,
+            steps,
+            lambda: wear.prepare_training_rows(
+                train.rows, train.demographics, table, cfg, out / "ensemble", record=steps["wear detector"]
+            ),
+            fallback=(train.rows, False),
+        )
         td = training_data(
-            rows, train.demographics, train.labels, cfg, out / "folds.csv", table=None if corrected else table
+            rows,
+            train.demographics,
+            train.labels,
+            cfg,
+            out / "folds.csv",
+            table=None if corrected else table,
+            remake_folds=force,  # train --force remakes folds.csv too
         )
     distributed.broadcast_object(td)  # torchrun: every rank trains on rank 0's data and folds (else a no-op)
     summaries: dict[str, Any] = {}
@@ -166,11 +216,61 @@ def stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool = 
             weights = ensemble.fit_ensemble(out / "oof", blended, cfg, blend_oof_dir=out / "ensemble" / "oof")
             weights["bundles"] = {m: _bundle_identity(out / "bundles" / m) for m in blended}
             ensemble.save_weights(out / "ensemble" / "weights.json", weights)
+        # Optional from here on: the bundles and weights.json are written, so nothing below may fail the training.
         with timer.stage("subject post-processing"):
             import subject_pp
 
-            subject_pp.fit_and_evaluate(out, td.table, train.labels, td.y, td.fold_ids, cfg)
+            pp = _optional_step(
+                "subject post-processing",
+                cfg,
+                steps,
+                lambda: subject_pp.fit_and_evaluate(out, td.table, train.labels, td.y, td.fold_ids, cfg),
+            )
+            if pp is not None:
+                steps["subject post-processing"] = {"status": "fitted", "protocol": pp["protocol"]["kind"]}
+                steps |= {part: {"status": "skipped", "reason": why} for part, why in pp.get("skipped", {}).items()}
+    else:
+        why = "no member blended (none trained, or USE_*=0)"
+        steps["subject post-processing"] = {"status": "skipped", "reason": why}
+        log.warning("subject post-processing skipped: no member blended")
+        # an earlier run's blend and post-processing files must not be sealed below as if fitted by this one
+        import subject_pp
+
+        for name in ("weights.json", subject_pp.PROTOCOL_FILE, subject_pp.ORIENTATION_MODEL_FILE):
+            stale = out / "ensemble" / name
+            if stale.is_file():
+                stale.unlink()
+                log.warning("removed %s: it was fitted by an earlier run, with other members", stale)
+    _write_optional_steps(out, steps)
+    import ensemble_seal  # last: the ensemble files as one sealed set, bound to the bundles they were fitted with
+
+    ensemble_seal.write_manifest(out / "ensemble", {m: out / "bundles" / m for m in blended})
     return summaries
+
+
+def _optional_step(name: str, cfg: Config, steps: dict[str, Any], fn: Callable[[], Any], fallback: Any = None) -> Any:
+    """``fn()``, or ``fallback`` when it raises: an optional training step must not fail a training.
+
+    The step checks up front what the data can support and skips the rest itself (logged, and recorded in
+    ``steps``). This catches everything else: the exception is logged with its traceback, recorded as
+    ``failed`` under ``name`` in ``steps`` (``optional_steps.json``) and the step is skipped. Under
+    ``STRICT=1`` (the test suite) it is re-raised, so bugs surface.
+    """
+    try:
+        return fn()
+    except Exception as e:
+        if cfg.run.strict:
+            raise
+        log.exception("optional step %r failed and was skipped (training goes on; STRICT=1 raises): %s", name, e)
+        steps[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        return fallback
+
+
+def _write_optional_steps(out: Path, steps: dict[str, Any]) -> None:
+    """``<out>/optional_steps.json``: per optional step, what it did or why it was skipped (read by the report)."""
+    from io_utils import write_json
+
+    write_json(out / "optional_steps.json", steps)
 
 
 def _train_other_rank(cfg: Config, names: list[str], force: bool) -> dict[str, Any]:
@@ -351,8 +451,21 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not main_rank:
         logging.getLogger().setLevel(logging.WARNING)
     timer = StageTimer(out / "timings.json" if main_rank else None)
-    stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force)
+    try:
+        stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force)
+    except _user_errors() as e:  # another writer, folds of other data, unusable training files: a message
+        raise SystemExit(f"train: {e}") from None
     distributed.shutdown()
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors the CLI reports as one message, not a traceback: another process writes the output folder, a
+    folds.csv of other data, training files that cannot be used."""
+    import cv
+    import data
+    import io_utils
+
+    return (io_utils.OutputLockError, cv.FoldsError, data.DataError)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -375,6 +488,14 @@ def cmd_run(args: argparse.Namespace) -> None:
         raise SystemExit("under torchrun, use the train command (torchrun --nproc_per_node=N main.py train ...)")
     out = Path(args.out)
     setup_logging(out, args.verbose)
+    try:
+        with claim_output(out):  # one writer from the generated data to the report
+            _run_stages(args, out)
+    except _user_errors() as e:
+        raise SystemExit(f"run: {e}") from None
+
+
+def _run_stages(args: argparse.Namespace, out: Path) -> None:
     timer = StageTimer(out / "timings.json")
     data_dir = Path(args.data_dir) if args.data_dir else out / "data"
     if not args.data_dir:
@@ -383,7 +504,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     args.data_dir = str(data_dir)
     cfg = make_config(args)
     t0 = time.perf_counter()
-    stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force)
+    stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force, output_claimed=True)
     stage_serve(cfg, timer)
     timer.record("train + serve total", time.perf_counter() - t0)
     import report
@@ -429,9 +550,10 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     def train(run_cfg: Config, names: list[str]) -> None:
         stage_train(run_cfg, names, StageTimer(Path(run_cfg.run.out_dir) / "timings.json"))
 
-    try:
-        result = ablation.run_ablation(spec, train, stage=timer.stage, explicit_members=bool(args.members))
-    except ablation.AblationError as e:
+    try:  # one ablation per folder; each run's stage_train also holds its own run folder
+        with claim_output(out):
+            result = ablation.run_ablation(spec, train, stage=timer.stage, explicit_members=bool(args.members))
+    except (ablation.AblationError, *_user_errors()) as e:
         raise SystemExit(f"ablate: {e}") from None
     print("\n" + ablation.format_table(result.rows, spec.ci_level))
     print("\n" + "\n".join(f"{k}: {p}" for k, p in result.paths.items()))
@@ -452,6 +574,21 @@ def cmd_gpu_check(args: argparse.Namespace) -> None:
     result = gpu_check.run(Path(args.out), cpu=args.cpu, subjects=args.subjects, epochs=args.epochs, only=only)
     print(json.dumps(result, indent=2))
     print(f"\ngpu check: {Path(args.out) / gpu_check.RESULT_FILE}")
+
+
+def cmd_realism(args: argparse.Namespace) -> None:
+    import realism
+
+    setup_logging(None)
+    data_dir = Path(args.data_dir) if args.data_dir else (Path(args.run) / "data" if args.run else None)
+    if data_dir is None:
+        raise SystemExit("realism: --data-dir (or --run of a `main.py run` folder, whose data/ is read) is required")
+    try:
+        rows, path = realism.run(data_dir, args.run, Path(args.out))
+    except FileNotFoundError as e:
+        raise SystemExit(f"realism: {e}") from None
+    print(path.read_text())
+    print(f"realism: {path} and {path.with_suffix('.json')}")
 
 
 def cmd_export_notebook(args: argparse.Namespace) -> None:
@@ -740,6 +877,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--members", help="only these of the neural members (default: every one in the registry)")
     g.add_argument("-v", "--verbose", action="store_true")
     g.set_defaults(func=cmd_gpu_check)
+
+    rl = sub.add_parser(
+        "realism", help="the data set's (and a run's) figures beside the real data's (REAL_DATA_FACTS.md)"
+    )
+    rl.add_argument("--data-dir", help="folder in the competition layout (default: <run>/data)")
+    rl.add_argument("--run", help="a finished run's output folder: its OOF figures too")
+    rl.add_argument("--out", default="outputs/realism.md", help="Markdown table (and .json beside it)")
+    rl.set_defaults(func=cmd_realism)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")
     n.add_argument("--out", default="outputs/cmi_notebook.ipynb")

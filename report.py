@@ -154,24 +154,50 @@ def _subject_pp_lines(out: Path, serve: dict[str, Any]) -> list[str]:
                     f"{no_or['mean']:.4f} (gain {no_or['gain_mean']:+.4f})."
                 )
     if wear_info:
-        h = wear_info["held_out"]
+        h = wear_info.get("held_out") or {}
+        ev = wear_info.get("training_evidence") or {}
+        rotated = ev.get("rotated") or [{"subject": s} for s in wear_info.get("rotated_training_subjects") or []]
+        corrected = wear_info.get("training_corrected", bool(rotated))
         lines += [
             "",
             "## Upside-down wear",
             "",
             (
                 "Detector (logistic, sign-odd features) per-sequence held-out accuracy "
-                f"{h['per_sequence_accuracy']:.3f}; evidence threshold {wear_info['threshold']:.2f}. "
+                f"{_fmt(h.get('per_sequence_accuracy'))}; evidence threshold {_fmt(wear_info.get('threshold'))}. "
                 "Held-out subjects: synthetic rotated copies detected in "
-                f"{h['rotated_copy_orders_detected']}/{h['rotated_copy_orders']} orders (median after "
-                f"{h['sequences_to_detect_median']} sequences); normal subjects flagged in "
-                f"{h['normal_subject_orders_flagged']}/{h['normal_subject_orders']} orders."
+                f"{h.get('rotated_copy_orders_detected')}/{h.get('rotated_copy_orders')} orders (median after "
+                f"{h.get('sequences_to_detect_median')} sequences); normal subjects flagged in "
+                f"{h.get('normal_subject_orders_flagged')}/{h.get('normal_subject_orders')} orders."
             ),
             (
-                f"Rotated training subjects found and corrected before training: "
-                f"{', '.join(wear_info['rotated_training_subjects']) or 'none'}."
+                f"Rotated training subjects (at least {wear_info.get('min_sequences')} sequences and summed log-odds "
+                f"above the threshold, as at serving), "
+                + ("corrected before training" if corrected else "not corrected (ENSEMBLE_WEAR_CORRECT_TRAINING=0)")
+                + ": "
+                + (
+                    ", ".join(
+                        f"{d['subject']}"
+                        + (f" ({d['sequences']} sequences, log-odds {d['log_odds']:.1f})" if "log_odds" in d else "")
+                        for d in rotated
+                    )
+                    or "none"
+                )
+                + "."
             ),
         ]
+        if ev.get("refused_by_cap"):
+            lines.append(
+                f"**{len(ev.get('refused') or [])} training subjects looked rotated, more than the "
+                f"{ev.get('max_subjects')} that ENSEMBLE_WEAR_MAX_TRAIN_SHARE={ev.get('max_share')} allows: "
+                "none was rotated.**"
+            )
+        if ev.get("below_threshold"):
+            lines.append(
+                f"Candidates below the evidence threshold, not rotated: {len(ev['below_threshold'])}; subjects "
+                f"with fewer than {wear_info.get('min_sequences')} sequences (never rotated): "
+                f"{ev.get('subjects_below_min_sequences')}."
+            )
     truth = serve.get("wear_truth") or {}
     if truth:
         lines.append(
@@ -212,11 +238,33 @@ def _degraded_lines(predictor: dict[str, Any], max_listed: int = 20) -> list[str
     return lines
 
 
+def _optional_step_lines(out: Path) -> list[str]:
+    """The optional training steps that were skipped or failed (``optional_steps.json``, written by training)."""
+    steps = _load(out / "optional_steps.json") or {}
+    rows = [(name, d) for name, d in steps.items() if isinstance(d, dict) and d.get("status") in ("skipped", "failed")]
+    if not rows:
+        return []
+    lines = ["", "## Optional steps skipped", "", "| step | status | reason |", "|---|---|---|"]
+    for name, d in rows:
+        lines.append(f"| {name} | {d['status']} | {str(d.get('reason', '')).replace('|', '/')[:300]} |")
+    return lines
+
+
 def write_report(out: str | Path) -> Path:
+    """Write ``<out>/report/report.md`` from whatever the stages left in ``out``.
+
+    Sections whose inputs are missing are left out; the OOF-based parts (CV table, plots, per-class F1)
+    need the members' OOF files: without them, or when they cannot be read, the report says so and the
+    reason is logged at WARNING.
+    """
     out = Path(out)
     report_dir = out / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     summaries = {m: _load(out / "oof" / f"{m}_summary.json") for m in cv.available_members(out / "oof")}
+    notes: list[str] = []
+    if not summaries:
+        notes.append(f"no member OOF in {out / 'oof'}: the cross-validation table, plots and per-class F1 are skipped")
+        log.warning("report: %s", notes[-1])
     weights = _load(out / "ensemble" / "weights.json")
     serve = _load(out / "serve.json") or {}
     timings = _load(out / "timings.json") or {}
@@ -224,6 +272,7 @@ def write_report(out: str | Path) -> Path:
     lines = ["# CMI gesture recognition — run report", ""]
     data_note = "generated (synthetic) data" if (out / "data" / "test_solution.csv").exists() else "the given data"
     lines += [f"Output folder `{out}`; scores below are measured on {data_note}.", ""]
+    lines += [f"*{n[0].upper() + n[1:]}.*" for n in notes] + ([""] if notes else [])
 
     lines += [
         "## Cross-validation (OOF, subject-grouped folds)",
@@ -298,6 +347,7 @@ def write_report(out: str | Path) -> Path:
         lines.append(
             "A hold-out score far below the CV score would mean serving computes something other than training did."
         )
+    lines += _optional_step_lines(out)
     lines += _subject_pp_lines(out, serve)
     if serve.get("latency"):
         lat = serve["latency"]
@@ -319,11 +369,24 @@ def write_report(out: str | Path) -> Path:
     if bench:
         lines += ["", "## Benchmarks", "", "```", json.dumps(bench, indent=1)[:6000], "```"]
 
-    blended = _blended_oof(out, weights)
+    try:
+        blended = _blended_oof(out, weights) if summaries else None
+    except (OSError, ValueError, KeyError) as e:  # FoldsError is a ValueError: OOF files of another run or missing
+        log.warning(
+            "report: the OOF files in %s cannot be read (%s: %s): plots skipped", out / "oof", type(e).__name__, e
+        )
+        lines += ["", f"*Plots and per-class F1 skipped: the OOF files cannot be read ({type(e).__name__}: {e}).*"]
+        blended = None
     if blended is not None:
         y, proba = blended
-        files = _plots(out, report_dir, y, proba, summaries)
-        lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
+        try:
+            files = _plots(out, report_dir, y, proba, summaries)
+        except ImportError as e:
+            log.warning("report: plots skipped (%s)", e)
+            files = []
+            lines += ["", f"*Plots skipped: {e}.*"]
+        if files:
+            lines += ["", "## Plots", ""] + [f"![{f}]({f})" for f in files]
         f1 = per_class_f1([GESTURES[i] for i in y], [GESTURES[i] for i in proba.argmax(1)])
         lines += ["", "## Per-class F1 (blended OOF, full view)", "", "| gesture | type | F1 |", "|---|---|---|"]
         lines += [f"| {g} | {'target' if g in TARGET_GESTURES else 'non-target'} | {f1[g]:.3f} |" for g in GESTURES]

@@ -5,6 +5,8 @@ Used by ``ensemble.Predictor.predict`` only when ``cfg.run.strict`` is off (serv
 ``STRICT=1`` never come here: there the same inputs raise ``features.FeatureError`` /
 ``ensemble.PredictorError`` naming the problem. Every repair is returned as a short problem string so
 the Predictor can log it and list the sequence as degraded (``Predictor.summary()`` -> serve.json).
+First of all, ``cut_to_tail`` bounds a call's cost: a frame longer than ``ENSEMBLE_SERVE_MAX_ROWS`` keeps
+its last rows (``STRICT=1``: an error instead).
 
 The fallback chain (``Predictor.predict``, serving):
 1. the members on the repaired rows;
@@ -56,6 +58,31 @@ def to_polars(obj: Any, what: str) -> pl.DataFrame | None:
     if type(obj).__module__.split(".")[0] == "pandas" and hasattr(obj, "columns"):
         return pl.from_pandas(obj)
     raise TypeError(f"{what} must be a polars or pandas DataFrame, got {type(obj).__name__}")
+
+
+def cut_to_tail(seq: pl.DataFrame, max_rows: int) -> tuple[pl.DataFrame, list[str]]:
+    """At most ``max_rows`` rows (``ENSEMBLE_SERVE_MAX_ROWS``): one call's cost is bounded. Returns (rows, problems).
+
+    Runs before ``repair_sequence``, on the frame as handed over, and looks at one column only: a longer
+    frame keeps the rows with the ``max_rows`` largest ``sequence_counter`` values (the gesture ends a
+    sequence; counters that do not parse rank first, i.e. are cut first), in their file order; without a
+    counter column, its last ``max_rows`` rows.
+    """
+    n = seq.height
+    if n <= max_rows:
+        return seq, []
+    if "sequence_counter" in seq.columns:
+        counter = seq["sequence_counter"]
+        if counter.dtype == pl.String:
+            counter = counter.str.strip_chars()
+        key = counter.cast(pl.Float64, strict=False).fill_nan(None).fill_null(-np.inf).to_numpy()
+        keep = np.sort(np.argsort(key, kind="stable")[n - max_rows :])
+        contiguous = keep[-1] - keep[0] == max_rows - 1  # rows in counter order: a slice, no copy
+        seq = seq.slice(int(keep[0]), max_rows) if contiguous else seq[keep]
+        how = "the last by sequence_counter"
+    else:
+        seq, how = seq.tail(max_rows), "the last in file order"
+    return seq, [f"{n} rows, more than ENSEMBLE_SERVE_MAX_ROWS={max_rows}: cut to {how} {max_rows}"]
 
 
 def repair_sequence(seq: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
@@ -198,18 +225,46 @@ def _checked(values: Any, where: Path) -> np.ndarray:
     return p / p.sum()
 
 
-def load_class_prior(weights_path: Path, oof_dir: Path) -> ClassPrior:
-    """The training class prior: ``class_prior`` in weights.json, else the OOF labels, else uniform (logged)."""
-    if weights_path.exists():
-        stored = (read_json(weights_path) or {}).get("class_prior")
-        if stored is not None:
-            return ClassPrior(_checked(stored, weights_path), str(weights_path))
+def _prior_from_weights(weights_path: Path | None) -> ClassPrior | None:
+    if weights_path is None or not weights_path.exists():
+        return None
+    stored = read_json(weights_path)
+    if not isinstance(stored, dict):
+        raise PriorError(f"{weights_path}: not a JSON object")
+    if stored.get("class_prior") is None:
+        return None
+    return ClassPrior(_checked(stored["class_prior"], weights_path), str(weights_path))
+
+
+def _prior_from_labels(y_path: Path) -> ClassPrior | None:
+    if not y_path.exists():
+        return None
+    y = read_npy(y_path)
+    if y.ndim != 1 or y.size == 0 or y.min() < 0 or y.max() >= N_CLASSES:
+        raise PriorError(f"{y_path}: not a vector of class indices 0..{N_CLASSES - 1}")
+    return ClassPrior(_checked(class_prior_from_labels(y), y_path), str(y_path))
+
+
+def load_class_prior(weights_path: Path | None, oof_dir: Path, problems: list[str] | None = None) -> ClassPrior:
+    """The training class prior: ``class_prior`` in weights.json, else the OOF labels, else uniform (logged).
+
+    ``weights_path`` None: weights.json is not to be read (the Predictor left it out as damaged).
+
+    A damaged source raises (``PriorError`` or the reader's error, naming the file). With ``problems``
+    (serving) it is logged, appended there instead, and the next source is tried.
+    """
     y_path = oof_dir / "y_true.npy"
-    if y_path.exists():
-        y = read_npy(y_path)
-        if y.ndim != 1 or y.size == 0 or y.min() < 0 or y.max() >= N_CLASSES:
-            raise PriorError(f"{y_path}: not a vector of class indices 0..{N_CLASSES - 1}")
-        return ClassPrior(_checked(class_prior_from_labels(y), y_path), str(y_path))
+    for read, path in ((_prior_from_weights, weights_path), (_prior_from_labels, y_path)):
+        try:
+            prior = read(path)
+        except Exception as e:  # noqa: BLE001  (strict: re-raised; serving: the next source answers)
+            if problems is None:
+                raise
+            problems.append(f"{path}: {type(e).__name__}: {e}")
+            log.error("class prior from %s left out (%s: %s); trying the next source", path, type(e).__name__, e)
+            continue
+        if prior is not None:
+            return prior
     log.warning(
         "no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", weights_path, y_path, GESTURES[0]
     )

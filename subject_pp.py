@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ import numpy as np
 import polars as pl
 from scipy.optimize import linear_sum_assignment
 
-from config import Config
+import ensemble_seal
+from config import Config, EnsembleConfig
 from cv import read_member_oof
 from features import FrameTable, sequence_aggregates
 from io_utils import atomic_path, read_json, write_json
@@ -145,6 +146,25 @@ def learn_protocol(
         log.info("subject post-processing: %s; it will do nothing", info["reason"])
         return Protocol("none", info=info)
     pair = _at_most_table(pair_counts, min_share)
+    if pair is not None and len({o for o, _ in pair[0]}) < 2:
+        # one orientation: nothing for an orientation model to tell apart (LightGBM refuses one class); the
+        # pair capacities summed per gesture are the same constraint, scored by gesture only as serving would
+        table, share = pair
+        (only,) = {o for o, _ in table}
+        slots = tuple((o, g, c) for (o, g), c in sorted(table.items()))
+        info |= {"share_within": share, "capacity_total": sum(c for *_, c in slots)}
+        protocol = _per_gesture(
+            Protocol("pair", slots, (only,), info),
+            f"one orientation ({only!r}) in the protocol: per-gesture slots, no orientation model",
+        )
+        log.warning(
+            "protocol learned with one orientation (%r): %d per-gesture slots, %d sequences per subject at most; "
+            "the orientation model is skipped (nothing to tell apart)",
+            only,
+            len(protocol.slots),
+            info["capacity_total"],
+        )
+        return protocol
     if pair is not None:
         table, share = pair
         orients = tuple(sorted({o for o, _ in table}))
@@ -207,6 +227,18 @@ def _orientation_params(cfg: Config, n_class: int) -> dict[str, Any]:
     }
 
 
+def orientation_model_problem(orient_idx: np.ndarray, n_class: int, fold_ids: np.ndarray) -> str:
+    """Why an orientation model cannot be fitted on these labels and folds ("" when it can)."""
+    orient_idx, fold_ids = np.asarray(orient_idx), np.asarray(fold_ids)
+    present = np.unique(orient_idx)
+    if n_class < 2 or len(present) < 2:
+        return f"{len(present)} orientation class(es) among the sequences: nothing to tell apart"
+    folds = np.unique(fold_ids)
+    if len(folds) < 2:
+        return f"the sequences lie in {len(folds)} fold(s): no out-of-fold estimate"
+    return ""
+
+
 def fit_orientation_model(
     X: np.ndarray,
     orient_idx: np.ndarray,
@@ -216,9 +248,16 @@ def fit_orientation_model(
     feature_names: list[str],
     rounds: int = 150,
 ) -> tuple[Any, np.ndarray]:
-    """OOF probabilities on the shared folds, and one booster trained on every sequence for serving."""
+    """OOF probabilities on the shared folds, and one booster trained on every sequence for serving.
+
+    Raises ``ProtocolError`` on inputs it cannot fit (fewer than 2 classes, a fold with no training rows);
+    ``orientation_model_problem`` says so up front, which is how ``fit_and_evaluate`` skips it.
+    """
     import lightgbm as lgb
 
+    problem = orientation_model_problem(orient_idx, n_class, fold_ids)
+    if problem:
+        raise ProtocolError(f"orientation model cannot be fitted: {problem}")
     oof = np.zeros((len(X), n_class))
     params = _orientation_params(cfg, n_class)
     for k in np.unique(fold_ids):
@@ -269,16 +308,47 @@ class _SubjectState:
 
 
 class SubjectAssigner:
-    """Per-subject online assignment to protocol slots; one instance per Predictor (no global state)."""
+    """Per-subject online assignment to protocol slots; one instance per Predictor (no global state).
 
-    def __init__(self, protocol: Protocol, max_history: int = 400) -> None:
+    Bounded: at most ``max_history`` sequences per subject and ``max_subjects`` subjects
+    (``ENSEMBLE_SERVE_MAX_SUBJECTS``): beyond it the least recently seen subject is forgotten (counted in
+    ``n_evicted``, logged now and then); should it come back, its assignment starts afresh. Not
+    thread-safe on its own: the Predictor calls it under its lock.
+    """
+
+    def __init__(
+        self, protocol: Protocol, max_history: int = 400, max_subjects: int = EnsembleConfig.serve_max_subjects
+    ) -> None:
         self.protocol = protocol
         self.max_history = int(max_history)
+        self.max_subjects = int(max_subjects)
         caps = np.array([c for *_, c in protocol.slots], dtype=np.int64)
         self.col_slot = np.repeat(np.arange(len(caps)), caps)  # capacity expanded into columns
         self.slot_gesture = np.array([GESTURES.index(g) for _, g, _ in protocol.slots], dtype=np.int64)
-        self.state: dict[str, _SubjectState] = {}
+        self.state: OrderedDict[str, _SubjectState] = OrderedDict()  # least recently seen first
         self.n_over_capacity = 0
+        self.n_evicted = 0
+
+    def _subject(self, subject: str) -> _SubjectState:
+        """The subject's state, now the most recently seen; a new subject may evict the least recent one."""
+        st = self.state.get(subject)
+        if st is not None:
+            self.state.move_to_end(subject)
+            return st
+        st = self.state[subject] = _SubjectState()
+        while len(self.state) > self.max_subjects:
+            gone, old = self.state.popitem(last=False)
+            self.n_evicted += 1
+            if self.n_evicted == 1 or self.n_evicted % self.max_subjects == 0:  # now and then, not per call
+                log.warning(
+                    "subject post-processing: state is kept for at most %d subjects (ENSEMBLE_SERVE_MAX_SUBJECTS): "
+                    "%d least recently seen forgotten so far (latest %s, %d sequence(s))",
+                    self.max_subjects,
+                    self.n_evicted,
+                    gone,
+                    len(old.rows),
+                )
+        return st
 
     def answer(self, subject: str, slot_logp: np.ndarray, sequence_id: str | None = None) -> int:
         """Gesture index for the subject's newest sequence, given its (n_slots,) log P(slot).
@@ -286,7 +356,7 @@ class SubjectAssigner:
         A ``sequence_id`` seen before (a retried call) replaces that sequence's row instead of
         taking a second slot; without an id every call is a new sequence.
         """
-        st = self.state.setdefault(subject, _SubjectState())
+        st = self._subject(subject)
         st.calls += 1
         key = sequence_id if sequence_id is not None else f"#call{st.calls}"
         st.rows.pop(key, None)  # the current sequence is always the last row
@@ -324,6 +394,8 @@ class SubjectAssigner:
             "subjects": len(self.state),
             "sequences": sum(len(s.rows) for s in self.state.values()),
             "subjects_over_capacity": self.n_over_capacity,
+            "subjects_evicted": self.n_evicted,
+            "max_subjects": self.max_subjects,
         }
 
 
@@ -333,7 +405,11 @@ class SubjectPostProcessor:
     def __init__(self, protocol: Protocol | None, orientation: OrientationModel | None, cfg: Config) -> None:
         self.protocol, self.orientation, self.cfg = protocol, orientation, cfg
         self.enabled = bool(cfg.ensemble.subject_pp and protocol is not None and protocol.active)
-        self.assigner = SubjectAssigner(protocol, cfg.ensemble.subject_pp_max_history) if self.enabled else None
+        self.assigner = (
+            SubjectAssigner(protocol, cfg.ensemble.subject_pp_max_history, cfg.ensemble.serve_max_subjects)
+            if self.enabled
+            else None
+        )
         self.calls_without_subject = 0
         self.seconds = 0.0
 
@@ -343,10 +419,11 @@ class SubjectPostProcessor:
         if not cfg.ensemble.subject_pp:
             log.info("subject post-processing switched off (ENSEMBLE_SUBJECT_PP=0): plain argmax")
             return cls(None, None, cfg)
-        if not path.exists():
+        raw = ensemble_seal.read_sealed(ensemble_dir, PROTOCOL_FILE)  # digest checked against manifest.json
+        if raw is None:
             log.info("no %s: no subject post-processing", path)
             return cls(None, None, cfg)
-        d = read_json(path)
+        d = ensemble_seal.parse_json(raw, path)
         protocol = Protocol.from_dict(d, str(path))
         if not protocol.active:
             log.info(
@@ -358,14 +435,16 @@ class SubjectPostProcessor:
         orientation = None
         model_path = Path(ensemble_dir) / ORIENTATION_MODEL_FILE
         if protocol.kind == "pair":
-            if not model_path.exists():
+            # LightGBM's parser can crash the interpreter on a truncated file: it sees only the sealed bytes.
+            model_raw = ensemble_seal.read_sealed(ensemble_dir, ORIENTATION_MODEL_FILE)
+            if model_raw is None:
                 log.warning("%s missing: slots scored by gesture only (orientation uniform)", model_path)
             else:
                 import lightgbm as lgb
 
                 try:
-                    booster = lgb.Booster(model_file=str(model_path))
-                except lgb.basic.LightGBMError as e:
+                    booster = lgb.Booster(model_str=model_raw.decode("utf-8"))
+                except (lgb.basic.LightGBMError, UnicodeDecodeError) as e:
                     raise ProtocolError(f"{model_path}: not a readable LightGBM model file: {e}") from None
                 names = list(d.get("orientation_features") or [])
                 if list(booster.feature_name()) != names or int(booster.num_model_per_iteration()) != len(
@@ -448,7 +527,7 @@ def simulate_online(
     scores, fold_scores = [], {}
     folds = [] if fold_ids is None else sorted(int(k) for k in np.unique(fold_ids))
     for _ in range(n_orders):
-        assigner = SubjectAssigner(protocol, max_history)
+        assigner = SubjectAssigner(protocol, max_history, max_subjects=max(1, len(groups)))  # a replay evicts none
         pred = np.empty(len(y), dtype=np.int64)
         for s, idx in groups.items():
             for i in idx[rng.permutation(len(idx))]:
@@ -515,28 +594,81 @@ def _blended_oof(
     return oofs[0].y_true, out
 
 
+def _replay_problem(out_dir: Path, ens_dir: Path) -> str:
+    """Why the OOF replay cannot run ("" when it can): it needs the blend weights and every blended member's OOF."""
+    weights_path = ens_dir / "weights.json"
+    if not weights_path.exists():
+        return f"no {weights_path} (no member was blended)"
+    if (ens_dir / "oof" / "blend_summary.json").exists():
+        return ""
+    try:
+        blended = list(read_json(weights_path)["members"])
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{weights_path} lists no members ({type(e).__name__}: {e})"
+    missing = [m for m in blended if not (out_dir / "oof" / f"{m}_summary.json").exists()]
+    if not blended or missing:
+        return f"no OOF in {out_dir / 'oof'} for blended member(s) {missing or blended}"
+    return ""
+
+
 def fit_and_evaluate(
     out_dir: str | Path, table: FrameTable, labels: pl.DataFrame, y: np.ndarray, fold_ids: np.ndarray, cfg: Config
 ) -> dict[str, Any]:
     """Learn the protocol and the orientation model, write them beside weights.json, and simulate the gateway on OOF.
 
-    Writes ``ensemble/protocol.json``, ``ensemble/orientation_model.txt`` and ``oof/subject_pp_replay.json``.
+    Writes ``ensemble/protocol.json``, ``ensemble/orientation_model.txt`` (pair protocols only) and
+    ``oof/subject_pp_replay.json``. Parts the data cannot support are skipped, logged at WARNING and listed
+    under ``skipped`` in the replay file (and the returned summary): no protocol with fewer than 2 subjects,
+    no orientation model with one orientation value (or no orientation column) or with every sequence in one
+    fold, no replay without blend weights or without the blended members' OOF. An earlier run's protocol and
+    orientation model are removed first, so a failure here never leaves them beside these bundles.
     """
     out_dir = Path(out_dir)
     ens_dir = out_dir / "ensemble"
     t0 = time.perf_counter()
+    for name in (PROTOCOL_FILE, ORIENTATION_MODEL_FILE):
+        stale = ens_dir / name
+        if stale.exists():
+            stale.unlink()
+            log.info("removed the earlier run's %s", stale)
+    missing = [c for c in ("sequence_id", "subject", "gesture") if c not in labels.columns]
+    if missing:
+        raise ProtocolError(f"training labels lack column(s) {missing}")
+    if labels["sequence_id"].to_list() != [str(s) for s in table.sequence_ids] or len(y) != labels.height:
+        raise ProtocolError("training labels, table and y hold different sequences (or another order)")
+    skipped: dict[str, str] = {}
+
+    def skip(step: str, reason: str) -> None:
+        skipped[step] = reason
+        log.warning("subject post-processing: %s skipped: %s", step, reason)
+
     subjects = labels["subject"].to_numpy().astype(str)
-    orients = labels["orientation"].to_numpy().astype(str)
+    if "orientation" in labels.columns:
+        orients = labels["orientation"].to_numpy().astype(str)
+    else:
+        orients = np.full(len(subjects), "unknown")
+        skip("orientation model", "the training labels have no orientation column")
+    n_subjects = len(set(subjects.tolist()))
     protocol = learn_protocol(
         subjects, orients, labels["gesture"].to_numpy().astype(str), cfg.ensemble.subject_pp_min_share
     )
-    pdict = protocol.to_dict()
+    if n_subjects < 2:
+        skip("protocol", protocol.info.get("reason", f"{n_subjects} training subject(s)"))
+    if "orientation_note" in protocol.info and "orientation model" not in skipped:
+        skip("orientation model", protocol.info["orientation_note"])
     summary: dict[str, Any] = {"protocol": {"kind": protocol.kind, **protocol.info}}
     orient_oof = None
     if protocol.kind == "pair":
-        X, names = orientation_features(table, cfg)
         o_idx = np.array([protocol.orientations.index(o) if o in protocol.orientations else -1 for o in orients])
         known = o_idx >= 0  # an orientation of no slot: not a class of the model
+        problem = orientation_model_problem(o_idx[known], len(protocol.orientations), fold_ids[known])
+        if problem:  # scored by gesture only: the pair capacities summed per gesture are what serving would use
+            skip("orientation model", problem)
+            protocol = _per_gesture(protocol, f"orientation model skipped: {problem}")
+            summary["protocol"] = {"kind": protocol.kind, **protocol.info}
+    pdict = protocol.to_dict()
+    if protocol.kind == "pair":
+        X, names = orientation_features(table, cfg)
         booster, oof_k = fit_orientation_model(
             X[known], o_idx[known], len(protocol.orientations), fold_ids[known], cfg, names
         )
@@ -545,7 +677,8 @@ def fit_and_evaluate(
         acc = float((oof_k.argmax(1) == o_idx[known]).mean())
         summary["orientation_oof_accuracy"] = acc
         summary["orientation_oof_accuracy_per_fold"] = {
-            int(k): float((oof_k.argmax(1) == o_idx[known])[fold_ids[known] == k].mean()) for k in np.unique(fold_ids)
+            int(k): float((oof_k.argmax(1) == o_idx[known])[fold_ids[known] == k].mean())
+            for k in np.unique(fold_ids[known])
         }
         log.info("orientation model: OOF accuracy %.4f over %d classes", acc, len(protocol.orientations))
         pdict["orientation_features"] = names
@@ -553,7 +686,11 @@ def fit_and_evaluate(
             booster.save_model(str(tmp))
     write_json(ens_dir / PROTOCOL_FILE, pdict)
     weights_path = ens_dir / "weights.json"
-    if protocol.active and weights_path.exists():
+    problem = _replay_problem(out_dir, ens_dir) if protocol.active else ""
+    if problem:
+        skip("OOF replay", problem)
+        summary["simulation"] = None
+    elif protocol.active:
         y_oof, blended = _blended_oof(out_dir / "oof", read_json(weights_path), ens_dir / "oof")
         if not np.array_equal(y_oof, y):
             raise ProtocolError(f"{out_dir / 'oof'} holds other sequences than the training table")
@@ -586,8 +723,24 @@ def fit_and_evaluate(
                 protocol, y, views["mixed"], None, subjects, n_orders, seed, cfg.ensemble.subject_pp_max_history
             )
             summary["simulation_mixed_without_orientation"] = {k: v for k, v in r.items() if k != "scores"}
-    elif not protocol.active:
+    else:
         summary["simulation"] = None
+    summary["skipped"] = skipped
     summary["seconds"] = time.perf_counter() - t0
     write_json(out_dir / "oof" / "subject_pp_replay.json", summary)  # not *_summary.json: that pattern means a member
     return summary
+
+
+def _per_gesture(protocol: Protocol, note: str) -> Protocol:
+    """A pair protocol scored without orientation: its capacities summed per gesture (what serving would do)."""
+    caps: Counter = Counter()
+    for _, g, c in protocol.slots:
+        caps[g] += c
+    slots = tuple((ANY_ORIENTATION, g, c) for g, c in sorted(caps.items()))
+    info = {
+        **protocol.info,
+        "n_slots": len(slots),
+        "capacities": dict(Counter(c for *_, c in slots)),
+        "orientation_note": note,
+    }
+    return Protocol("gesture", slots, (), info)

@@ -417,17 +417,23 @@ def load_checkpoint(path: Path, device: torch.device, fallback_args: dict[str, A
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file raises many kinds of error)
         raise bundle.BundleError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and "model_args" in obj:
-        args, state = dict(obj["model_args"]), obj["state_dict"]
+        args, state = obj["model_args"], obj["state_dict"]
     else:
-        args, state = dict(fallback_args), obj
+        args, state = fallback_args, obj
+    if not isinstance(args, Mapping) or not isinstance(state, Mapping):
+        raise bundle.BundleError(f"{path}: not a checkpoint of this member (model_args / state_dict not mappings)")
+    args = dict(args)
     if args.get("n_channels") != len(features.FRAME_FEATURES):
         raise bundle.BundleError(
             f"{path}: model expects {args.get('n_channels')} channels, features give {len(features.FRAME_FEATURES)}"
         )
-    model = TimeSeriesNet(**args)
+    try:
+        model = TimeSeriesNet(**args)
+    except (TypeError, ValueError, KeyError) as e:
+        raise bundle.BundleError(f"{path}: model arguments {args} do not build the network: {e}") from None
     try:
         model.load_state_dict(strip_module_prefix(state))
-    except RuntimeError as e:
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
         raise bundle.BundleError(f"{path}: weights do not fit the model {args}: {e}") from None
     return model.to(device).eval()
 
@@ -444,6 +450,7 @@ class TorchPipeline(MemberPipeline):
     name = MEMBER
     packages = ("torch",)
     supports_ddp = True  # torchrun: DistributedDataParallel over the ranks (distributed.py)
+    code_modules = ("torch_pipeline", "torch_common", "distributed")  # their code is in the fingerprint
 
     def is_available(self) -> tuple[bool, str]:
         return is_available()
@@ -565,13 +572,21 @@ def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
     """Read and check the bundle, build every fold's model once (eval mode, on the device)."""
     bundle_dir = Path(bundle_dir)
     meta = TorchPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
+    where = bundle_dir / bundle.METADATA_FILE
+    folds = bundle.field(meta, "folds", list, where, items=int)
+    model_args = bundle.field(meta, "model_args", dict, where)
+    names, scalers, pad_lens = [], [], []
+    for fold in folds:  # every field checked before any file is opened
+        names.append(bundle.field(meta, ("fold_files", str(fold)), str, where))
+        d = bundle.field(meta, ("scalers", str(fold)), dict, where)
+        scalers.append(bundle.parse_field(where, f"scalers.{fold}", features.ScalerStats.from_dict, d))
+        pad_lens.append(bundle.field(meta, ("pad_len", str(fold)), int, where))
+        if pad_lens[-1] < 1:
+            raise bundle.BundleError(f"{where}: field pad_len.{fold} is {pad_lens[-1]}, expected at least 1")
     warn_if_other_torch(MEMBER, bundle_dir, meta)
     device = select_device(cfg)
-    models, scalers, pad_lens = [], [], []
-    for fold in meta["folds"]:
-        models.append(load_checkpoint(bundle_dir / meta["fold_files"][str(fold)], device, meta["model_args"]))
-        scalers.append(features.ScalerStats.from_dict(meta["scalers"][str(fold)]))
-        pad_lens.append(int(meta["pad_len"][str(fold)]))
+    # model files only through bundle.sealed_file: sealed, inside the bundle, digest checked before torch reads it
+    models = [load_checkpoint(bundle.sealed_file(bundle_dir, meta, name), device, model_args) for name in names]
     return TorchMember(models, scalers, pad_lens, tuple(meta["feature_names"]), device, amp_enabled(device, cfg), meta)
 
 

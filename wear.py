@@ -18,6 +18,7 @@ features. Imports only config, schema, features and io_utils.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ import numpy as np
 import polars as pl
 from scipy.spatial.transform import Rotation
 
-from config import Config
+import ensemble_seal
+from config import Config, EnsembleConfig
 from features import FrameTable, build_frame_table, clean_sensors, feature_index
 from io_utils import read_json, write_json
 from schema import ACC_COLS, N_TOF_SENSORS, ROT_COLS, THM_COLS, TOF_COLS, TOF_PIXELS
@@ -190,6 +192,28 @@ def _held_out_log_odds(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return out
 
 
+def _threshold_and_held_out(
+    x: np.ndarray, subj: np.ndarray, g: np.ndarray, rotated: list[str], cfg: Config, seed: int
+) -> tuple[np.ndarray, float, np.random.Generator]:
+    """Held-out log-odds of the corrected rows, the evidence threshold, and the generator to continue with.
+
+    The threshold is the one serving applies: ``margin`` times the highest running sum a held-out normal
+    subject reached in ``_N_ORDERS`` random orders, at least ``wear_min_log_odds``.
+    """
+    sign = np.where(np.isin(subj, rotated), -1.0, 1.0)[:, None]
+    held = _held_out_log_odds(x * sign, g)  # corrected features: every subject now a normal wearer
+    rng = np.random.default_rng(seed)
+    normal_max = [float(_prefix_sums(held[subj == s], rng, _N_ORDERS).max()) for s in sorted(set(subj.tolist()))]
+    w = cfg.ensemble
+    threshold = max(float(w.wear_min_log_odds), float(w.wear_threshold_margin) * max(normal_max))
+    return held, threshold, rng
+
+
+def max_rotated_training_subjects(n_subjects: int, cfg: Config) -> int:
+    """The most training subjects the correction may rotate: max(1, floor(ENSEMBLE_WEAR_MAX_TRAIN_SHARE x n))."""
+    return max(1, int(np.floor(cfg.ensemble.wear_max_train_share * n_subjects + 1e-9)))
+
+
 def fit_wear(table: FrameTable, cfg: Config, seed: int = 0) -> tuple[dict[str, Any], list[str]]:
     """Fit the detector on training subjects; returns (content of wear.json, rotated training subjects).
 
@@ -197,41 +221,73 @@ def fit_wear(table: FrameTable, cfg: Config, seed: int = 0) -> tuple[dict[str, A
        under the models of the other subject groups is taken as a rotated wearer; refit with its
        features negated (= corrected) and repeat until no subject's mean reaches half the normal subjects' typical
        magnitude on the positive side (one at a
-       time, so one rotated wearer among few subjects cannot drag a normal one over);
-    2. the final detector is fitted on the corrected features of every subject;
-    3. threshold on the running sum of log-odds, chosen on held-out subject groups so that no
-       held-out normal subject crosses it in any of ``_N_ORDERS`` random orders (times a margin).
+       time, so one rotated wearer among few subjects cannot drag a normal one over). Only subjects with at
+       least ``ENSEMBLE_WEAR_MIN_SEQUENCES`` sequences are candidates, as at serving;
+    2. threshold on the running sum of log-odds, chosen on held-out subject groups so that no
+       held-out normal subject crosses it in any of ``_N_ORDERS`` random orders (times a margin);
+    3. serving's evidence rule, applied to the training subjects: a candidate stays rotated only when its
+       summed held-out log-odds (rows as recorded) pass that threshold; failing ones are taken back and
+       the threshold recomputed until no candidate fails;
+    4. more candidates than ``max_rotated_training_subjects``: none is rotated (a warning; recorded);
+    5. the final detector is fitted on the corrected features of every subject.
     """
     x = detector_features(table, cfg.features.tail_fraction)
     subj = np.asarray(table.subjects).astype(str)
     if len(set(subj.tolist()) - {""}) < 2:
         raise WearError("the wear detector needs at least 2 training subjects")
+    w = cfg.ensemble
+    names = sorted(set(subj.tolist()))
+    n_seq = {s: int(n) for s, n in zip(*np.unique(subj, return_counts=True))}
+    enough = {s for s in names if n_seq[s] >= w.wear_min_sequences}
     group = _subject_groups(subj)
     g = np.array([group[s] for s in subj])
     rotated: list[str] = []
+    per_subject: dict[str, float] = {}
     for _ in range(len(group)):  # greedy: flag the clearest rotated wearer, refit with it corrected, repeat
         sign = np.where(np.isin(subj, rotated), -1.0, 1.0)[:, None]
         held_lo = _held_out_log_odds(x * sign, g) * sign[:, 0]  # log-odds of the rows as recorded
-        per_subject = {s: float(held_lo[subj == s].mean()) for s in sorted(set(subj.tolist()))}
+        per_subject = {s: float(held_lo[subj == s].mean()) for s in names}
         # a rotated wearer mirrors the normal ones: its mean must reach half their typical magnitude, not just 0
         typical = np.median([-m for s, m in per_subject.items() if s not in rotated and m < 0] or [0.0])
-        candidates = {s: m for s, m in per_subject.items() if s not in rotated and m > max(0.5 * typical, 0.0)}
+        candidates = {
+            s: m for s, m in per_subject.items() if s in enough and s not in rotated and m > max(0.5 * typical, 0.0)
+        }
         if not candidates or len(rotated) + 1 > len(group) // 2:  # upside down is the exception, never the rule
             break
         rotated.append(max(candidates, key=candidates.get))
     rotated = sorted(rotated)
+    below_threshold: list[dict[str, Any]] = []
+    while True:  # serving's evidence bar: summed log-odds of the rows as recorded above the threshold
+        held, threshold, rng = _threshold_and_held_out(x, subj, g, rotated, cfg, seed)
+        evidence = {s: float(-held[subj == s].sum()) for s in rotated}  # held is of the corrected rows
+        weak = [s for s in rotated if evidence[s] <= threshold]
+        if not weak:
+            break
+        below_threshold += [{"subject": s, "sequences": n_seq[s], "log_odds": evidence[s]} for s in weak]
+        rotated = [s for s in rotated if s not in weak]
+    cap = max_rotated_training_subjects(len(names), cfg)
+    refused: list[dict[str, Any]] = []
+    if len(rotated) > cap:
+        refused = [{"subject": s, "sequences": n_seq[s], "log_odds": evidence[s]} for s in rotated]
+        log.warning(
+            "wear detector: %d of %d training subjects look rotated (%s), more than the %d that "
+            "ENSEMBLE_WEAR_MAX_TRAIN_SHARE=%g allows; upside down is the exception, so none is rotated in "
+            "training (raise ENSEMBLE_WEAR_MAX_TRAIN_SHARE if the data really hold that many)",
+            len(rotated),
+            len(names),
+            ", ".join(rotated),
+            cap,
+            w.wear_max_train_share,
+        )
+        rotated = []
+        held, threshold, rng = _threshold_and_held_out(x, subj, g, rotated, cfg, seed)
+        evidence = {}
     sign = np.where(np.isin(subj, rotated), -1.0, 1.0)[:, None]
     xc = x * sign  # corrected features: every subject now a normal wearer
-    rng = np.random.default_rng(seed)
-    normal_max, detect_at = [], []
-    held = _held_out_log_odds(xc, g)
-    for s in sorted(set(subj.tolist())):
-        normal_max.append(float(_prefix_sums(held[subj == s], rng, _N_ORDERS).max()))
-    w = cfg.ensemble
-    threshold = max(float(w.wear_min_log_odds), float(w.wear_threshold_margin) * max(normal_max))
     # held-out recall on the synthetic rotated copies: detected by the end, and how many sequences it took
+    detect_at: list[int] = []
     n_normal_fp = 0
-    for s in sorted(set(subj.tolist())):
+    for s in names:
         lo = held[subj == s]
         pos = _prefix_sums(-lo, rng, _N_ORDERS)
         crossed = (pos > threshold) & (np.arange(1, len(lo) + 1)[None, :] >= w.wear_min_sequences)
@@ -250,6 +306,18 @@ def fit_wear(table: FrameTable, cfg: Config, seed: int = 0) -> tuple[dict[str, A
         "min_sequences": int(w.wear_min_sequences),
         "tail_fraction": float(cfg.features.tail_fraction),
         "rotated_training_subjects": rotated,
+        # what the training correction decided, on which evidence (summed held-out log-odds of the rows as recorded)
+        "training_evidence": {
+            "rule": "at least min_sequences sequences and summed log-odds above threshold, as at serving",
+            "subjects": len(names),
+            "subjects_below_min_sequences": len(names) - len(enough),
+            "rotated": [{"subject": s, "sequences": n_seq[s], "log_odds": evidence[s]} for s in rotated],
+            "below_threshold": below_threshold,
+            "max_share": float(w.wear_max_train_share),
+            "max_subjects": cap,
+            "refused_by_cap": bool(refused),
+            "refused": refused,
+        },
         "held_out": {
             "per_sequence_accuracy": seq_acc,
             "subject_mean_log_odds": per_subject,
@@ -262,6 +330,15 @@ def fit_wear(table: FrameTable, cfg: Config, seed: int = 0) -> tuple[dict[str, A
             "sequences_to_detect_max": int(max(found)) if found else None,
         },
     }
+    if below_threshold:
+        log.info(
+            "wear detector: %d candidate(s) below the evidence threshold %.2f, not rotated: %s",
+            len(below_threshold),
+            threshold,
+            ", ".join(
+                f"{d['subject']} ({d['sequences']} sequences, log-odds {d['log_odds']:.1f})" for d in below_threshold
+            ),
+        )
     log.info(
         "wear detector: per-sequence held-out accuracy %.3f; threshold %.2f; rotated copies detected in %d/%d "
         "orders (median after %s sequences); normal subjects flagged in %d/%d orders; rotated training "
@@ -279,32 +356,72 @@ def fit_wear(table: FrameTable, cfg: Config, seed: int = 0) -> tuple[dict[str, A
 
 
 def prepare_training_rows(
-    rows: pl.DataFrame, demographics: pl.DataFrame, table: FrameTable, cfg: Config, ensemble_dir: Path
+    rows: pl.DataFrame,
+    demographics: pl.DataFrame,
+    table: FrameTable,
+    cfg: Config,
+    ensemble_dir: Path,
+    record: dict[str, Any] | None = None,
 ) -> tuple[pl.DataFrame, bool]:
     """Fit the detector, write ``wear.json``, and rotate back the training subjects it finds.
 
-    Returns (rows, changed). With ``ENSEMBLE_WEAR_DETECT=0`` nothing is fitted or changed.
+    Returns (rows, changed). With ``ENSEMBLE_WEAR_DETECT=0``, or on data that cannot support a detector
+    (fewer than 2 training subjects), nothing is fitted or changed and no ``wear.json`` is left (the
+    reason is logged). ``record``, when given, receives what was done (``status``: fitted / skipped /
+    off, the reason, the subjects rotated back) for the run's ``optional_steps.json``.
     """
+    record = {} if record is None else record
     path = Path(ensemble_dir) / WEAR_FILE
-    n_subjects = len(set(np.asarray(table.subjects).astype(str).tolist()) - {""})
-    if not cfg.ensemble.wear_detect or n_subjects < 2:
-        log.info(
-            "wear detection %s: training rows used as recorded",
-            "switched off (ENSEMBLE_WEAR_DETECT=0)"
-            if not cfg.ensemble.wear_detect
-            else f"skipped ({n_subjects} training subject(s))",
-        )
-        if path.exists():  # a detector of an earlier run must not serve with these bundles
-            path.unlink()
-            log.info("removed the earlier run's %s", path)
+    if path.exists():  # a detector of an earlier run must not serve with these bundles, whatever happens below
+        path.unlink()
+        log.info("removed the earlier run's %s", path)
+    subjects = np.asarray(table.subjects).astype(str)
+    n_subjects = len(set(subjects.tolist()) - {""})
+    if not cfg.ensemble.wear_detect:
+        log.info("wear detection switched off (ENSEMBLE_WEAR_DETECT=0): training rows used as recorded")
+        record.update(status="off", reason="ENSEMBLE_WEAR_DETECT=0")
+        return rows, False
+    if n_subjects < 2:
+        reason = f"{n_subjects} training subject(s): the detector is fitted on held-out subjects and needs 2"
+        log.warning("wear detection skipped: %s; training rows used as recorded, no %s", reason, WEAR_FILE)
+        record.update(status="skipped", reason=reason)
         return rows, False
     info, rotated = fit_wear(table, cfg, cfg.run.seed)
     info["training_corrected"] = bool(rotated) and cfg.ensemble.wear_correct_training
-    write_json(path, info)
-    if not info["training_corrected"]:
-        return rows, False
-    log.info("rotating back %d training subject(s) worn upside down: %s", len(rotated), rotated)
-    return correct_subjects(rows, rotated), True
+    ev = info["training_evidence"]
+    record.update(
+        status="fitted",
+        rotated=ev["rotated"],
+        refused_by_cap=ev["refused_by_cap"],
+        training_corrected=info["training_corrected"],
+    )
+    if ev["refused_by_cap"]:
+        record["reason"] = (
+            f"{len(ev['refused'])} subjects looked rotated, more than the {ev['max_subjects']} "
+            f"ENSEMBLE_WEAR_MAX_TRAIN_SHARE={ev['max_share']:g} allows: none rotated"
+        )
+    if rotated and not cfg.ensemble.wear_correct_training:
+        log.info(
+            "wear detector found %d rotated training subject(s) (%s) but ENSEMBLE_WEAR_CORRECT_TRAINING=0: "
+            "training rows used as recorded",
+            len(rotated),
+            ", ".join(rotated),
+        )
+    if info["training_corrected"]:
+        log.info(
+            "rotating back %d of %d training subject(s) worn upside down (each with >= %d sequences and summed "
+            "log-odds above the threshold %.2f): %s",
+            len(rotated),
+            n_subjects,
+            info["min_sequences"],
+            info["threshold"],
+            ", ".join(
+                f"{d['subject']} ({d['sequences']} sequences, log-odds {d['log_odds']:.1f})" for d in ev["rotated"]
+            ),
+        )
+        rows = correct_subjects(rows, rotated)
+    write_json(path, info)  # last: a wear.json on disk describes rows that were corrected as it says
+    return rows, info["training_corrected"]
 
 
 # --------------------------------------------------------------------------- serving
@@ -312,28 +429,77 @@ def prepare_training_rows(
 
 @dataclass
 class _SubjectEvidence:
-    per_sequence: dict[str, float] = field(default_factory=dict)  # a retried sequence id counts once
+    # the newest sequences' log-odds by id, oldest first (a retried id counts once among them); older ones
+    # are folded into ``earlier_*``, so the evidence is still the sum over every sequence seen
+    per_sequence: dict[str, float] = field(default_factory=dict)
     rotated: bool = False
+    earlier_n: int = 0
+    earlier_log_odds: float = 0.0
 
     @property
     def n(self) -> int:
-        return len(self.per_sequence)
+        return self.earlier_n + len(self.per_sequence)
 
     @property
     def log_odds(self) -> float:
-        return float(sum(self.per_sequence.values()))
+        return float(self.earlier_log_odds + sum(self.per_sequence.values()))
+
+    def add(self, sequence_id: str, log_odds: float, max_history: int) -> None:
+        self.per_sequence.pop(sequence_id, None)  # a retried id: replaced, and now the newest
+        self.per_sequence[sequence_id] = log_odds
+        while len(self.per_sequence) > max_history:
+            oldest = next(iter(self.per_sequence))
+            self.earlier_log_odds += self.per_sequence.pop(oldest)
+            self.earlier_n += 1
 
 
 @dataclass
 class WearDetector:
-    """Per-subject evidence across ``predict`` calls; once past the threshold a subject stays rotated."""
+    """Per-subject evidence across ``predict`` calls; once past the threshold a subject stays rotated.
+
+    Bounded: evidence is kept for at most ``max_subjects`` subjects (``ENSEMBLE_SERVE_MAX_SUBJECTS``; the
+    least recently seen is forgotten beyond it, counted in ``n_evicted`` and logged now and then) and, per
+    subject, for the newest ``max_history`` sequence ids (``ENSEMBLE_WEAR_MAX_HISTORY``). Not thread-safe
+    on its own: the Predictor calls it under its lock.
+    """
 
     detector: Detector | None
     threshold: float = float("inf")
     min_sequences: int = 1
     tail_fraction: float = 0.4
     enabled: bool = False
-    state: dict[str, _SubjectEvidence] = field(default_factory=dict)
+    state: OrderedDict[str, _SubjectEvidence] = field(default_factory=OrderedDict)  # least recently seen first
+    max_subjects: int = EnsembleConfig.serve_max_subjects
+    max_history: int = EnsembleConfig.wear_max_history
+    n_evicted: int = 0
+
+    def with_bounds(self, cfg: Config) -> WearDetector:
+        """This detector with the serving bounds of ``cfg`` (the Predictor calls it after ``load``)."""
+        self.max_subjects = int(cfg.ensemble.serve_max_subjects)
+        self.max_history = int(cfg.ensemble.wear_max_history)
+        return self
+
+    def _subject(self, subject: str) -> _SubjectEvidence:
+        """The subject's evidence, now the most recently seen; a new subject may evict the least recent one."""
+        ev = self.state.get(subject)
+        if ev is not None:
+            self.state.move_to_end(subject)
+            return ev
+        ev = self.state[subject] = _SubjectEvidence()
+        while len(self.state) > self.max_subjects:
+            gone, old = self.state.popitem(last=False)
+            self.n_evicted += 1
+            if self.n_evicted == 1 or self.n_evicted % self.max_subjects == 0:  # now and then, not per call
+                log.warning(
+                    "wear: evidence is kept for at most %d subjects (ENSEMBLE_SERVE_MAX_SUBJECTS): %d least "
+                    "recently seen forgotten so far (latest %s, %d sequence(s)%s)",
+                    self.max_subjects,
+                    self.n_evicted,
+                    gone,
+                    old.n,
+                    ", taken as rotated" if old.rotated else "",
+                )
+        return ev
 
     @classmethod
     def load(cls, ensemble_dir: str | Path, cfg: Config) -> WearDetector:
@@ -341,10 +507,11 @@ class WearDetector:
         if not cfg.ensemble.wear_detect:
             log.info("wear detection at serving switched off (ENSEMBLE_WEAR_DETECT=0)")
             return cls(None)
-        if not path.exists():
+        raw = ensemble_seal.read_sealed(ensemble_dir, WEAR_FILE)  # digest checked against manifest.json
+        if raw is None:
             log.info("no %s: no upside-down wear detection at serving", path)
             return cls(None)
-        d = read_json(path)
+        d = ensemble_seal.parse_json(raw, path)
         try:
             if d["format_version"] != FORMAT_VERSION or list(d["feature_names"]) != list(DETECTOR_FEATURES):
                 raise WearError(
@@ -375,9 +542,9 @@ class WearDetector:
         """
         if not self.enabled or not subject or self.detector is None:
             return False
-        ev = self.state.setdefault(subject, _SubjectEvidence())
+        ev = self._subject(subject)
         lo = float(self.detector.log_odds(detector_features(table, self.tail_fraction))[0])
-        ev.per_sequence[str(table.sequence_ids[0])] = -lo if corrected else lo
+        ev.add(str(table.sequence_ids[0]), -lo if corrected else lo, self.max_history)
         if not ev.rotated and ev.n >= self.min_sequences and ev.log_odds > self.threshold:
             ev.rotated = True
             log.info(
@@ -417,7 +584,9 @@ class WearDetector:
         return {
             "enabled": self.enabled,
             "threshold": self.threshold,
-            "subjects_seen": len(self.state),
+            "subjects_seen": len(self.state),  # those kept: at most max_subjects
+            "subjects_evicted": self.n_evicted,
+            "max_subjects": self.max_subjects,
             "rotated_subjects": self.rotated_subjects(),
         }
 

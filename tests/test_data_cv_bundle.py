@@ -88,6 +88,7 @@ def test_member_oof_round_trip_and_mismatch(tmp_path):
 
 def test_bundle_metadata_checks(tmp_path):
     meta = bundle_metadata("lgbm", ["a", "b", "c"], "h1", {"cv": 0.5})
+    (tmp_path / "model.txt").write_text("weights")  # a bundle without a sealed file is refused
     write_metadata(tmp_path, meta)
     assert read_metadata(tmp_path, "lgbm", ["a", "b", "c"])["cv"] == 0.5
     with pytest.raises(BundleError, match="position 1: bundle 'b' vs code 'x'"):

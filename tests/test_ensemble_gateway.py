@@ -8,6 +8,7 @@ import pytest
 
 import cv
 import ensemble
+import ensemble_seal
 import inference_server
 from config import load_config
 from features import build_frame_table
@@ -55,6 +56,7 @@ def _with_fitted_weights(tmp_path: Path, members: dict[str, FakeMember], full: d
     """A Predictor over ``members`` with a weights.json of these per-view weights."""
     weights = {"views": {"full": {"weights": full}, "imu_only": {"weights": imu_only}}}
     write_json(tmp_path / "ensemble" / "weights.json", weights)
+    ensemble_seal.write_manifest(tmp_path / "ensemble", {})  # the ensemble set is served only when sealed
     cfg = load_config({}, out_dir=str(tmp_path))
     return ensemble.Predictor(cfg, _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
 
@@ -255,8 +257,11 @@ def test_a_member_that_cannot_predict_fails_at_start_up(tmp_path):
         def predict_proba(self, table):
             raise ValueError("weights do not fit the input")
 
-    with pytest.raises(ValueError, match="do not fit"):
-        ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": Broken(0)}), bundle_root=tmp_path / "bundles")
+    specs = _specs(tmp_path, {"lgbm": Broken(0)})
+    with pytest.raises(ValueError, match="do not fit"):  # STRICT=1: the member's own error
+        ensemble.Predictor(load_config({"STRICT": "1"}), specs, bundle_root=tmp_path / "bundles")
+    with pytest.raises(ensemble.PredictorError, match="no member could be loaded.*do not fit"):  # serving: left out
+        ensemble.Predictor(load_config({}), specs, bundle_root=tmp_path / "bundles")
 
 
 def test_class_bias_calibration_is_kept_only_when_it_helps_unseen_folds(tmp_path):
@@ -289,6 +294,7 @@ def test_predictor_applies_the_class_bias_of_the_view(tmp_path):
         }
     }
     write_json(tmp_path / "ensemble" / "weights.json", weights)
+    ensemble_seal.write_manifest(tmp_path / "ensemble", {})
     pred = ensemble.Predictor(load_config({}), _specs(tmp_path, members), bundle_root=tmp_path / "bundles")
     assert pred.predict(make_sequence("SEQ_000001", 8), None) == GESTURES[3]
     assert pred.predict(make_sequence("SEQ_000002", 8, imu_only=True), None) == GESTURES[5]
@@ -297,8 +303,15 @@ def test_predictor_applies_the_class_bias_of_the_view(tmp_path):
 def test_malformed_weights_file_is_named(tmp_path):
     (tmp_path / "ensemble").mkdir()
     (tmp_path / "ensemble" / "weights.json").write_text('{"views": {"full": {}}}')
-    with pytest.raises(ensemble.PredictorError, match="weights.json is not a weights file"):
-        ensemble.Predictor(load_config({}), _specs(tmp_path, {"lgbm": FakeMember(0)}), bundle_root=tmp_path / "bundles")
+    import ensemble_seal
+
+    ensemble_seal.write_manifest(tmp_path / "ensemble", {})  # sealed: the content itself is what is wrong
+    specs = _specs(tmp_path, {"lgbm": FakeMember(0)})
+    with pytest.raises(Exception, match="weights.json is not a weights file"):  # STRICT=1: an error naming it
+        ensemble.Predictor(load_config({"STRICT": "1"}), specs, bundle_root=tmp_path / "bundles")
+    pred = ensemble.Predictor(load_config({}), specs, bundle_root=tmp_path / "bundles")  # serving: the defaults
+    assert pred.weights["full"] == {"lgbm": 1.0}
+    assert "not a weights file" in pred.summary()["start_up"]["steps_left_out"]["weights"]
 
 
 def test_member_bundle_path_low_memory_mode_and_fail_if_missing(tmp_path, caplog):

@@ -6,6 +6,7 @@ never half-overwritten, and one bad sequence never costs the answers for the oth
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -272,10 +273,25 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp_path):
+def _fold_state(work: Path) -> dict[str, dict]:
+    """The folds the work folder's state.json records as finished ({} while it is absent or being replaced)."""
+    try:
+        return dict(json.loads((work / "state.json").read_text())["folds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _fold_files(folder: Path, k: int) -> dict[str, tuple[bytes, int]]:
+    """Every file of fold ``k`` in ``folder`` (models, importances, OOF rows): name -> (bytes, mtime in ns)."""
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(folder.glob(f"fold{k}_*"))}
+
+
+def test_training_killed_after_a_recorded_fold_resumes_without_retraining_it(tmp_path):
+    """SIGKILL once state.json records fold 0; the restart must skip fold 0, not retrain it, and still
+    end with the OOF and bundle of an uninterrupted run (LightGBM with one thread is deterministic)."""
     import config
     import lgbm_pipeline
-    from io_utils import read_npy
+    from io_utils import read_json, read_npy
 
     data = tmp_path / "data"
     subprocess.run(
@@ -288,6 +304,7 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
         timeout=300,
     )
     clean, killed = tmp_path / "clean", tmp_path / "killed"
+    work = killed / "bundles" / ".lgbm_work"
     # the reference run goes alongside the run that gets killed: the two cores are used, the wall time halves
     errs = [open(tmp_path / "clean.err", "wb"), open(tmp_path / "killed.err", "wb")]
     ref = subprocess.Popen(_train_cmd(data, clean), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=errs[0])
@@ -295,12 +312,13 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
         _train_cmd(data, killed), env=_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=errs[1]
     )
     try:
-        log = killed / "logs" / "run.log"
+        # killed once fold 0 is recorded (state.json is written last, after the fold's files and OOF rows),
+        # not on a log line: fit_fold logs before the driver records the fold
         _kill_when(
             victim,
-            lambda: log.exists() and "lgbm fold 0" in log.read_text(errors="replace"),
+            lambda: "0" in _fold_state(work),
             240,
-            "fold 0 finished",
+            "fold 0 recorded in state.json",
             lambda: (tmp_path / "killed.err").read_text(errors="replace")[-800:],
         )
         assert ref.wait(300) == 0, (tmp_path / "clean.err").read_text(errors="replace")[-800:]
@@ -311,11 +329,18 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
                 p.wait(30)
         for f in errs:
             f.close()
-    text = log.read_text(errors="replace")
-    assert "lgbm bundle written" not in text, "killed too late: training had already finished"
+    log = killed / "logs" / "run.log"
+    # member_base's "lgbm: bundle written to <folder>" ends a member's training
+    assert "lgbm: bundle written" not in log.read_text(errors="replace"), "killed too late: training had finished"
     # after the kill nothing claims to be complete: no bundle, no OOF probabilities
     assert not (killed / "bundles" / "lgbm").exists()
     assert not (killed / "oof" / "oof_lgbm_proba.npy").exists()
+    recorded = _fold_state(work)
+    assert "0" in recorded and len(recorded) < 3, f"killed too late: folds {sorted(recorded)} all recorded"
+    fold0_before = _fold_files(work, 0)
+    model_files = set(lgbm_pipeline.LGBMPipeline().fold_files(0))
+    assert model_files | {"fold0_oof_full.npy", "fold0_oof_imu.npy"} <= set(fold0_before), sorted(fold0_before)
+    log_before = log.read_text(errors="replace")
 
     with open(tmp_path / "restart.err", "wb") as err:
         subprocess.run(
@@ -327,7 +352,32 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
-    assert "reusing folds" in log.read_text(errors="replace")  # the killed run's folds.csv was complete
+    full_log = log.read_text(errors="replace")
+    assert full_log.startswith(log_before)
+    restart_log = full_log[len(log_before) :]
+    assert "reusing folds" in restart_log  # the killed run's folds.csv was complete
+    # the restart resumed: fold 0 was skipped, never trained again; every other fold was trained by it
+    driver = "\n".join(line for line in restart_log.splitlines() if "member_base" in line)  # resume or not, and why
+    assert "lgbm: resuming from" in restart_log, driver
+    for k in recorded:
+        assert f"lgbm: fold {k} already finished" in restart_log, driver
+        assert f"lgbm fold {k}:" not in restart_log, f"fold {k} was retrained after the restart"
+    for k in {"0", "1", "2"} - set(recorded):
+        assert f"lgbm fold {k}:" in restart_log, f"fold {k} was not trained by the restart"
+    # fold 0's record and model files are the killed run's, not rewritten: the bundle carries the record as
+    # state.json had it (its training seconds included), and its copies of the fold-0 models have the
+    # bytes and the modification times (write_bundle copies with timestamps) the killed run gave them
+    meta = read_json(killed / "bundles" / "lgbm" / "metadata.json")
+    for k in recorded:
+        assert meta["fold_records"][k] == recorded[k], f"fold {k}'s record was rewritten"
+    for name in sorted(model_files):
+        blob, mtime_ns = fold0_before[name]
+        copy = killed / "bundles" / "lgbm" / name
+        assert copy.read_bytes() == blob, name
+        assert copy.stat().st_mtime_ns == mtime_ns, f"{name} was written again by the restart"
+    assert not work.exists()  # the restart finished: the work folder is spent
+
+    # the resumed run's outputs equal the uninterrupted run's
     for name in ("oof_lgbm_proba.npy", "oof_lgbm_imu_proba.npy", "y_true.npy", "sequence_ids.npy", "fold_ids.npy"):
         a, b = read_npy(clean / "oof" / name), read_npy(killed / "oof" / name)
         assert a.shape == b.shape and np.array_equal(a, b), name
@@ -335,5 +385,7 @@ def test_training_killed_mid_fold_and_restarted_matches_an_uninterrupted_run(tmp
     cfg = config.load_config({"CMI_N_FOLDS": "3", "CMI_N_THREADS": "1"}, debug=True)
     member = lgbm_pipeline.load_member(killed / "bundles" / "lgbm", cfg)  # complete: every fold loads
     assert member.n_folds == 3
-    for f in sorted((clean / "bundles" / "lgbm").glob("fold*.txt")):
+    clean_models = sorted((clean / "bundles" / "lgbm").glob("fold*.txt"))
+    assert len(clean_models) == 3 * len(model_files)
+    for f in clean_models:
         assert (killed / "bundles" / "lgbm" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import ensemble
+import ensemble_seal
 import subject_pp
 from config import load_config
 from io_utils import write_json
@@ -181,6 +182,7 @@ class TableMember:
 def _predictor(tmp_path: Path, env: dict[str, str], by_id: dict[str, np.ndarray]) -> ensemble.Predictor:
     (tmp_path / "bundles" / "lgbm").mkdir(parents=True, exist_ok=True)
     write_json(tmp_path / "ensemble" / subject_pp.PROTOCOL_FILE, _gesture_protocol({A: 1, B: 1}).to_dict())
+    ensemble_seal.write_manifest(tmp_path / "ensemble", {})  # served only as a sealed set
     spec = ensemble.MemberSpec("lgbm", lambda d, c: TableMember(by_id))
     return ensemble.Predictor(load_config(env, out_dir=str(tmp_path)), [spec], bundle_root=tmp_path / "bundles")
 
@@ -236,9 +238,11 @@ def test_orientation_model_round_trips_through_the_ensemble_folder(tmp_path):
     write_json(tmp_path / subject_pp.PROTOCOL_FILE, {**proto.to_dict(), "orientation_features": names})
     with atomic_path(tmp_path / subject_pp.ORIENTATION_MODEL_FILE) as tmp:
         booster.save_model(str(tmp))
+    ensemble_seal.write_manifest(tmp_path, {})
     pp = subject_pp.SubjectPostProcessor.load(tmp_path, cfg)
     assert pp.enabled and pp.orientation is not None
     assert pp.answer("S", table.select([0]), _proba({A: 0.9, B: 0.1})) in (GESTURES.index(A), GESTURES.index(B))
     write_json(tmp_path / subject_pp.PROTOCOL_FILE, {**proto.to_dict(), "orientation_features": names[::-1]})
+    ensemble_seal.write_manifest(tmp_path, {})  # sealed: the mismatch itself is what is caught
     with pytest.raises(subject_pp.ProtocolError, match="does not match"):
         subject_pp.SubjectPostProcessor.load(tmp_path, cfg)

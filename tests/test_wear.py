@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 from scipy.spatial.transform import Rotation
 
+import ensemble_seal
 import synth
 import wear
 from config import load_config
@@ -135,6 +136,7 @@ def test_predictor_corrects_a_rotated_subject_once_detected(generated, tmp_path,
     cfg = load_config({"ENSEMBLE_WEAR_DETECT": switch}, out_dir=str(tmp_path))
     info, _ = wear.fit_wear(build_frame_table(ds.train, ds.train_demographics, cfg.features), cfg)
     write_json(tmp_path / "ensemble" / wear.WEAR_FILE, info)
+    ensemble_seal.write_manifest(tmp_path / "ensemble", {})  # served only as a sealed set
     (tmp_path / "bundles" / "lgbm").mkdir(parents=True)
     member = _AccMember()
     spec = ensemble.MemberSpec("lgbm", lambda d, c: member)
