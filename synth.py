@@ -41,8 +41,12 @@ ACC_QUANT = 1.0 / 256.0  # the real files store acc as multiples of 1/256 m/s^2
 ROT_QUANT = 1.0 / 16384.0  # ... and quaternion components as multiples of 2^-14
 TOF_RANGE_M = 0.28  # beyond ~28 cm the sensor rarely reports a reflection
 ROT_MISSING_P = 0.006
-TOF_SENSOR_MISSING_P = 0.01
-THM_SENSOR_MISSING_P = 0.004
+# Sensor availability per training sequence, as in the real train set (REAL_DATA_FACTS.md §2): 4.1 % of the
+# sequences lack exactly tof_5, 1.18 % have no ToF at all; thm_5 is missing on 5.8 % of rows, thm_1 on 1.2 %.
+TOF5_MISSING_P = 0.041
+NO_TOF_P = 0.0118
+THM_MISSING_P = {4: 0.058, 0: 0.012}  # thermopile index -> share of sequences without it
+TILTED_SHARE = 2 / 81  # wearers with the device tilted about its y axis (REAL_DATA_FACTS.md §2, grade C)
 
 SEATED, LEAN, BACK, SIDE = schema.ORIENTATIONS
 
@@ -65,7 +69,7 @@ VALID_PAIRS: tuple[tuple[str, str], ...] = tuple(
     [(o, g) for g in TARGET_GESTURES for o in schema.ORIENTATIONS]
     + [(o, g) for g, os_ in _NON_TARGET_POSTURES.items() for o in os_]
 )
-REPEATS = 2
+REPEATS = 2  # every pair twice per subject: once per initial behaviour (schema.BEHAVIORS[0] and [1])
 
 # ----------------------------------------------------------------------------------
 # Body geometry, torso frame: x forward, y to the subject's left, z up the spine,
@@ -266,6 +270,7 @@ class _Subject:
     elbow_to_wrist: float
     rotated_device: bool
     rng: np.random.Generator
+    tilt_y: float = 0.0  # radians: the device sits tilted about its own y axis on this wearer's wrist (0: not)
     # style
     scale: float = 1.0
     arm: float = 1.0
@@ -430,11 +435,19 @@ class _Seq:
         return len(self.pos)
 
 
-def _seq_lengths(rng: np.random.Generator, speed: float) -> tuple[int, int, int, int]:
-    """(idle, move, hold, gesture) sample counts, shaped like the real length distribution."""
-    first = int(np.clip(round(rng.lognormal(np.log(16.0), 1.05)), 5, 640))
+def _seq_lengths(rng: np.random.Generator, speed: float, relaxed: bool) -> tuple[int, int, int, int]:
+    """(idle, move, hold, gesture) sample counts, shaped like the real segments (REAL_DATA_FACTS.md §1).
+
+    The first segment is "Moves hand to target location" (rows: median 28, mean 38, a long tail) or, when
+    ``relaxed``, "Relaxes and moves hand to target location" (median 15, mean 16.7, sd 7.3); the pause
+    ("Hand at target location") has median 8, mean 11.7; the gesture 31.4 +- 3.6 rows.
+    """
+    if relaxed:
+        first = int(np.clip(round(rng.lognormal(np.log(15.0), 0.45)), 6, 80))
+    else:
+        first = int(np.clip(round(rng.lognormal(np.log(28.0), 0.8)), 8, 640))
     move = int(min(first, max(6, round(rng.uniform(10, 20) / speed))))
-    hold = int(rng.integers(4, 17))
+    hold = int(np.clip(round(rng.lognormal(np.log(8.0), 0.75)), 2, 80))
     gest = int(np.clip(round(rng.normal(31.0, 3.0) / speed**0.3), 22, 48))
     idle = first - move
     total = idle + move + hold + gest
@@ -443,14 +456,16 @@ def _seq_lengths(rng: np.random.Generator, speed: float) -> tuple[int, int, int,
     return idle, move, hold, gest
 
 
-def _make_sequence(subj: _Subject, style: dict, orientation: str, gesture: str, rng: np.random.Generator) -> _Seq:
+def _make_sequence(
+    subj: _Subject, style: dict, orientation: str, gesture: str, behavior1: str, rng: np.random.Generator
+) -> _Seq:
     s = subj.scale
     loc_key, kind, amp0, freq0, rot0 = GESTURE_SPECS[gesture]
     lying = orientation in (BACK, SIDE)
     if loc_key == "thigh" and lying:
         loc_key = "thigh_lying"
     loc = LOCATIONS[loc_key]
-    idle, move, hold, gest = _seq_lengths(rng, subj.speed)
+    idle, move, hold, gest = _seq_lengths(rng, subj.speed, relaxed=behavior1 == schema.BEHAVIORS[0])
     L = idle + move + hold + gest
     nf = L * OVERSAMPLE
     t = np.arange(nf) / (FS * OVERSAMPLE)
@@ -512,7 +527,6 @@ def _make_sequence(subj: _Subject, style: dict, orientation: str, gesture: str, 
         th_dir = _n([1.0, 0.0, -0.1])
     hip = np.array([0.0, -0.10, 0.02]) * s
     thigh_c = np.stack([hip + th_dir * 0.15 * s, hip + th_dir * 0.33 * s])
-    behavior1 = schema.BEHAVIORS[0] if rng.random() < 0.5 else schema.BEHAVIORS[1]
     return _Seq(
         gesture,
         orientation,
@@ -785,6 +799,16 @@ def _mirror(acc: np.ndarray, quat: np.ndarray, thm: np.ndarray, tof: np.ndarray)
     g[:] = g[:, [0, 1, 4, 3, 2], :, ::-1]
 
 
+def _tilt_about_y(acc: np.ndarray, quat: np.ndarray, angle: float) -> None:
+    """In place: the IMU signal of a device sitting tilted by ``angle`` about its own y axis (a loose or
+    oddly placed strap; two real train subjects look like this, REAL_DATA_FACTS.md §2). Unlike the 180-degree
+    turn this is no symmetry of the device: thm/ToF keep their places and only point elsewhere."""
+    tilt = Rotation.from_rotvec([0.0, angle, 0.0])
+    acc[:] = tilt.inv().apply(acc)
+    r = Rotation.from_quat(quat[:, [1, 2, 3, 0]]) * tilt
+    quat[:] = r.as_quat()[:, [3, 0, 1, 2]]
+
+
 def _rotate_about_z(acc: np.ndarray, quat: np.ndarray, thm: np.ndarray, tof: np.ndarray) -> None:
     """In place: the signal of a device worn turned 180 degrees about its own z axis.
 
@@ -811,9 +835,10 @@ class _SubjectRows:
 def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, rot_missing_p: float) -> _SubjectRows:
     rng = subj.rng
     style = _make_style(rng, subj.scale)
-    pairs = [p for p in VALID_PAIRS for _ in range(REPEATS)]
-    order = rng.permutation(len(pairs))
-    seqs = [_make_sequence(subj, style, pairs[i][0], pairs[i][1], rng) for i in order]
+    # the real protocol: each (orientation, gesture) pair once per initial behaviour, 102 slots, each used once
+    slots = [(o, g, b) for o, g in VALID_PAIRS for b in schema.BEHAVIORS[:REPEATS]]
+    order = rng.permutation(len(slots))
+    seqs = [_make_sequence(subj, style, *slots[i], rng) for i in order]
     N = sum(q.length for q in seqs)
     ambient = float(rng.uniform(23.5, 27.0))
     skin = float(rng.uniform(33.0, 35.5))
@@ -828,6 +853,8 @@ def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, 
         _mirror(acc, quat, thm, tof)
     if subj.rotated_device:
         _rotate_about_z(acc, quat, thm, tof)
+    if subj.tilt_y:
+        _tilt_about_y(acc, quat, subj.tilt_y)
     quat[quat[:, 0] < 0] *= -1  # stored with w >= 0, as in the files
     acc = np.round(acc / ACC_QUANT) * ACC_QUANT
     quat = np.round(quat / ROT_QUANT) * ROT_QUANT
@@ -847,11 +874,14 @@ def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, 
         # One draw whenever p > 0, whatever p is: data sets that differ in p differ only in which rotations are gone.
         if rot_missing_p > 0 and rng.random() < rot_missing_p:
             sensors[sl, 3:7] = np.nan
-        if rng.random() < TOF_SENSOR_MISSING_P:
-            k = int(rng.integers(0, 5))
-            sensors[sl, 12 + 64 * k : 12 + 64 * (k + 1)] = np.nan
-        if rng.random() < THM_SENSOR_MISSING_P:
-            sensors[sl, 7 + int(rng.integers(0, 5))] = np.nan
+        u = rng.random()
+        if u < NO_TOF_P:
+            sensors[sl, 12:] = np.nan
+        elif u < NO_TOF_P + TOF5_MISSING_P:
+            sensors[sl, 12 + 64 * 4 :] = np.nan
+        for k, p in THM_MISSING_P.items():
+            if rng.random() < p:
+                sensors[sl, 7 + k] = np.nan
     return _SubjectRows(list(seq_ids), seqs, sensors)
 
 
@@ -864,6 +894,8 @@ class SynthDataset:
     test_solution: pl.DataFrame  # sequence_id, gesture
     # subjects wearing the device rotated 180 degrees about z, per split (truth Kaggle never gives)
     rotated_subjects: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "test": []})
+    # subjects wearing it tilted about device y (not upside down: a wear detector must leave them alone)
+    tilted_subjects: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "test": []})
 
 
 _DEMO_SCHEMA = {
@@ -993,6 +1025,11 @@ def generate(
     imu_flat = np.zeros(n_test_seq, dtype=bool)
     imu_flat[grng.choice(n_test_seq, size=int(round(test_imu_only_fraction * n_test_seq)), replace=False)] = True
     imu_flags = imu_flat.reshape(n_test, n_seq_each) if n_test else np.zeros((0, n_seq_each), bool)
+    # a few wearers with the device tilted about its y axis (about 2 in 81, as in the real train set): they
+    # are not upside down, and a wear detector must not take them for it
+    n_tilted = round(TILTED_SHARE * n_total)
+    normal = np.array(sorted(set(range(n_total)) - rotated), dtype=np.int64)
+    tilted = set(grng.choice(normal, size=min(n_tilted, normal.size), replace=False).tolist()) if n_tilted else set()
     if n_rotated_test_subjects:  # drawn last: the rest of the data set is the same as without them
         rotated |= set((n_subjects + grng.choice(n_test, size=n_rotated_test_subjects, replace=False)).tolist())
 
@@ -1018,6 +1055,8 @@ def generate(
         subj.scale = subj.height / 170.0
         subj.arm = subj.shoulder_to_wrist / 52.0
         subj.speed = float(np.exp(rng.normal(0, 0.15)))
+        if i in tilted:
+            subj.tilt_y = float(np.deg2rad(rng.uniform(20.0, 40.0)) * rng.choice([-1.0, 1.0]))
         subjects.append(subj)
 
     train_parts, test_parts = [], []
@@ -1043,7 +1082,11 @@ def generate(
         "train": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i < n_subjects),
         "test": sorted(s.sid for i, s in enumerate(subjects) if s.rotated_device and i >= n_subjects),
     }
-    return SynthDataset(train, test, tr_demo, te_demo, test_solution, rot)
+    tilted_ids = {
+        "train": sorted(s.sid for i, s in enumerate(subjects) if s.tilt_y and i < n_subjects),
+        "test": sorted(s.sid for i, s in enumerate(subjects) if s.tilt_y and i >= n_subjects),
+    }
+    return SynthDataset(train, test, tr_demo, te_demo, test_solution, rot, tilted_ids)
 
 
 def write_dataset(
@@ -1093,7 +1136,15 @@ def write_dataset(
     info = out / "synth_info.json"
     tmp = out / f".synth_info.json.tmp-{os.getpid()}"
     tmp.write_text(
-        json.dumps({"rotated_subjects": ds.rotated_subjects, "n_subjects": n_subjects, "seed": seed}, indent=2)
+        json.dumps(
+            {
+                "rotated_subjects": ds.rotated_subjects,
+                "tilted_subjects": ds.tilted_subjects,
+                "n_subjects": n_subjects,
+                "seed": seed,
+            },
+            indent=2,
+        )
     )
     os.replace(tmp, info)
     paths["synth_info"] = info

@@ -392,9 +392,12 @@ def test_rotated_wearer_matches_the_real_convention() -> None:
     qa, qb = Rotation.from_quat(a[ok][:, [4, 5, 6, 3]]), Rotation.from_quat(b[ok][:, [4, 5, 6, 3]])
     turn = (qa.inv() * qb).as_rotvec()  # the extra rotation, in the device frame
     assert np.allclose(np.abs(turn[:, 2]), np.pi, atol=2e-3) and np.abs(turn[:, :2]).max() < 2e-3
-    assert np.array_equal(b[:, 7:12], a[:, [7, 10, 11, 8, 9]], equal_nan=True)
-    ga, gb = a[:, 12:].reshape(-1, 5, 8, 8), b[:, 12:].reshape(-1, 5, 8, 8)
-    assert np.array_equal(gb, ga[:, [0, 3, 4, 1, 2], ::-1, ::-1], equal_nan=True)
+    # sensor outages hit the recorded sensor (thm_5, tof_5 ...), after the turn: compare where both have values
+    both = np.isfinite(a[:, 7:]).all(axis=1) & np.isfinite(b[:, 7:]).all(axis=1)
+    assert both.mean() > 0.8
+    assert np.array_equal(b[both, 7:12], a[both][:, [7, 10, 11, 8, 9]])
+    ga, gb = a[both, 12:].reshape(-1, 5, 8, 8), b[both, 12:].reshape(-1, 5, 8, 8)
+    assert np.array_equal(gb, ga[:, [0, 3, 4, 1, 2], ::-1, ::-1])
 
 
 @pytest.mark.slow  # generates and writes whole data sets (seconds each)
@@ -413,3 +416,74 @@ def test_rotated_test_subjects_option() -> None:
         assert np.array_equal(x_r, x_p) if same else np.allclose(x_r, -x_p, atol=1 / 256)
     with pytest.raises(ValueError, match="n_rotated_test_subjects"):
         synth.generate(n_subjects=1, seed=3, n_test_subjects=1, n_rotated_test_subjects=2)
+
+
+# ---------------------------------------------------------------- the real protocol and segments (REAL_DATA §1-2)
+@pytest.fixture(scope="module")
+def facts6(ds6: synth.SynthDataset, tmp_path_factory) -> dict:
+    import realism
+
+    out = tmp_path_factory.mktemp("ds6")
+    ds6.train.write_csv(out / "train.csv")
+    ds6.train_demographics.write_csv(out / "train_demographics.csv")
+    return realism.data_facts(out)
+
+
+def test_each_protocol_slot_is_used_once(ds6: synth.SynthDataset) -> None:
+    first = ds6.train.group_by("sequence_id").agg(
+        pl.col("subject").first(),
+        pl.col("orientation").first(),
+        pl.col("gesture").first(),
+        pl.col("behavior").sort_by("sequence_counter").first().alias("initial"),
+    )
+    slots = first.group_by("subject", "orientation", "gesture", "initial").len()
+    assert (slots["len"] == 1).all() and slots.height == 6 * 102
+    assert set(slots["initial"].unique()) == set(schema.BEHAVIORS[:2])
+
+
+# Figures a small set must already show as the real data do (the rest need the calibrated generator, issue 22).
+_CALIBRATED = (
+    "pairs",
+    "slots_once",
+    "seq_per_subject",
+    "behaviour_values",
+    "gesture_rows_mean",
+    "gesture_rows_sd",
+    "pause_rows_median",
+    "relax_rows_median",
+    "move_rows_median",
+    "gesture_row_share",
+    "len_median",
+    "len_p95",
+    "tof_minus1_share",
+    "thm_median",
+    "acc_norm_mean",
+    "tof5_only_missing",
+    "no_tof",
+)
+
+
+@pytest.mark.parametrize("key", _CALIBRATED)
+def test_data_figure_in_the_real_range(facts6: dict, key: str) -> None:
+    import realism
+
+    fact = next(f for f in realism.FACTS if f.key == key)
+    assert fact.lo <= facts6[key] <= fact.hi, f"{fact.what}: generated {facts6[key]}, real {fact.real}"
+
+
+def test_tilted_wearer_turns_only_the_imu_about_device_y() -> None:
+    out = []
+    for tilt in (0.0, np.deg2rad(30.0)):
+        rng = np.random.default_rng(321)
+        subj = synth._Subject("SUBJ_000001", 1, 30, 1, True, 172.0, 52, 26.0, False, rng, tilt_y=tilt)
+        out.append(
+            synth._simulate_subject(subj, [f"SEQ_{i:06d}" for i in range(102)], np.zeros(102, bool), False).sensors
+        )
+    a, b = (x.astype(np.float64) for x in out)
+    assert np.allclose(b[:, 1], a[:, 1], atol=1 / 256)  # acc_y is along the axis of the tilt
+    assert np.allclose(np.linalg.norm(b[:, :3], axis=1), np.linalg.norm(a[:, :3], axis=1), atol=0.01)
+    assert np.abs(b[:, 0] - a[:, 0]).mean() > 0.5  # x and z are mixed
+    ok = ~np.isnan(a[:, 3])
+    turn = (Rotation.from_quat(a[ok][:, [4, 5, 6, 3]]).inv() * Rotation.from_quat(b[ok][:, [4, 5, 6, 3]])).as_rotvec()
+    assert np.allclose(turn[:, 1], np.deg2rad(30.0), atol=2e-3) and np.abs(turn[:, [0, 2]]).max() < 2e-3
+    assert np.array_equal(b[:, 7:], a[:, 7:], equal_nan=True)  # thermopiles and ToF keep their places
