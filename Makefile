@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= outputs
 
-.PHONY: run test venv venv-ray bench clean format
+.PHONY: run run-timed test venv venv-ray bench clean format
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ run: venv
 	$(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
 
 # Lint and format checks first (seconds), then the whole suite; `$(BIN)/python -m pytest -m "not slow"` is the quick loop.
+# `make run` timed, install included (run it in a fresh clone): the wall seconds go to $(OUT)/make_run_wall.json,
+# which `python main.py results --snapshot $(OUT)` copies beside the run's other figures.
+run-timed:
+	@start=$$(date +%s); $(MAKE) run; status=$$?; end=$$(date +%s); \
+	mkdir -p $(OUT); printf '{"make_run_wall_s": %d, "exit_status": %d}\n' $$((end - start)) $$status > $(OUT)/make_run_wall.json; \
+	exit $$status
+
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -13,10 +13,11 @@ effective config, members and folds are unchanged and redoes any other.
 Per variant, model (each member, and the shipped blend when the runs have one)
 and metric (OOF full view, IMU-only view, test-like = their mean) it reports
 the mean and std over seeds, and the paired difference to the base: the mean
-over seeds of (variant - base) for the same seed, with a 95 % interval from a
-bootstrap over subjects (one resample of subjects drives both sides, so the
-pairing is kept). A difference smaller than the base's seed spread is not a
-result, and is flagged as such.
+over seeds of (variant - base) for the same seed, with intervals from a
+two-level bootstrap (seeds and subjects drawn with replacement; one draw drives
+both sides, so the pairing is kept): a 95 % one and a Bonferroni-corrected one
+for the number of differences compared. A difference is a result only when its
+corrected interval excludes 0 and the runs have at least three seeds.
 
 ``main.py`` wires it to the CLI and passes the training stage in (nothing imports main).
 """
@@ -42,7 +43,7 @@ import config
 import cv
 import io_utils
 from config import Config, ConfigError
-from metric import score_indices
+from metric import TARGET_GESTURES, score_indices
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +224,8 @@ class AblationSpec:
     config_class: type[Config] | None = None
     debug: bool = False
     force: bool = False  # redo every run
-    n_resamples: int = 1000
+    n_resamples: int | None = None  # None: default_resamples for the number of comparisons
     ci_level: float = 0.95
-    ci_method: str = "percentile"  # BCa is undefined when a statistic does not vary (an identical variant)
     bootstrap_seed: int = 0
 
 
@@ -407,7 +407,7 @@ def run_ablation(
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    if spec.n_resamples < 1 or not 0 < spec.ci_level < 1:
+    if (spec.n_resamples is not None and spec.n_resamples < 1) or not 0 < spec.ci_level < 1:
         raise AblationError(f"n_resamples {spec.n_resamples} must be >= 1 and ci_level {spec.ci_level} in (0, 1)")
     runs = plan_runs(spec)  # every variant's settings checked before any work
     members = check_members(list(spec.members), explicit_members)
@@ -485,6 +485,12 @@ def load_oofs(runs: list[Run], members: list[str], folds: Path) -> RunsOOF:
 
 # --------------------------------------------------------------------------- statistics
 
+MIN_SEEDS = 3  # fewer: too few to resample seed variance from, so nothing is called a result
+MIN_TAIL = 10  # resamples beyond each end of the corrected interval, for its percentile to be stable
+_K = len(TARGET_GESTURES) + 1  # the metric's classes: the targets, then every non-target as one
+N_COUNTS = 3 * _K + 1  # per group: true positives, true and predicted counts per class, binary true positives
+METHOD_TAG = "two-level bootstrap (seeds x subjects), paired, percentile; Bonferroni"  # the CSV's method column
+
 
 def view_scores(y: np.ndarray, p: ModelPreds, rows: np.ndarray | None = None) -> np.ndarray:
     """(full, imu_only, test_like) of one model, on ``rows`` (all when None; repeats allowed)."""
@@ -496,11 +502,93 @@ def view_scores(y: np.ndarray, p: ModelPreds, rows: np.ndarray | None = None) ->
     return np.array([f, i, 0.5 * (f + i)])
 
 
+def group_counts(y: np.ndarray, pred: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """(n_groups, N_COUNTS): the confusion counts the competition metric is computed from, per group of rows.
+
+    Counts add: the rows of several groups (a subject drawn twice counts twice) score as the sum of their counts.
+    """
+    y, pred, group = np.asarray(y, np.int64), np.asarray(pred, np.int64), np.asarray(group, np.int64)
+    t, p = np.minimum(y, _K - 1), np.minimum(pred, _K - 1)
+    hit = t == p
+    out = np.empty((n_groups, N_COUNTS))
+    out[:, :_K] = np.bincount(group[hit] * _K + t[hit], minlength=n_groups * _K).reshape(n_groups, _K)
+    out[:, _K : 2 * _K] = np.bincount(group * _K + t, minlength=n_groups * _K).reshape(n_groups, _K)
+    out[:, 2 * _K : 3 * _K] = np.bincount(group * _K + p, minlength=n_groups * _K).reshape(n_groups, _K)
+    out[:, 3 * _K] = np.bincount(group, weights=(t < _K - 1) & (p < _K - 1), minlength=n_groups)
+    return out
+
+
+def score_counts(counts: np.ndarray) -> np.ndarray:
+    """The competition metric (as metric.score_indices) of summed ``group_counts``, over any leading axes."""
+    c = np.asarray(counts, dtype=np.float64)
+    tp, n_true, n_pred, btp = c[..., :_K], c[..., _K : 2 * _K], c[..., 2 * _K : 3 * _K], c[..., 3 * _K]
+    denom = n_true + n_pred
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(denom), where=denom > 0)
+    macro = f1.sum(axis=-1) / np.maximum((denom > 0).sum(axis=-1), 1)  # classes present in truth or prediction
+    bden = n_true[..., : _K - 1].sum(axis=-1) + n_pred[..., : _K - 1].sum(axis=-1)
+    binary = np.divide(2 * btp, bden, out=np.zeros_like(bden), where=bden > 0)
+    return 0.5 * binary + 0.5 * macro
+
+
+@dataclass(frozen=True)
+class Resamples:
+    """One set of draws shared by every comparison (common random numbers): how often each unit is drawn."""
+
+    seeds: np.ndarray  # (R, n_seeds); all ones when seeds are not resampled
+    subjects: np.ndarray  # (R, n_subjects)
+
+
+def draw_resamples(
+    n_seeds: int, n_subjects: int, n_resamples: int, seed: int = 0, resample_seeds: bool = True
+) -> Resamples:
+    """Seeds and subjects drawn with replacement, independently (the two factors are crossed: every seed's run
+    predicts every subject). Subjects are drawn first, so ``resample_seeds=False`` keeps the same subject draws."""
+    rng = np.random.default_rng(seed)
+
+    def multiplicities(n: int) -> np.ndarray:
+        drawn = rng.integers(0, n, (n_resamples, n)) + n * np.arange(n_resamples)[:, None]
+        return np.bincount(drawn.ravel(), minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
+
+    subjects = multiplicities(n_subjects)
+    seeds = multiplicities(n_seeds) if resample_seeds else np.ones((n_resamples, n_seeds))
+    return Resamples(seeds=seeds, subjects=subjects)
+
+
+def corrected_level(level: float, n_comparisons: int) -> float:
+    """Bonferroni: each of k intervals at 1 - alpha/k keeps the chance of any false 'result' under alpha."""
+    return 1.0 - (1.0 - level) / max(n_comparisons, 1)
+
+
+def default_resamples(n_comparisons: int, level: float = 0.95) -> int:
+    """Enough resamples for MIN_TAIL beyond each end of the corrected interval; at least 10,000."""
+    return max(10_000, int(np.ceil(2 * MIN_TAIL / (1.0 - corrected_level(level, n_comparisons)))))
+
+
+def interval_method(n_resamples: int, level: float, n_comparisons: int, resample_seeds: bool = True) -> str:
+    """The method, in words, for the table, the CSV and the JSON."""
+    units = "seeds and subjects resampled" if resample_seeds else "subjects resampled (seeds fixed)"
+    return (
+        f"two-level bootstrap of variant - base, paired: {units}, {n_resamples} resamples, "
+        f"percentile {_pct(level)} %; Bonferroni over {n_comparisons} comparison(s): "
+        f"corrected interval {_pct(corrected_level(level, n_comparisons))} %; "
+        f"result = the corrected interval excludes 0, with >= {MIN_SEEDS} seeds"
+    )
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:.4g}"
+
+
 @dataclass(frozen=True)
 class PairedDiff:
     diff: np.ndarray  # (3,) mean over seeds of variant - base, on all rows; METRICS order
-    low: np.ndarray
+    low: np.ndarray  # the interval at ``level``
     high: np.ndarray
+    adj_low: np.ndarray  # the interval at ``adj_level`` (Bonferroni-corrected for the comparisons made)
+    adj_high: np.ndarray
+    level: float
+    adj_level: float
+    n_resamples: int
 
 
 def paired_difference(
@@ -508,41 +596,66 @@ def paired_difference(
     subjects: np.ndarray,
     variant: list[ModelPreds],
     base: list[ModelPreds],
-    n_resamples: int = 1000,
+    n_resamples: int | None = None,
     seed: int = 0,
     level: float = 0.95,
-    method: str = "percentile",
+    n_comparisons: int = 1,
+    resample_seeds: bool = True,
+    resamples: Resamples | None = None,
 ) -> PairedDiff:
-    """Mean over seeds of (variant - base), same seed paired, with a bootstrap interval over subjects.
+    """Mean over seeds of (variant - base), same seed paired, with a two-level bootstrap interval.
 
-    One resample of subjects (with replacement; a subject drawn twice counts twice) scores both sides,
-    so the comparison stays paired; subjects, not sequences, are the independent units.
+    Each resample draws seeds and subjects with replacement (a unit drawn twice counts twice); for every
+    drawn seed the metric is recomputed on the drawn subjects' pooled rows, for the variant and the base
+    alike (the same draws for both: paired), and the differences are averaged over the drawn seeds.
+    Scores are sums of per (seed, subject) confusion counts, so a resample costs no re-scoring of rows.
+    ``resample_seeds=False`` is the subject-only bootstrap (seed variance left out), for comparison.
     """
-    from scipy.stats import bootstrap
-
     if len(variant) != len(base) or not variant:
         raise AblationError(f"paired seeds needed: variant has {len(variant)}, base {len(base)}")
-    _, subject_idx = np.unique(subjects, return_inverse=True)
-    rows_of = [np.flatnonzero(subject_idx == s) for s in range(subject_idx.max() + 1)]
+    if n_comparisons < 1 or not 0 < level < 1:
+        raise AblationError(f"n_comparisons {n_comparisons} must be >= 1 and level {level} in (0, 1)")
+    _, group = np.unique(subjects, return_inverse=True)
+    n_groups = int(group.max()) + 1
 
-    def statistic(sample: np.ndarray) -> np.ndarray:
-        rows = np.concatenate([rows_of[s] for s in sample])
-        return np.mean([view_scores(y, v, rows) - view_scores(y, b, rows) for v, b in zip(variant, base)], axis=0)
+    def counts(preds: list[ModelPreds]) -> np.ndarray:  # (seeds, subjects, 2 views * N_COUNTS)
+        return np.stack(
+            [
+                np.concatenate([group_counts(y, p.full, group, n_groups), group_counts(y, p.imu, group, n_groups)], 1)
+                for p in preds
+            ]
+        )
 
-    point = np.mean([view_scores(y, v) - view_scores(y, b) for v, b in zip(variant, base)], axis=0)
-    if len(rows_of) < 2:  # one subject: nothing to resample
+    cv_, cb = counts(variant), counts(base)
+
+    def views(c: np.ndarray) -> np.ndarray:  # (..., 2 * N_COUNTS) -> (..., 2)
+        return score_counts(c.reshape(*c.shape[:-1], 2, N_COUNTS))
+
+    def with_test_like(d: np.ndarray) -> np.ndarray:
+        return np.concatenate([d, d.mean(axis=-1, keepdims=True)], axis=-1)
+
+    point = with_test_like((views(cv_.sum(axis=1)) - views(cb.sum(axis=1))).mean(axis=0))
+    adj_level = corrected_level(level, n_comparisons)
+    n_resamples = n_resamples or default_resamples(n_comparisons, level)
+    if n_groups < 2:  # one subject: nothing to resample
         nan = np.full(len(METRICS), np.nan)
-        return PairedDiff(point, nan, nan.copy())
-    res = bootstrap(
-        (np.arange(len(rows_of)),),
-        statistic,
-        n_resamples=n_resamples,
-        vectorized=False,
-        confidence_level=level,
-        method=method,
-        rng=np.random.default_rng(seed),  # the same resamples for every comparison: common random numbers
-    )
-    return PairedDiff(point, np.asarray(res.confidence_interval.low), np.asarray(res.confidence_interval.high))
+        return PairedDiff(point, nan, nan.copy(), nan.copy(), nan.copy(), level, adj_level, n_resamples)
+    if resamples is None:
+        resamples = draw_resamples(len(variant), n_groups, n_resamples, seed, resample_seeds)
+    w, m = resamples.subjects, resamples.seeds
+    if w.shape[1] != n_groups or m.shape[1] != len(variant):
+        raise AblationError(f"resamples of {m.shape[1]} seeds x {w.shape[1]} subjects for {len(variant)} x {n_groups}")
+    diff = np.zeros((len(w), 2))
+    for s in range(len(variant)):  # (R, subjects) @ (subjects, counts): each seed's scores on every resample
+        diff += m[:, s : s + 1] * (views(w @ cv_[s]) - views(w @ cb[s]))
+    stat = with_test_like(diff / len(variant))
+
+    def bounds(lv: float) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = np.quantile(stat, [(1 - lv) / 2, (1 + lv) / 2], axis=0)
+        return lo, hi
+
+    (low, high), (adj_low, adj_high) = bounds(level), bounds(adj_level)
+    return PairedDiff(point, low, high, adj_low, adj_high, level, adj_level, len(w))
 
 
 def _num(x: float) -> float | None:
@@ -554,17 +667,41 @@ def _std(values: np.ndarray) -> np.ndarray:
     return values.std(axis=0, ddof=1) if len(values) > 1 else np.full(values.shape[1:], np.nan)
 
 
+def cautions(n_seeds: int, n_resamples: int, level: float, n_comparisons: int) -> list[str]:
+    """What keeps the table from supporting conclusions, in words (printed, and in the JSON)."""
+    out = []
+    if n_seeds < MIN_SEEDS:
+        out.append(
+            f"CAUTION: {n_seeds} seed(s), fewer than {MIN_SEEDS}: seed variance is not estimated, "
+            "so no difference is called a result (give --seeds with at least three)"
+        )
+    tail = (1 - corrected_level(level, n_comparisons)) / 2 * n_resamples
+    if n_comparisons and tail < MIN_TAIL:
+        out.append(
+            f"CAUTION: each end of the corrected interval rests on {tail:.1f} resample(s): "
+            f"use --n-resamples {default_resamples(n_comparisons, level)} or more"
+        )
+    return out
+
+
 def compare(
     oofs: RunsOOF, spec: AblationSpec, wall: Mapping[tuple[str, int], float] | None = None
 ) -> list[dict[str, Any]]:
-    """One row per variant x model x metric: mean/std over seeds, paired difference to the base, wall time."""
+    """One row per variant x model x metric: mean/std over seeds, paired difference to the base, wall time.
+
+    Every difference is one comparison: k = variants x models x metrics sets the Bonferroni correction.
+    """
     wall = wall or {}
     rows = []
     models = list(oofs.preds[(BASE, spec.seeds[0])])
+    n_comparisons = sum(v.name != BASE for v in spec.variants) * len(models) * len(METRICS)
+    n_resamples = spec.n_resamples or default_resamples(n_comparisons, spec.ci_level)
+    adj_level = corrected_level(spec.ci_level, n_comparisons)
+    n_subjects = len(np.unique(oofs.subjects))
+    draws = draw_resamples(len(spec.seeds), n_subjects, n_resamples, spec.bootstrap_seed)  # shared by every row
+    enough_seeds = len(spec.seeds) >= MIN_SEEDS
     for model in models:
         base_preds = [oofs.preds[(BASE, s)][model] for s in spec.seeds]
-        base_scores = np.array([view_scores(oofs.y, p) for p in base_preds])
-        base_std = _std(base_scores)
         for v in spec.variants:
             preds = [oofs.preds[(v.name, s)][model] for s in spec.seeds]
             scores = np.array([view_scores(oofs.y, p) for p in preds])
@@ -575,10 +712,10 @@ def compare(
                     oofs.subjects,
                     preds,
                     base_preds,
-                    spec.n_resamples,
-                    spec.bootstrap_seed,
-                    spec.ci_level,
-                    spec.ci_method,
+                    n_resamples,
+                    level=spec.ci_level,
+                    n_comparisons=n_comparisons,
+                    resamples=draws,
                 )
             walls = [wall[(v.name, s)] for s in spec.seeds if (v.name, s) in wall]
             train_s = [p.train_s for p in preds if p.train_s is not None]
@@ -593,21 +730,26 @@ def compare(
                     "diff_mean": None,
                     "ci_low": None,
                     "ci_high": None,
-                    "ci_excludes_zero": None,
-                    "beyond_seed_spread": None,
-                    "base_std": _num(base_std[k]),
+                    "adj_low": None,
+                    "adj_high": None,
+                    "result": None,
+                    "adj_level": adj_level,
+                    "n_comparisons": n_comparisons,
+                    "n_resamples": n_resamples,
                     "wall_s": float(np.mean(walls)) if walls else None,
                     "train_s": float(np.mean(train_s)) if train_s else None,
+                    "method": METHOD_TAG,
                 }
                 if diff is not None:
-                    d, lo, hi = float(diff.diff[k]), float(diff.low[k]), float(diff.high[k])
+                    lo, hi = float(diff.adj_low[k]), float(diff.adj_high[k])
                     row.update(
-                        diff_mean=d,
-                        ci_low=_num(lo),
-                        ci_high=_num(hi),
-                        ci_excludes_zero=bool(lo > 0 or hi < 0),  # NaN (one subject) compares False
-                        # the honest-numbers rule: a difference within the seed spread is not a result
-                        beyond_seed_spread=bool(abs(d) > base_std[k]),  # NaN (one seed) compares False
+                        diff_mean=float(diff.diff[k]),
+                        ci_low=_num(diff.low[k]),
+                        ci_high=_num(diff.high[k]),
+                        adj_low=_num(lo),
+                        adj_high=_num(hi),
+                        # a result: the corrected interval excludes 0 (NaN, one subject, compares False)
+                        result=bool(enough_seeds and (lo > 0 or hi < 0)),
                     )
                 rows.append(row)
     return rows
@@ -617,7 +759,7 @@ def compare(
 
 
 def format_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
-    """The printed table: one line per variant x model x metric."""
+    """The printed table: the method above, one line per variant x model x metric, cautions below."""
 
     def num(x: float | None, fmt: str = "{:+.4f}") -> str:
         return "" if x is None else fmt.format(x)
@@ -625,10 +767,11 @@ def format_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
     def flag(x: bool | None) -> str:
         return "" if x is None else ("yes" if x else "no")
 
-    ci_head = f"{round(level * 100)}% CI"
-    lines = [("variant", "model", "metric", "seeds", "mean", "std", "diff", ci_head, "CI!=0", ">spread", "wall s")]
+    adj = rows[0]["adj_level"] if rows else level
+    head = ("variant", "model", "metric", "seeds", "mean", "std", "diff", f"{_pct(level)}% CI")
+    lines = [(*head, f"{_pct(adj)}% CI (Bonferroni)", "result", "wall s")]
     for r in rows:
-        ci = f"[{num(r['ci_low'])}, {num(r['ci_high'])}]" if r["diff_mean"] is not None else ""
+        has = r["diff_mean"] is not None
         lines.append(
             (
                 r["variant"],
@@ -638,15 +781,21 @@ def format_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
                 num(r["mean"], "{:.4f}"),
                 num(r["std"], "{:.4f}"),
                 num(r["diff_mean"]),
-                ci,
-                flag(r["ci_excludes_zero"]),
-                flag(r["beyond_seed_spread"]),
+                f"[{num(r['ci_low'])}, {num(r['ci_high'])}]" if has else "",
+                f"[{num(r['adj_low'])}, {num(r['adj_high'])}]" if has else "",
+                flag(r["result"]),
                 num(r["wall_s"], "{:.1f}"),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
-    return "\n".join([text[0], "  ".join("-" * w for w in widths), *text[1:]])
+    table = [text[0], "  ".join("-" * w for w in widths), *text[1:]]
+    if not rows:
+        return "\n".join(table)
+    r0 = rows[0]
+    notes = cautions(r0["n_seeds"], r0["n_resamples"], level, r0["n_comparisons"])
+    method = interval_method(r0["n_resamples"], level, r0["n_comparisons"])
+    return "\n".join([f"intervals: {method}", *table, *notes])
 
 
 def write_outputs(
@@ -658,6 +807,8 @@ def write_outputs(
     paths = {"csv": out / "ablation.csv", "json": out / "ablation.json", "png": out / "ablation.png"}
     with io_utils.atomic_path(paths["csv"]) as tmp:
         pl.DataFrame(rows, infer_schema_length=None).write_csv(tmp)
+    r0 = rows[0] if rows else {"n_comparisons": 0, "n_resamples": spec.n_resamples or 0}
+    k, n_resamples = r0["n_comparisons"], r0["n_resamples"]
     io_utils.write_json(
         paths["json"],
         {
@@ -667,11 +818,17 @@ def write_outputs(
             "members": members,
             "metrics": list(METRICS),
             "bootstrap": {
-                "unit": "subject",
-                "n_resamples": spec.n_resamples,
+                "method": interval_method(n_resamples, spec.ci_level, k),
+                "units": ["seed", "subject"],
+                "n_resamples": n_resamples,
                 "level": spec.ci_level,
-                "method": spec.ci_method,
+                "interval": "percentile",
+                "correction": "bonferroni",
+                "n_comparisons": k,
+                "corrected_level": corrected_level(spec.ci_level, k),
+                "min_seeds": MIN_SEEDS,
                 "seed": spec.bootstrap_seed,
+                "cautions": cautions(len(spec.seeds), n_resamples, spec.ci_level, k),
             },
             "rows": rows,
             "runs": [
@@ -685,7 +842,7 @@ def write_outputs(
 
 
 def plot(rows: list[dict[str, Any]], path: Path, level: float = 0.95) -> None:
-    """Per model (rows) and metric (columns): each variant's difference to the base with its interval."""
+    """Per model (rows) and metric (columns): each variant's difference to the base with both intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -696,30 +853,28 @@ def plot(rows: list[dict[str, Any]], path: Path, level: float = 0.95) -> None:
     height = 1.2 + 0.45 * max(len(variants), 1) * len(models)
     fig, axes = plt.subplots(len(models), len(METRICS), figsize=(4.2 * len(METRICS), height), squeeze=False)
     by = {(r["variant"], r["model"], r["metric"]): r for r in rows}
+    adj = rows[0]["adj_level"] if rows else level
     for i, model in enumerate(models):
         for j, metric in enumerate(METRICS):
             ax = axes[i][j]
-            base = by.get((BASE, model, metric))
-            spread = base["base_std"] if base else None
-            if spread is not None:  # one seed has no spread
-                ax.axvspan(-spread, spread, color="0.85", label="base seed std")
             ax.axvline(0.0, color="0.4", lw=0.8)
             for k, v in enumerate(variants):
                 r = by.get((v, model, metric))
                 if r is None or r["diff_mean"] is None:
                     continue
-                d, lo, hi = r["diff_mean"], r["ci_low"], r["ci_high"]
-                # a percentile interval need not contain the point estimate: clamp, matplotlib rejects negatives
-                err = [[0.0 if lo is None else max(d - lo, 0.0)], [0.0 if hi is None else max(hi - d, 0.0)]]
-                color = "tab:blue" if r["ci_excludes_zero"] and r["beyond_seed_spread"] else "tab:gray"
-                ax.errorbar([d], [k], xerr=err, fmt="o", color=color, capsize=3)
+                d = r["diff_mean"]
+                color = "tab:blue" if r["result"] else "tab:gray"
+                for lo, hi, lw in ((r["adj_low"], r["adj_high"], 0.8), (r["ci_low"], r["ci_high"], 2.5)):
+                    # a percentile interval need not contain the point estimate: clamp, matplotlib rejects negatives
+                    err = [[0.0 if lo is None else max(d - lo, 0.0)], [0.0 if hi is None else max(hi - d, 0.0)]]
+                    ax.errorbar([d], [k], xerr=err, fmt="o", color=color, capsize=3, elinewidth=lw)
             ax.set_yticks(range(len(variants)), variants)
             ax.set_ylim(-0.7, max(len(variants), 1) - 0.3)
             ax.set_title(f"{model}: {metric}", fontsize=9)
             if i == len(models) - 1:
-                ax.set_xlabel(f"variant - base ({round(level * 100)}% CI over subjects)")
+                ax.set_xlabel(f"variant - base (thick {_pct(level)} %, thin {_pct(adj)} % CI)")
     fig.suptitle(
-        "blue: interval excludes 0 and |diff| > the base's seed std (grey band); grey: not a result"
+        "two-level bootstrap (seeds and subjects); blue: a result (the Bonferroni-corrected interval excludes 0)"
         if variants
         else "no variants: the base alone",
         fontsize=9,

@@ -6,9 +6,10 @@
     python main.py serve  --data-dir DIR --out DIR [--bundle-dir DIR]
     python main.py report --out DIR
     python main.py bench  --out DIR
-    python main.py ablate --data-dir DIR --out DIR --variant NAME:KEY=VALUE,... [--seeds 42,43] [--members lgbm]
+    python main.py ablate --data-dir DIR --out DIR --variant NAME:KEY=VALUE,... [--seeds 42,43,44] [--members lgbm]
     python main.py export-notebook --out FILE
     python main.py realism --data-dir DIR [--run OUT]   # the data (and a run) beside the real data's figures
+    python main.py results [--snapshot OUT] [--check]   # README/RESULTS figures re-rendered from their source files
     python main.py gpu-check [--cpu] [--out DIR]  # one prepared GPU check: epoch times, memory, latency
     torchrun --nproc_per_node=N main.py train --members torch ...   # one job over N processes (DDP)
 
@@ -523,7 +524,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         variants = ablation.collect_variants(args.variants or [], args.variant or [])
         for v in variants:
             ablation.check_variant(v, os.environ)
-        seeds = ablation.parse_seeds(args.seeds) if args.seeds else [cfg.run.seed, cfg.run.seed + 1]
+        default_seeds = [cfg.run.seed + i for i in range(ablation.MIN_SEEDS)]  # CMI_SEED, +1, +2
+        seeds = ablation.parse_seeds(args.seeds) if args.seeds else default_seeds
     except (ablation.AblationError, ConfigError) as e:
         raise SystemExit(f"ablate: {e}") from None
     if not cfg.run.data_dir:
@@ -589,6 +591,22 @@ def cmd_realism(args: argparse.Namespace) -> None:
         raise SystemExit(f"realism: {e}") from None
     print(path.read_text())
     print(f"realism: {path} and {path.with_suffix('.json')}")
+
+
+def cmd_results(args: argparse.Namespace) -> None:
+    import results
+
+    setup_logging(None)
+    try:
+        report = results.run(args.snapshot, args.name, check=args.check, conditions=args.conditions)
+    except results.ResultsError as e:
+        raise SystemExit(f"results: {e}") from None
+    stale = {doc: names for doc, names in report.items() if names}
+    for doc, names in report.items():
+        verb = "stale" if args.check else "re-rendered"
+        print(f"{doc}: {len(names)} block(s) {verb}" + (f": {', '.join(names)}" if names else ""))
+    if args.check and stale:
+        raise SystemExit("results: figures differ from their source files; run `python main.py results`")
 
 
 def cmd_export_notebook(args: argparse.Namespace) -> None:
@@ -858,11 +876,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME:KEY=VALUE,...",
         help="one variant (repeatable); a part without '=' continues the previous value (KERAS_IMU_FILTERS=8,8,8)",
     )
-    a.add_argument("--seeds", help="comma-separated model seeds, the same for every variant (default: CMI_SEED, +1)")
+    a.add_argument(
+        "--seeds",
+        help="comma-separated model seeds, the same for every variant (default: CMI_SEED, +1, +2; fewer than 3: "
+        "nothing is called a result)",
+    )
     a.add_argument("--members", help="comma-separated subset of " + ",".join(members.names()))
     a.add_argument("--debug", action="store_true", help="tiny epochs/rounds in every run")
     a.add_argument("--force", action="store_true", help="redo every run, even finished ones")
-    a.add_argument("--n-resamples", type=int, default=1000, help="bootstrap resamples of subjects (default 1000)")
+    a.add_argument(
+        "--n-resamples",
+        type=int,
+        help="resamples of the two-level (seeds x subjects) bootstrap (default: enough for the corrected interval, "
+        ">= 10000)",
+    )
     a.add_argument("-v", "--verbose", action="store_true")
     executor_options(a)
     a.set_defaults(func=cmd_ablate)
@@ -885,6 +912,13 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--run", help="a finished run's output folder: its OOF figures too")
     rl.add_argument("--out", default="outputs/realism.md", help="Markdown table (and .json beside it)")
     rl.set_defaults(func=cmd_realism)
+
+    rs = sub.add_parser("results", help="re-render the figures of README.md and docs/RESULTS.md from their sources")
+    rs.add_argument("--snapshot", help="first copy this finished run's figure files into docs/results/<name>/")
+    rs.add_argument("--name", default="make_run", help="the snapshot's name (default make_run)")
+    rs.add_argument("--check", action="store_true", help="only say which blocks are stale (exit 1 if any)")
+    rs.add_argument("--conditions", default="", help="with --snapshot: how the run was made (e.g. 'machine shared')")
+    rs.set_defaults(func=cmd_results)
 
     n = sub.add_parser("export-notebook", help="write a single Kaggle .ipynb carrying the modules")
     n.add_argument("--out", default="outputs/cmi_notebook.ipynb")

@@ -1,4 +1,4 @@
-"""`main.py ablate`: variant parsing, the paired bootstrap over subjects, run reuse, and the outputs.
+"""`main.py ablate`: variant parsing, the paired two-level bootstrap (seeds x subjects), run reuse, the outputs.
 
 The quick tests train with a fake training stage that writes OOF files as a member would (the run
 bookkeeping does not depend on what trains); the slow ones go through main.stage_train and the CLI.
@@ -6,7 +6,6 @@ bookkeeping does not depend on what trains); the slow ones go through main.stage
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import main
 import members
 from ablation import AblationError, AblationSpec, ModelPreds, RunsOOF, Variant
 from config import Config, ConfigError
-from metric import GESTURES, N_CLASSES
+from metric import GESTURES, N_CLASSES, score_indices
 from tests.centroid_pipeline import ConfigWithCentroid
 from tests.factory import demographics, labelled_rows
 
@@ -190,49 +189,175 @@ def _oofs(y, subjects, preds):
     return RunsOOF(y=y, subjects=subjects, preds=preds)
 
 
-def test_compare_rows_flags_and_spread_rule(tmp_path):
+def test_the_metric_from_summed_confusion_counts_is_the_competition_metric():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 40, 300):
+        y = rng.integers(0, N_CLASSES, n)
+        pred = np.where(rng.random(n) < 0.5, y, rng.integers(0, N_CLASSES, n))
+        group = rng.integers(0, 5, n)
+        counts = ablation.group_counts(y, pred, group, 5)
+        assert counts.shape == (5, ablation.N_COUNTS)
+        assert ablation.score_counts(counts.sum(axis=0)) == pytest.approx(score_indices(y, pred), abs=1e-12)
+        twice = np.concatenate([np.flatnonzero(group == 0)] * 2 + [np.flatnonzero(group == 3)])  # repeats count
+        expected = score_indices(y[twice], pred[twice]) if len(twice) else None
+        if expected is not None:
+            assert ablation.score_counts(2 * counts[0] + counts[3]) == pytest.approx(expected, abs=1e-12)
+
+
+def _one_seed_carries_it(n_subjects: int = 12) -> tuple[np.ndarray, np.ndarray, list[ModelPreds], list[ModelPreds]]:
+    """A variant far better on seed 1 and worse on seeds 2 and 3: better on average, on every subject."""
+    subjects, y = _subjects_and_labels(n_subjects=n_subjects)
+    base = [_noisy(y, 0.5, s) for s in (1, 2, 3)]
+
+    def worse(p: ModelPreds, seed: int) -> ModelPreds:
+        return ModelPreds(_noisy(p.full, 0.15, seed).full, _noisy(p.imu, 0.15, seed + 100).imu)
+
+    variant = [ModelPreds(y.copy(), y.copy()), worse(base[1], 7), worse(base[2], 8)]
+    return y, subjects, variant, base
+
+
+def test_seed_variance_widens_the_interval_so_one_lucky_seed_is_not_a_result():
+    y, subjects, variant, base = _one_seed_carries_it()
+    per_seed = np.array([ablation.view_scores(y, v) - ablation.view_scores(y, b) for v, b in zip(variant, base)])
+    assert (per_seed[0] > 0.3).all() and (per_seed[1:] < 0).all()  # better on one seed, worse on the others
+    d = ablation.paired_difference(y, subjects, variant, base, 2000, 0)
+    assert (d.diff > 0.05).all() and np.allclose(d.diff, per_seed.mean(axis=0))
+    # the seeds are resampled: resamples without seed 1 (about 8 in 27) are worse than the base
+    assert (d.low < 0).all() and (d.high > 0).all()
+    # the subject-only bootstrap (the old method) on the same rows and subject draws calls it a result
+    subject_only = ablation.paired_difference(y, subjects, variant, base, 2000, 0, resample_seeds=False)
+    assert np.array_equal(subject_only.diff, d.diff) and (subject_only.low > 0).all()
+    assert (d.high - d.low > 3 * (subject_only.high - subject_only.low)).all()
+
+
+def test_a_consistent_improvement_across_seeds_and_subjects_is_a_result(tmp_path):
     subjects, y = _subjects_and_labels()
-    base = [_noisy(y, 0.5, s) for s in (1, 2)]
     preds = {}
-    for k, s in enumerate((1, 2)):
+    for s in (1, 2, 3):
+        preds[("base", s)] = {"m": _noisy(y, 0.5, s)}
+        preds[("better", s)] = {"m": _noisy(y, 0.2, 10 + s)}
+    spec = AblationSpec(
+        tmp_path, tmp_path, [Variant("base"), Variant("better")], [1, 2, 3], ["m"], {}, n_resamples=2000
+    )
+    rows = [r for r in ablation.compare(_oofs(y, subjects, preds), spec) if r["variant"] == "better"]
+    assert len(rows) == 3 and all(r["result"] is True and r["adj_low"] > 0 for r in rows)
+    assert all(r["n_comparisons"] == 3 and r["adj_level"] == pytest.approx(1 - 0.05 / 3) for r in rows)
+
+
+def test_the_correction_widens_the_intervals_with_the_number_of_comparisons(tmp_path):
+    subjects, y = _subjects_and_labels()
+    base = [_noisy(y, 0.5, s) for s in (1, 2, 3)]
+    modest = [_noisy(y, 0.4, 10 + s) for s in (1, 2, 3)]
+    draws = ablation.draw_resamples(3, 6, 4000, seed=0)
+    one, many = (
+        ablation.paired_difference(y, subjects, modest, base, level=0.95, n_comparisons=k, resamples=draws)
+        for k in (1, 66)
+    )
+    assert np.array_equal(one.low, one.adj_low) and np.array_equal(one.low, many.low)  # k = 1: no correction
+    assert (many.adj_low < one.adj_low).all() and (many.adj_high > one.adj_high).all()
+    assert many.adj_level == pytest.approx(1 - 0.05 / 66)
+    # through compare: the same variant beside five more (18 comparisons instead of 3) is no longer a result
+    preds = {}
+    for k, s in enumerate((1, 2, 3)):
+        preds[("base", s)] = {"m": base[k]}
+        preds[("modest", s)] = {"m": modest[k]}
+        for c in range(5):
+            preds[(f"same{c}", s)] = {"m": base[k]}
+    verdicts = {}
+    for extra in (0, 5):
+        variants = [Variant("base"), Variant("modest"), *(Variant(f"same{c}") for c in range(extra))]
+        spec = AblationSpec(tmp_path, tmp_path, variants, [1, 2, 3], ["m"], {}, n_resamples=4000)
+        rows = ablation.compare(_oofs(y, subjects, preds), spec)
+        r = next(r for r in rows if r["variant"] == "modest" and r["metric"] == "test_like")
+        verdicts[r["n_comparisons"]] = (r["ci_low"], r["result"])
+        assert all(x["result"] is False for x in rows if x["variant"].startswith("same"))
+    assert verdicts[3][0] == verdicts[18][0] > 0  # the same draws: the uncorrected interval excludes 0 both times
+    assert verdicts[3][1] is True and verdicts[18][1] is False
+
+
+def test_compare_rows_the_method_and_the_outputs(tmp_path):
+    subjects, y = _subjects_and_labels()
+    base = [_noisy(y, 0.5, s) for s in (1, 2, 3)]
+    preds = {}
+    for k, s in enumerate((1, 2, 3)):
         preds[("base", s)] = {"m": base[k], "blend": base[k]}
         preds[("better", s)] = {"m": ModelPreds(y.copy(), y.copy(), 3.0), "blend": _noisy(y, 0.1, 10 + k)}
-        preds[("swapped", s)] = {"m": base[1 - k], "blend": base[1 - k]}
+        preds[("shuffled", s)] = {"m": base[(k + 1) % 3], "blend": base[(k + 1) % 3]}
     spec = AblationSpec(
         out_dir=tmp_path,
         data_dir=tmp_path,
-        variants=[Variant("base"), Variant("better", {"X": "1"}), Variant("swapped", {"Y": "1"})],
-        seeds=[1, 2],
+        variants=[Variant("base"), Variant("better", {"X": "1"}), Variant("shuffled", {"Y": "1"})],
+        seeds=[1, 2, 3],
         members=["m"],
         base_env={},
-        n_resamples=200,
+        n_resamples=300,
     )
-    wall = {(v, s): 10.0 + s for v in ("base", "better", "swapped") for s in (1, 2)}
+    wall = {(v, s): 10.0 + s for v in ("base", "better", "shuffled") for s in (1, 2, 3)}
     rows = ablation.compare(_oofs(y, subjects, preds), spec, wall)
     assert len(rows) == 3 * 2 * 3
     by = {(r["variant"], r["model"], r["metric"]): r for r in rows}
     b = by[("base", "m", "test_like")]
-    assert b["diff_mean"] is None and b["std"] > 0 and b["wall_s"] == 11.5 and b["n_seeds"] == 2
+    assert b["diff_mean"] is None and b["result"] is None and b["std"] > 0 and b["wall_s"] == 12.0
+    assert b["n_seeds"] == 3 and b["n_comparisons"] == 2 * 2 * 3 and b["n_resamples"] == 300
     good = by[("better", "m", "test_like")]
     assert good["mean"] == 1.0 and good["std"] == 0.0 and good["train_s"] == 3.0
-    assert good["ci_low"] > 0 and good["ci_excludes_zero"] and good["beyond_seed_spread"]
+    assert good["adj_low"] > 0 and good["result"] is True and good["adj_low"] <= good["ci_low"]
     assert good["diff_mean"] == pytest.approx(1.0 - b["mean"])
-    noise = by[("swapped", "m", "full")]
-    assert noise["ci_excludes_zero"] is False and noise["beyond_seed_spread"] is False
+    noise = by[("shuffled", "m", "full")]  # the base's runs under other seeds: seed noise only
+    assert noise["result"] is False and noise["adj_low"] < 0 < noise["adj_high"]
     text = ablation.format_table(rows)
-    assert "95% CI" in text and "better" in text and len(text.splitlines()) == 2 + len(rows)
+    assert "two-level bootstrap" in text and "seeds and subjects resampled, 300 resamples" in text
+    assert "Bonferroni over 12 comparison(s)" in text and "99.58% CI (Bonferroni)" in text and "95% CI" in text
+    assert "beyond" not in text and ">spread" not in text
+    body = text.splitlines()[1:]
+    assert len([line for line in body if not line.startswith("CAUTION")]) == 2 + len(rows)
+    assert "CAUTION: each end of the corrected interval rests on 0.6 resample(s)" in text  # 300 are too few
     paths = ablation.write_outputs(tmp_path, spec, ["m"], rows, [])
     csv = pl.read_csv(paths["csv"])
-    assert csv.height == len(rows) and {"n_seeds", "mean", "std", "diff_mean", "ci_low", "ci_high", "wall_s"} <= set(
+    assert csv.height == len(rows)
+    assert {"n_seeds", "mean", "std", "diff_mean", "ci_low", "ci_high", "adj_low", "adj_high", "result"} <= set(
         csv.columns
     )
-    assert json.loads(paths["json"].read_text())["rows"][0]["diff_mean"] is None  # JSON null, not NaN
+    assert {"beyond_seed_spread", "ci_excludes_zero"}.isdisjoint(csv.columns)
+    assert set(csv["method"]) == {ablation.METHOD_TAG} and set(csv["n_comparisons"]) == {12}
+    doc = json.loads(paths["json"].read_text())
+    assert doc["rows"][0]["diff_mean"] is None  # JSON null, not NaN
+    assert doc["bootstrap"]["units"] == ["seed", "subject"] and doc["bootstrap"]["correction"] == "bonferroni"
+    assert doc["bootstrap"]["method"].startswith("two-level bootstrap") and doc["bootstrap"]["n_comparisons"] == 12
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
-    one_seed = dataclasses.replace(spec, seeds=[1])
-    rows1 = ablation.compare(_oofs(y, subjects, preds), one_seed)
-    r1 = next(r for r in rows1 if r["variant"] == "better")
-    assert r1["std"] is None and r1["beyond_seed_spread"] is False  # one seed: no spread, so never a result
-    ablation.plot(rows1, tmp_path / "one.png")
+
+
+def test_fewer_than_three_seeds_is_a_caution_and_never_a_result(tmp_path):
+    subjects, y = _subjects_and_labels()
+    preds = {}
+    for s in (1, 2, 3):
+        preds[("base", s)] = {"m": _noisy(y, 0.5, s)}
+        preds[("perfect", s)] = {"m": ModelPreds(y.copy(), y.copy())}
+    variants = [Variant("base"), Variant("perfect")]
+    for seeds in ([1, 2], [1]):
+        spec = AblationSpec(tmp_path, tmp_path, variants, seeds, ["m"], {}, n_resamples=2000)
+        rows = [r for r in ablation.compare(_oofs(y, subjects, preds), spec) if r["variant"] == "perfect"]
+        assert all(r["adj_low"] > 0.2 for r in rows), rows  # the interval is far from 0 ...
+        assert all(r["result"] is False for r in rows)  # ... but with fewer than 3 seeds nothing is a result
+        assert f"CAUTION: {len(seeds)} seed(s), fewer than 3" in ablation.format_table(rows)
+        if len(seeds) == 1:
+            assert all(r["std"] is None for r in rows)  # one seed: no spread
+            ablation.plot(rows, tmp_path / "one.png")
+    ablation.write_outputs(tmp_path, spec, ["m"], rows, [])
+    assert "fewer than 3" in json.loads((tmp_path / "ablation.json").read_text())["bootstrap"]["cautions"][0]
+
+
+def test_the_cli_defaults_to_three_seeds(tmp_path, monkeypatch: pytest.MonkeyPatch, capsys):
+    seen = []
+
+    def fake_run(spec, train, stage=None, explicit_members=True):
+        seen.append(spec)
+        return ablation.AblationResult(rows=[], runs=[], paths={})
+
+    monkeypatch.setattr(ablation, "run_ablation", fake_run)
+    monkeypatch.setenv("CMI_SEED", "7")
+    main.main(["ablate", "--data-dir", str(tmp_path), "--out", str(tmp_path / "abl"), "--members", TEST_MEMBER])
+    assert seen[0].seeds == [7, 8, 9] and seen[0].n_resamples is None
 
 
 # --------------------------------------------------------------------------- runs (a fake training stage)
@@ -323,7 +448,8 @@ def test_runs_share_the_folds_are_reused_and_redone_when_their_settings_change(s
     }
     by = {(r["variant"], r["model"], r["metric"]): r for r in res.rows}
     assert {r["model"] for r in res.rows} == {TEST_MEMBER, "blend"}
-    assert by[("sharp", TEST_MEMBER, "test_like")]["ci_excludes_zero"] is True
+    sharp = by[("sharp", TEST_MEMBER, "test_like")]
+    assert sharp["ci_low"] > 0 and sharp["result"] is False  # two seeds: no result, however clear
     assert by[("sharp", "blend", "full")]["ci_low"] > 0
     assert by[("nomirror", TEST_MEMBER, "full")]["diff_mean"] == 0.0  # the fake ignores mirroring
     assert res.paths["csv"].exists() and res.paths["png"].exists() and res.paths["json"].exists()
@@ -448,6 +574,7 @@ def test_cli_ablate_with_lightgbm(synth_data, tmp_path):
     r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "notail" in r.stdout and "95% CI" in r.stdout and "ablation.csv" in r.stdout
+    assert "intervals: two-level bootstrap" in r.stdout and "CAUTION: 1 seed(s), fewer than 3" in r.stdout
     csv = pl.read_csv(out / "ablation.csv")
     assert set(csv["variant"]) == {"base", "notail"} and set(csv["model"]) <= {"lgbm", "blend"}
     assert (out / "runs/notail/seed1/done.json").exists() and (out / "ablation.png").exists()
