@@ -400,6 +400,22 @@ def _no_stage(name: str) -> Iterator[None]:
     yield
 
 
+# The data set whose figures README and docs/RESULTS.md report: `make run`'s (synth seed 0, 12 subjects).
+# A default chosen on it would be judged on the numbers it is then reported with.
+REPORTING_SET = {"seed": 0, "n_subjects": 12}
+
+
+def data_provenance(data_dir: Path) -> dict[str, Any]:
+    """Which data set an ablation ran on: the generator's seed and size (``synth_info.json``), else "not generated"."""
+    info = Path(data_dir) / "synth_info.json"
+    if not info.is_file():
+        return {"generated": False, "data_dir": str(data_dir)}
+    d = io_utils.read_json(info)
+    out = {"generated": True, "seed": d.get("seed"), "n_subjects": d.get("n_subjects"), "data_dir": str(data_dir)}
+    out["reporting_set"] = all(out.get(k) == v for k, v in REPORTING_SET.items())
+    return out
+
+
 def run_ablation(
     spec: AblationSpec, train: TrainFn, stage: StageFn = _no_stage, explicit_members: bool = True
 ) -> AblationResult:
@@ -413,6 +429,18 @@ def run_ablation(
     members = check_members(list(spec.members), explicit_members)
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    data = data_provenance(spec.data_dir)
+    if data.get("reporting_set"):
+        log.warning(
+            "ablate: %s is the reporting data set (synth seed %s, %s subjects: what README/RESULTS report); a default "
+            "chosen here would be judged on the data it is reported on — tune on `main.py synth --seed 100` or another "
+            "seed of its own",
+            spec.data_dir,
+            data["seed"],
+            data["n_subjects"],
+        )
+    elif data.get("generated"):
+        log.info("ablate: tuning data generated with seed %s, %s subjects", data["seed"], data["n_subjects"])
     with stage("ablate: shared folds"):
         folds, fhash = shared_folds(spec)
     records = []
@@ -432,7 +460,7 @@ def run_ablation(
     with stage("ablate: statistics"):
         oofs = load_oofs(runs, members, folds)
         rows = compare(oofs, spec, wall={(r["variant"], r["seed"]): r["wall_s"] for r in records})
-    paths = write_outputs(out, spec, members, rows, records)
+    paths = write_outputs(out, spec, members, rows, records, data)
     return AblationResult(rows=rows, runs=records, paths=paths)
 
 
@@ -799,7 +827,12 @@ def format_table(rows: list[dict[str, Any]], level: float = 0.95) -> str:
 
 
 def write_outputs(
-    out: Path, spec: AblationSpec, members: list[str], rows: list[dict[str, Any]], records: list[dict[str, Any]]
+    out: Path,
+    spec: AblationSpec,
+    members: list[str],
+    rows: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
     """``ablation.csv``, ``ablation.json`` and ``ablation.png`` in ``out``, each written atomically."""
     import polars as pl
@@ -813,6 +846,7 @@ def write_outputs(
         paths["json"],
         {
             "base": BASE,
+            "data": data or data_provenance(spec.data_dir),
             "variants": {v.name: v.overrides for v in spec.variants},
             "seeds": spec.seeds,
             "members": members,

@@ -149,7 +149,21 @@ def render_holdout(src: Source) -> str:
         if key in s:
             c = s[key]
             rows.append(f"| {label} | {_f(c['score'])} | {_f(c['binary_f1'])} | {_f(c['macro_f1'])} |")
-    return "\n".join(rows) + "\n"
+    text = "\n".join(rows) + "\n"
+    iv = s.get("holdout_interval")
+    if iv:
+        text += (
+            f"\nHold-out score {_f(s['holdout']['score'])}, {iv['level']:.0%} interval [{_f(iv['low'])}, "
+            f"{_f(iv['high'])}] ({iv['method']}, {iv['n_subjects']} subjects, {iv['n_resamples']} resamples)"
+        )
+        if src.has("ensemble/oof/blend_summary.json"):
+            oof = src.json("ensemble/oof/blend_summary.json")["overall"]["mean"]
+            inside = iv["low"] <= oof <= iv["high"]
+            text += f"; the served blend's OOF test-like score {_f(oof)} lies " + (
+                "inside it: hold-out and OOF agree within what the test subjects allow" if inside else "outside it"
+            )
+        text += ".\n"
+    return text
 
 
 def render_latency(src: Source) -> str:

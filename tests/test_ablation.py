@@ -580,3 +580,15 @@ def test_cli_ablate_with_lightgbm(synth_data, tmp_path):
     assert (out / "runs/notail/seed1/done.json").exists() and (out / "ablation.png").exists()
     timings = json.loads((out / "timings.json").read_text())
     assert "ablate: notail seed 1" in timings and "ablate: statistics" in timings
+
+
+def test_ablate_names_its_data_set_and_warns_on_the_reporting_set(tmp_path):
+    """Defaults are tuned on generated data other than the set README/RESULTS report (`make run`'s)."""
+    import json
+
+    (tmp_path / "synth_info.json").write_text(json.dumps({"seed": 0, "n_subjects": 12}))
+    assert ablation.data_provenance(tmp_path)["reporting_set"] is True
+    (tmp_path / "synth_info.json").write_text(json.dumps({"seed": 100, "n_subjects": 24}))
+    d = ablation.data_provenance(tmp_path)
+    assert d["reporting_set"] is False and d["seed"] == 100
+    assert ablation.data_provenance(tmp_path / "real")["generated"] is False

@@ -68,3 +68,17 @@ def test_a_changed_source_makes_its_block_stale(tmp_path):
     assert changed == ["run:snap:holdout"] and "0.850" in text
     doc.write_text(text)
     assert results.regenerate(doc, root=tmp_path)[1] == []  # current now
+
+
+def test_holdout_interval_is_over_test_subjects():
+    import polars as pl
+
+    import main
+    from metric import GESTURES
+
+    rows = [(f"S{s}", g, g if s != "2" else GESTURES[9]) for s in "123" for g in GESTURES[:8]]
+    joined = pl.DataFrame(rows, schema=["subject", "gesture", "gesture_pred"], orient="row")
+    iv = main.holdout_interval(joined, n_resamples=200)
+    assert iv["n_subjects"] == 3 and iv["low"] < iv["high"] <= 1.0  # one subject all wrong: wide
+    perfect = main.holdout_interval(joined.with_columns(pl.col("gesture").alias("gesture_pred")), n_resamples=50)
+    assert perfect["low"] == perfect["high"] == 1.0
