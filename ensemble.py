@@ -159,6 +159,9 @@ def fit_class_bias(
 
     The metric weighs the 8 targets and the collapsed non-target class equally,
     so the probability-optimal argmax is not metric-optimal; this corrects it.
+    While class c's shift is searched the other columns are fixed, so their best
+    class is found once per c and each grid value only compares against it (the
+    same argmax, ties to the lower index included).
     """
     grid = np.linspace(-1.0, 1.0, 21) if grid is None else grid
     logp = np.log(np.clip(np.asarray(proba, dtype=np.float64), 1e-12, None))
@@ -167,12 +170,17 @@ def fit_class_bias(
     for _ in range(max_rounds):
         improved = False
         for c in range(logp.shape[1]):
+            others = logp + bias
+            others[:, c] = -np.inf
+            top, top_at = others.max(1), others.argmax(1)
             for v in grid:
-                cand = bias.copy()
-                cand[c] = v
-                s = score_indices(y, (logp + cand).argmax(1))
+                col = logp[:, c] + v
+                wins = (col > top) | ((col == top) & (c < top_at))
+                s = score_indices(y, np.where(wins, c, top_at))
                 if s > best + 1e-12:
-                    bias, best, improved = cand, s, True
+                    bias = bias.copy()
+                    bias[c] = v
+                    best, improved = s, True
         if not improved:
             break
     return bias, best
@@ -183,44 +191,170 @@ def equal_weights(y: np.ndarray, probas: list[np.ndarray]) -> tuple[np.ndarray, 
     return np.full(len(probas), 1.0 / len(probas)), float("nan")
 
 
+BLEND = "blend"  # the candidate (and the OOF "member") that blends every member of a view
+
+
+class _FoldFits:
+    """The cross-fitted pieces of one candidate of a view, each keyed by the folds it must not see.
+
+    A candidate is the blend ``fit`` makes of ``probas`` (one member alone, with ``equal_weights``). For a set
+    ``out`` of folds: ``weights(out)`` are fitted on the rows of the other folds; ``held(j, out)`` is fold j's
+    rows blended with ``weights(out | {j})``; ``cross(out)`` holds ``held(j, out)`` for every fold j not in
+    ``out``; ``bias(out)`` is the class bias fitted on ``cross(out)``; ``calibrated(out)`` is ``cross(out)``
+    with fold j shifted by ``bias(out | {j})``. So nothing computed for ``out`` reads a label of a fold in it.
+    Each fit is made once per instance (one ``fit_ensemble`` call): the nested decisions share most of them.
+    """
+
+    def __init__(
+        self,
+        y: np.ndarray,
+        probas: list[np.ndarray],
+        fold_ids: np.ndarray,
+        fit: Callable[..., tuple[np.ndarray, float]],
+    ) -> None:
+        self.y, self.probas, self.fold_ids, self.fit = y, probas, fold_ids, fit
+        self.folds = frozenset(int(k) for k in np.unique(fold_ids))
+        self._weights: dict[frozenset[int], np.ndarray] = {}
+        self._bias: dict[frozenset[int], np.ndarray] = {}
+
+    def rows(self, out: frozenset[int]) -> np.ndarray:
+        return ~np.isin(self.fold_ids, sorted(out))
+
+    def inside(self, out: frozenset[int]) -> list[int]:
+        return sorted(self.folds - out)
+
+    def weights(self, out: frozenset[int]) -> np.ndarray:
+        if out not in self._weights:
+            rows = self.rows(out)
+            if not rows.any():  # callers count folds first; this guards the invariant
+                raise FoldsError(f"no OOF rows left to fit blend weights on once folds {sorted(out)} are held out")
+            self._weights[out] = self.fit(self.y[rows], [p[rows] for p in self.probas])[0]
+        return self._weights[out]
+
+    def held(self, j: int, out: frozenset[int]) -> np.ndarray:
+        rows = self.fold_ids == j
+        return blend([p[rows] for p in self.probas], self.weights(out | {j}))
+
+    def cross(self, out: frozenset[int]) -> np.ndarray:
+        p = np.zeros(self.probas[0].shape, dtype=np.float64)
+        for j in self.inside(out):
+            p[self.fold_ids == j] = self.held(j, out)
+        return p
+
+    def bias(self, out: frozenset[int]) -> np.ndarray:
+        if out not in self._bias:
+            rows = self.rows(out)
+            self._bias[out] = fit_class_bias(self.y[rows], self.cross(out)[rows])[0]
+        return self._bias[out]
+
+    def calibrated(self, out: frozenset[int]) -> np.ndarray:
+        p = np.zeros(self.probas[0].shape, dtype=np.float64)
+        for j in self.inside(out):
+            p[self.fold_ids == j] = apply_class_bias(self.held(j, out), self.bias(out | {j}))
+        return p
+
+
+def _decide(y: np.ndarray, cands: dict[str, _FoldFits], out: frozenset[int], min_gain: float) -> dict[str, Any]:
+    """Blend or best member, class bias or not, decided on the rows of the folds not in ``out`` only.
+
+    ``cands``: the members alone (by name) and, with two or more members, ``BLEND``. The blend is chosen
+    when its cross-fitted score (within those folds) beats the best member there; the class bias when its
+    nested cross-fitted score beats the chosen candidate's by more than ``min_gain``. Too few folds to
+    cross-fit a comparison (2 for the blend, 3 for the bias) keep the side that needs no evidence: the
+    best member, no bias (``None`` scores). ``out`` empty: the decision shipped for serving.
+    """
+    any_fits = next(iter(cands.values()))
+    rows, inside = any_fits.rows(out), any_fits.inside(out)
+    yy = y[rows]
+    names = [m for m in cands if m != BLEND]
+    singles = {m: score_proba(yy, cands[m].probas[0][rows]) for m in names}
+    best = max(names, key=lambda m: singles[m]) if names else None
+    blend_score = None
+    if BLEND in cands and len(inside) >= 2:
+        blend_score = score_proba(yy, cands[BLEND].cross(out)[rows])
+    beats = best is None or (blend_score is not None and blend_score > singles[best])
+    shipped = BLEND if BLEND in cands and beats else best
+    without = with_bias = None
+    if len(inside) >= 3:
+        chosen = cands[shipped]
+        without = score_proba(yy, chosen.cross(out)[rows])
+        with_bias = score_proba(yy, chosen.calibrated(out)[rows])
+    return {
+        "shipped": shipped,
+        "best_member": best,
+        "member_scores": singles,
+        "blend_cross_fitted": blend_score,
+        "bias_used": bool(with_bias is not None and with_bias > without + min_gain),
+        "bias_without": without,
+        "bias_with": with_bias,
+    }
+
+
+def _served_oof(
+    y: np.ndarray, cands: dict[str, _FoldFits], min_gain: float
+) -> tuple[np.ndarray, dict[str, dict[str, Any]]]:
+    """The honest served OOF: fold k's rows from fold k's own decision, taken on the other folds.
+
+    Fold k gets the candidate ``_decide`` picks without fold k, blended with weights fitted without fold k,
+    shifted by a bias fitted without fold k when that decision uses one. Returns the rows and, per fold
+    (as a string key, for JSON), the decision and the score of its served rows.
+    """
+    any_fits = next(iter(cands.values()))
+    served = np.zeros(any_fits.probas[0].shape, dtype=np.float64)
+    per_fold: dict[str, dict[str, Any]] = {}
+    for k in sorted(any_fits.folds):
+        out = frozenset({k})
+        d = _decide(y, cands, out, min_gain)
+        chosen, rows = cands[d["shipped"]], any_fits.fold_ids == k
+        p = chosen.held(k, frozenset())
+        served[rows] = apply_class_bias(p, chosen.bias(out)) if d["bias_used"] else p
+        per_fold[str(k)] = {**d, "score": score_proba(y[rows], served[rows]), "n_rows": int(rows.sum())}
+    return served, per_fold
+
+
+def _calibration_record(
+    decision: dict[str, Any], y: np.ndarray, probas: list[np.ndarray], weights: np.ndarray, min_gain: float
+) -> dict[str, Any]:
+    """The class-bias part of a view's weights.json record: the bias serving uses (decided on every fold)."""
+    bias, fitted = fit_class_bias(y, blend(probas, weights))  # fitted on the blend that is served
+    return {
+        "class_bias": bias.tolist() if decision["bias_used"] else None,
+        "used": decision["bias_used"],
+        "cross_fitted_without": decision["bias_without"],
+        "cross_fitted_with": decision["bias_with"],
+        "in_sample_with": fitted,
+        "min_gain": min_gain,
+    }
+
+
+def _fold_counts(per_fold: dict[str, dict[str, Any]]) -> dict[str, int]:
+    return {
+        "n_folds": len(per_fold),
+        "folds_blend": sum(d["shipped"] == BLEND for d in per_fold.values()),
+        "folds_bias": sum(bool(d["bias_used"]) for d in per_fold.values()),
+    }
+
+
 def calibration_for_view(
     y: np.ndarray,
     probas: list[np.ndarray],
     fold_ids: np.ndarray,
     min_gain: float,
     fit: Callable[..., tuple[np.ndarray, float]] = equal_weights,
-    cross: np.ndarray | None = None,
-    weights: np.ndarray | None = None,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Judge a class bias on top of the blend ``fit`` makes of ``probas``, nested: nothing sees the scored fold.
 
-    For each held-out fold k the bias is fitted on the other folds' *cross-fitted* blend, whose weights
-    were themselves fitted without fold k, and applied to fold k's cross-fitted blend. Returns the
-    record for weights.json and the honest OOF probabilities of the shipped choice (with the bias if used).
-    ``cross`` / ``weights``: the cross-fitted blend and the all-rows weights, when the caller has them already.
+    The bias is judged on a cross-fitted blend: fitted on the other folds' cross-fitted blend (whose weights
+    never saw the held-out fold either) and scored on the held-out fold. Returns the record for weights.json
+    (the decision on every fold: what serving uses; ``per_fold`` holds each fold's own decision) and the
+    honest OOF: fold k with its bias exactly when the decision taken without fold k uses one.
     """
-    if cross is None:
-        cross = cross_fitted_blend(y, probas, fold_ids, fit)
-    held_out = np.zeros_like(cross)
-    for k in np.unique(fold_ids):
-        train, held = fold_ids != k, fold_ids == k
-        inner = cross_fitted_blend(y[train], [p[train] for p in probas], fold_ids[train], fit)
-        bias_k, _ = fit_class_bias(y[train], inner)
-        held_out[held] = apply_class_bias(cross[held], bias_k)
-    without = score_proba(y, cross)
-    with_bias = score_proba(y, held_out)
-    w_all = fit(y, probas)[0] if weights is None else weights
-    bias, fitted = fit_class_bias(y, blend(probas, w_all))
-    used = with_bias > without + min_gain
-    record = {
-        "class_bias": bias.tolist() if used else None,
-        "used": bool(used),
-        "cross_fitted_without": without,
-        "cross_fitted_with": with_bias,
-        "in_sample_with": fitted,
-        "min_gain": min_gain,
-    }
-    return record, (held_out if used else cross)
+    cands = {BLEND: _FoldFits(y, probas, fold_ids, fit)}
+    decision = _decide(y, cands, frozenset(), min_gain)
+    honest, per_fold = _served_oof(y, cands, min_gain)
+    record = _calibration_record(decision, y, probas, fit(y, probas)[0], min_gain)
+    record["per_fold_used"] = {k: d["bias_used"] for k, d in per_fold.items()}
+    return record, honest
 
 
 def fit_ensemble(
@@ -228,10 +362,13 @@ def fit_ensemble(
 ) -> dict[str, Any]:
     """Fit blend weights per view on the members' OOF files; returns the content of weights.json.
 
-    Every score that leads is cross-fitted (weights, and a class bias, fitted on the other folds).
-    A blend is shipped for a view only when its cross-fitted score beats the best member's OOF;
-    otherwise that member alone is served. ``blend_oof_dir`` receives the shipped choice's honest
-    OOF probabilities (as a member named ``blend``), the input of ablations.
+    What is shipped for serving is decided on every OOF row (that is training): the blend when its
+    cross-fitted score beats the best member's OOF, else that member alone; the class bias when its
+    nested cross-fitted gain exceeds ``ENSEMBLE_CALIBRATION_MIN_GAIN``. What is *scored* is decided per
+    fold: fold k's served OOF rows come from the same two decisions taken on the other folds only, with
+    weights and bias fitted there (``per_fold`` in each view's record), so no fold's served rows depend on
+    its labels. ``score`` / ``test_like_score`` score those rows; ``blend_oof_dir`` receives them (as a
+    member named ``blend``), the input of the subject post-processing replay and the ablations.
     """
     oofs: list[MemberOOF] = [read_member_oof(oof_dir, m) for m in members]
     if not oofs:
@@ -243,7 +380,10 @@ def fit_ensemble(
         if o.summary["folds_hash"] != base.summary["folds_hash"]:
             raise FoldsError(f"{o.member} was trained on other folds than {base.member}")
     y, folds = base.y_true, base.fold_ids
+    if len(np.unique(folds)) < 2:
+        raise FoldsError(f"{oof_dir} holds {len(np.unique(folds))} fold: the blend needs OOF rows of at least 2 folds")
     seed, starts = cfg.run.seed, cfg.ensemble.n_starts
+    min_gain = cfg.ensemble.calibration_min_gain
     out: dict[str, Any] = {"members": members, "folds_hash": base.summary["folds_hash"], "views": {}}
     honest: dict[str, np.ndarray] = {}
 
@@ -259,25 +399,29 @@ def fit_ensemble(
         t0 = time.perf_counter()
         w_rand, s_rand = fit_weights_random(y, probas, draws=cfg.ensemble.random_search_draws, seed=seed)
         t_rand = time.perf_counter() - t0
-        cross_blended = cross_fitted_blend(y, probas, folds, fit)
-        cross = score_proba(y, cross_blended)
-        best = max(singles, key=lambda m: singles[m])
-        if len(members) > 1 and cross > singles[best]:
-            shipped, weights = "blend", {m: float(x) for m, x in zip(members, w)}
-            calibration, honest[view] = calibration_for_view(
-                y, probas, folds, cfg.ensemble.calibration_min_gain, fit, cross=cross_blended, weights=w
-            )
+        cands = {m: _FoldFits(y, [p], folds, equal_weights) for m, p in zip(members, probas)}
+        if len(members) > 1:
+            cands[BLEND] = _FoldFits(y, probas, folds, fit)
+        t0 = time.perf_counter()
+        decision = _decide(y, cands, frozenset(), min_gain)  # what serving ships: every training fold
+        honest[view], per_fold = _served_oof(y, cands, min_gain)  # what is scored: each fold decided without it
+        t_decide = time.perf_counter() - t0
+        shipped, best = decision["shipped"], decision["best_member"]
+        if shipped == BLEND:
+            weights = {m: float(x) for m, x in zip(members, w)}
+            calibration = _calibration_record(decision, y, probas, w, min_gain)
         else:  # the fitted weights lose to one member on folds they never saw: serve that member
-            shipped, weights = best, {m: float(m == best) for m in members}
-            calibration, honest[view] = calibration_for_view(
-                y, [probas[members.index(best)]], folds, cfg.ensemble.calibration_min_gain
-            )
-        score = calibration["cross_fitted_with"] if calibration["used"] else calibration["cross_fitted_without"]
+            weights = {m: float(m == shipped) for m in members}
+            calibration = _calibration_record(decision, y, [probas[members.index(shipped)]], np.ones(1), min_gain)
+        cross = decision["blend_cross_fitted"] if BLEND in cands else singles[best]
+        counts = _fold_counts(per_fold)
         out["views"][view] = {
-            "score": score,  # the honest headline of this view: the shipped choice, cross-fitted
+            "score": score_proba(y, honest[view]),  # the honest headline: each fold's rows decided without it
             "shipped": shipped,
             "weights": weights,  # what serving uses
             "calibration": calibration,
+            "per_fold": per_fold,  # fold -> the decision taken on the other folds, and its rows' score
+            **counts,
             "fitted_weights": {m: float(x) for m, x in zip(members, w)},
             "blend_score_in_sample": s,  # weights fitted and scored on the same rows: optimistic
             "blend_score_cross_fitted": cross,
@@ -291,6 +435,7 @@ def fit_ensemble(
                 "seconds": t_rand,
             },
             "coordinate_seconds": t_coord,
+            "decision_seconds": t_decide,
         }
         log.info(
             "blend %s: %s -> cross-fitted %.4f (in-sample %.4f; random search %.4f); members %s; shipped: %s",
@@ -300,14 +445,22 @@ def fit_ensemble(
             s,
             s_rand,
             {m: round(v, 4) for m, v in singles.items()},
-            "the blend" if shipped == "blend" else f"{shipped} alone (the blend does not beat it cross-fitted)",
+            "the blend" if shipped == BLEND else f"{shipped} alone (the blend does not beat it cross-fitted)",
         )
         log.info(
-            "class-bias calibration %s (nested): cross-fitted %.4f -> %.4f: %s",
+            "class-bias calibration %s (nested): cross-fitted %s -> %s: %s",
             view,
-            calibration["cross_fitted_without"],
-            calibration["cross_fitted_with"],
+            _fmt(calibration["cross_fitted_without"]),
+            _fmt(calibration["cross_fitted_with"]),
             "used" if calibration["used"] else "not used",
+        )
+        log.info(
+            "served OOF %s, each fold decided on the other folds: %.4f (blend in %d of %d folds, class bias in %d)",
+            view,
+            out["views"][view]["score"],
+            counts["folds_blend"],
+            counts["n_folds"],
+            counts["folds_bias"],
         )
     out["class_prior"] = serving_guard.class_prior_from_labels(y)  # the serving fallback of last resort but one
     v = out["views"]
@@ -316,18 +469,35 @@ def fit_ensemble(
         v["full"]["blend_score_in_sample"] + v["imu_only"]["blend_score_in_sample"]
     )
     if blend_oof_dir is not None:
+        decisions = {
+            view: {
+                **_fold_counts(v[view]["per_fold"]),
+                "per_fold": {
+                    k: {"shipped": d["shipped"], "bias_used": d["bias_used"]} for k, d in v[view]["per_fold"].items()
+                },
+            }
+            for view in VIEWS
+        }
         write_member_oof(
             blend_oof_dir,
-            "blend",
+            BLEND,
             base.sequence_ids,
             y,
             folds,
             honest["full"],
             honest["imu_only"],
             base.summary["folds_hash"],
-            extra={"members": members, "shipped": {view: v[view]["shipped"] for view in VIEWS}},
+            extra={
+                "members": members,
+                "shipped": {view: v[view]["shipped"] for view in VIEWS},  # for serving (every fold)
+                "decisions": decisions,  # what each fold's rows were assembled from
+            },
         )
     return out
+
+
+def _fmt(x: float | None) -> str:
+    return "not judged (too few folds)" if x is None else f"{x:.4f}"
 
 
 def save_weights(path: str | Path, weights: dict[str, Any]) -> None:

@@ -294,9 +294,9 @@ def write_report(out: str | Path) -> Path:
         )
         lines += [
             "",
-            "The served row is the headline: per view, the shipped choice (the blend, or its best member "
-            "where the blend does not beat that member on folds its weights never saw) scored with "
-            "weights and class bias fitted on the other folds.",
+            "The served row is the headline: per view, each fold's OOF rows come from the choice (the blend, "
+            "or the best member where the blend does not beat it on folds its weights never saw; with or "
+            "without the class bias) taken on the other folds only, with weights and class bias fitted there.",
             "",
             "## Blend weights (fitted on OOF for the competition metric)",
             "",
@@ -325,11 +325,22 @@ def write_report(out: str | Path) -> Path:
         )
         for view, d in v.items():
             cal = d.get("calibration")
-            if cal:
+            if cal and cal.get("cross_fitted_with") is None:
+                lines.append(f"- class-bias calibration, {view}: not judged (too few folds to cross-fit it), not used")
+            elif cal:
                 lines.append(
                     f"- class-bias calibration, {view} (nested cross-fit): {cal['cross_fitted_without']:.4f} -> "
                     f"{cal['cross_fitted_with']:.4f} (in-sample {cal['in_sample_with']:.4f}): "
                     + ("**used**" if cal["used"] else f"not used (needs > +{cal['min_gain']})")
+                )
+        for view, d in v.items():
+            if "n_folds" in d:  # weights.json of older code has no per-fold decisions
+                lines.append(
+                    f"- served OOF, {view}, decided per fold on the other folds: the blend in {d['folds_blend']} of "
+                    f"{d['n_folds']} folds, the class bias in {d['folds_bias']} of {d['n_folds']}; serving ships "
+                    f"{'the blend' if d['shipped'] == 'blend' else d['shipped']}"
+                    + (" with the class bias" if (d.get("calibration") or {}).get("used") else "")
+                    + " (decided on every fold)."
                 )
 
     if serve.get("holdout"):

@@ -274,6 +274,7 @@ def test_class_bias_calibration_is_kept_only_when_it_helps_unseen_folds(tmp_path
     logits[:, 0] -= 2.0  # a member that systematically under-predicts one target class
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     cal, honest = ensemble.calibration_for_view(y, [p], fold, min_gain=0.002)
+    assert all(cal["per_fold_used"].values())  # each fold's own decision (taken without it) keeps the bias too
     assert score_proba(y, honest) == pytest.approx(cal["cross_fitted_with"])
     assert cal["used"] and cal["cross_fitted_with"] > cal["cross_fitted_without"] + 0.002
     assert cal["class_bias"][0] > 0.5  # the under-predicted class is pushed back up
