@@ -139,6 +139,15 @@ def render_oof(src: Source) -> str:
             f"| **served blend** (cross-fitted; shipped {shipped}) | **{_f(o['full'])}** | **{_f(o['imu_only'])}** "
             f"| **{_f(o['mean'])}** |"
         )
+        decisions = b.get("decisions") or {}
+        if decisions:
+            per_view = [
+                f"{v}: the blend in {d['folds_blend']} of {d['n_folds']} folds, the class bias in {d['folds_bias']}"
+                for v, d in sorted(decisions.items())
+            ]
+            return (
+                "\n".join(rows) + "\n\nPer-fold choices (each taken on the other folds): " + "; ".join(per_view) + ".\n"
+            )
     return "\n".join(rows) + "\n"
 
 
