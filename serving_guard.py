@@ -18,9 +18,11 @@ The fallback chain (``Predictor.predict``, serving):
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import polars as pl
@@ -269,3 +271,23 @@ def load_class_prior(weights_path: Path | None, oof_dir: Path, problems: list[st
         "no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", weights_path, y_path, GESTURES[0]
     )
     return ClassPrior(np.full(N_CLASSES, 1.0 / N_CLASSES), "uniform")
+
+
+T = TypeVar("T")
+
+
+def subject_state(
+    state: OrderedDict[str, T], subject: str, make: Callable[[], T], max_subjects: int
+) -> tuple[T, list[tuple[str, T]]]:
+    """``subject``'s entry of ``state`` (made by ``make`` when new), now the most recently seen, and the
+    entries evicted, least recently seen first, to keep at most ``max_subjects`` (the serving bound of every
+    per-subject step: ``ENSEMBLE_SERVE_MAX_SUBJECTS``)."""
+    entry = state.get(subject)
+    if entry is not None:
+        state.move_to_end(subject)
+        return entry, []
+    entry = state[subject] = make()
+    evicted = []
+    while len(state) > max_subjects:
+        evicted.append(state.popitem(last=False))
+    return entry, evicted

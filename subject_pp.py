@@ -34,6 +34,7 @@ import polars as pl
 from scipy.optimize import linear_sum_assignment
 
 import ensemble_seal
+import serving_guard
 from config import Config, EnsembleConfig
 from cv import read_member_oof
 from features import FrameTable, sequence_aggregates
@@ -331,13 +332,8 @@ class SubjectAssigner:
 
     def _subject(self, subject: str) -> _SubjectState:
         """The subject's state, now the most recently seen; a new subject may evict the least recent one."""
-        st = self.state.get(subject)
-        if st is not None:
-            self.state.move_to_end(subject)
-            return st
-        st = self.state[subject] = _SubjectState()
-        while len(self.state) > self.max_subjects:
-            gone, old = self.state.popitem(last=False)
+        st, evicted = serving_guard.subject_state(self.state, subject, _SubjectState, self.max_subjects)
+        for gone, old in evicted:
             self.n_evicted += 1
             if self.n_evicted == 1 or self.n_evicted % self.max_subjects == 0:  # now and then, not per call
                 log.warning(

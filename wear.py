@@ -28,6 +28,7 @@ import polars as pl
 from scipy.spatial.transform import Rotation
 
 import ensemble_seal
+import serving_guard
 from config import Config, EnsembleConfig
 from features import FrameTable, build_frame_table, clean_sensors, feature_index
 from io_utils import read_json, write_json
@@ -481,13 +482,8 @@ class WearDetector:
 
     def _subject(self, subject: str) -> _SubjectEvidence:
         """The subject's evidence, now the most recently seen; a new subject may evict the least recent one."""
-        ev = self.state.get(subject)
-        if ev is not None:
-            self.state.move_to_end(subject)
-            return ev
-        ev = self.state[subject] = _SubjectEvidence()
-        while len(self.state) > self.max_subjects:
-            gone, old = self.state.popitem(last=False)
+        ev, evicted = serving_guard.subject_state(self.state, subject, _SubjectEvidence, self.max_subjects)
+        for gone, old in evicted:
             self.n_evicted += 1
             if self.n_evicted == 1 or self.n_evicted % self.max_subjects == 0:  # now and then, not per call
                 log.warning(

@@ -11,6 +11,17 @@ from scipy.spatial.transform import Rotation
 from schema import ACC_COLS, ROT_COLS, THM_COLS, TOF_COLS
 
 SHARED_CMI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmi"
+# The environment of the end-to-end subprocess tests: LightGBM only (fast), 3 folds, one thread.
+LGBM_ONLY_ENV = {
+    "CMI_N_FOLDS": "3",
+    "TORCH_TRAIN": "0",
+    "KERAS_TRAIN": "0",
+    "USE_TORCH": "0",
+    "USE_KERAS": "0",
+    "BRANCHNET_TRAIN": "0",
+    "USE_BRANCHNET": "0",
+    "CMI_N_THREADS": "1",
+}
 
 
 def make_sequence(

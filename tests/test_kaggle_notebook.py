@@ -19,19 +19,10 @@ import bundle
 import main
 import notebook_export
 from config import load_config
+from tests.factory import LGBM_ONLY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {
-    "CMI_N_FOLDS": "3",
-    "TORCH_TRAIN": "0",
-    "KERAS_TRAIN": "0",
-    "USE_TORCH": "0",
-    "USE_KERAS": "0",
-    "BRANCHNET_TRAIN": "0",
-    "USE_BRANCHNET": "0",
-    "CMI_N_THREADS": "1",
-    "CMI_DEBUG": "1",
-}
+SMALL = {**LGBM_ONLY_ENV, "CMI_DEBUG": "1"}
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,12 @@ import pytest
 import main
 import notebook_export
 from metric import GESTURES
+from tests.factory import LGBM_ONLY_ENV
 
 pytestmark = pytest.mark.slow  # subprocesses running the CLI and the exported notebook end to end
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {
-    "CMI_N_FOLDS": "3",
-    "TORCH_TRAIN": "0",
-    "KERAS_TRAIN": "0",
-    "USE_TORCH": "0",
-    "USE_KERAS": "0",
-    "BRANCHNET_TRAIN": "0",
-    "USE_BRANCHNET": "0",
-    "CMI_N_THREADS": "1",
-}
+SMALL = {**LGBM_ONLY_ENV}
 
 
 def _run(args, env_extra, cwd=ROOT, timeout=600):
