@@ -26,7 +26,7 @@ import members
 from config import ConfigError, load_config
 from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData
 from metric import GESTURES, N_CLASSES
-from tests.centroid_pipeline import CentroidPipeline, ConfigWithCentroid
+from tests.centroid_pipeline import ConfigWithCentroid
 from tests.factory import labelled_rows, training_data
 
 TEST_MEMBER = "centroid"
@@ -373,16 +373,53 @@ def test_early_exit_switch_off_retrains(name, trained, data, monkeypatch, caplog
 
 # --------------------------------------------------------------------------- honest selection
 
+# Long enough for every kind of selection to have its chance: LightGBM's inner-split early stopping stops
+# well before the last round; the networks run 4-12 epochs at a learning rate at which they learn within
+# them (without mixup / label smoothing / dropout where those kept them from it), so the scored fold's loss
+# turns, and a best epoch chosen on it differs between the true and the changed labels; BranchNet's log-only
+# validation pass runs after every epoch. The leaking variants (tests/leaky_members.py) use the same settings.
+# Every registered member needs a line here and a leaking variant there.
+LEAK_SETTINGS: dict[str, dict[str, str]] = {
+    "lgbm": {"LGBM_DEBUG_N_ESTIMATORS": "100", "LGBM_EARLY_STOPPING_ROUNDS": "5"},
+    "torch": {"TORCH_DEBUG_EPOCHS": "12", "TORCH_BATCH_SIZE": "4", "TORCH_LR": "0.01"},
+    "keras": {
+        "KERAS_DEBUG_EPOCHS": "4",
+        "KERAS_BATCH_SIZE": "9",
+        "KERAS_LR": "0.05",
+        "KERAS_LABEL_SMOOTHING": "0",
+        "KERAS_DROPOUT": "0",
+        "FEAT_PAD_LEN": "16",
+    },
+    "branchnet": {
+        "BRANCHNET_DEBUG_EPOCHS": "6",
+        "BRANCHNET_LOG_EVERY": "1",
+        "BRANCHNET_BATCH_SIZE": "4",
+        "BRANCHNET_LR": "0.02",
+        "BRANCHNET_MIXUP_PROB": "0",
+        "BRANCHNET_LABEL_SMOOTHING": "0",
+    },
+    TEST_MEMBER: {},
+}
 
-def _oof_of_fold_0(pipeline: MemberPipeline, td: TrainingData, cfg, work: Path) -> tuple[np.ndarray, np.ndarray]:
+
+def leak_cfg(name: str, out: Path):
+    env = {"CMI_N_THREADS": "1", "CMI_SEED": "3", "CMI_DEBUG": "1", "CMI_N_FOLDS": "2", **TINY[name]}
+    return load_config({**env, **LEAK_SETTINGS[name]}, config_class=ConfigWithCentroid, out_dir=str(out))
+
+
+def _fit_fold_0(pipeline: MemberPipeline, td: TrainingData, cfg, work: Path) -> FoldResult:
     split = FoldSplit(0, np.flatnonzero(td.fold_ids != 0), np.flatnonzero(td.fold_ids == 0))
     work.mkdir(parents=True, exist_ok=True)
-    result = pipeline.fit_fold(pipeline.prepare(td, cfg), td, split, cfg, work)
-    return result.proba_full, result.proba_imu
+    return pipeline.fit_fold(pipeline.prepare(td, cfg), td, split, cfg, work)
 
 
-def validation_labels_leak(pipeline: MemberPipeline, td: TrainingData, cfg, tmp: Path) -> bool:
-    """Train fold 0 twice, the second time with its validation rows relabelled: any change = selection."""
+def validation_labels_leak(
+    pipeline: MemberPipeline, td: TrainingData, cfg, tmp: Path, records: list[dict] | None = None
+) -> bool:
+    """Train fold 0 twice, the second time with its validation rows relabelled: any change = selection.
+
+    ``records``, when given, receives the two runs' fold records (to check that selection had its chance).
+    """
     present, rng = np.unique(td.y), np.random.default_rng(0)
     y = td.y.copy()
     held = td.fold_ids == 0
@@ -397,29 +434,54 @@ def validation_labels_leak(pipeline: MemberPipeline, td: TrainingData, cfg, tmp:
         phase = phase.copy()
         phase[rows] = 1 - np.maximum(phase[rows], 0)
     permuted = TrainingData(td.table, td.imu_table, y, td.fold_ids, td.folds_hash, orientation, phase)
-    a = _oof_of_fold_0(pipeline, td, cfg, tmp / "true")
-    b = _oof_of_fold_0(pipeline, permuted, cfg, tmp / "permuted")
-    return not all(np.array_equal(p, q) for p, q in zip(a, b))
+    a = _fit_fold_0(pipeline, td, cfg, tmp / "true")
+    b = _fit_fold_0(pipeline, permuted, cfg, tmp / "permuted")
+    if records is not None:
+        records += [a.record, b.record]
+    return not all(np.array_equal(p, q) for p, q in ((a.proba_full, b.proba_full), (a.proba_imu, b.proba_imu)))
 
 
-class _PriorFittedOnTheScoredFold(CentroidPipeline):
-    """What the contract forbids: a class prior (a calibration) taken from the validation fold's labels."""
+def _pipeline(name: str, make=members.get) -> MemberPipeline:
+    try:
+        pipeline = make(name)
+    except ImportError as e:
+        pytest.skip(f"{name} not importable: {e}")
+    ok, why = pipeline.is_available()
+    if not ok:
+        pytest.skip(f"{name} unavailable: {why}")
+    return pipeline
 
-    def fit_fold(self, ctx, data, split, cfg, work):
-        r = super().fit_fold(ctx, data, split, cfg, work)
-        prior = np.bincount(data.y[split.valid], minlength=N_CLASSES) + 1.0
-        shift = lambda p: (p * prior) / (p * prior).sum(1, keepdims=True)  # noqa: E731
-        return FoldResult(shift(r.proba_full), shift(r.proba_imu), r.record)
 
-
-def test_the_leak_check_catches_a_member_that_selects_on_the_scored_fold(data, tmp_path):
-    cfg = tiny_cfg(TEST_MEMBER, tmp_path)
-    assert validation_labels_leak(_PriorFittedOnTheScoredFold(), data["td"], cfg, tmp_path)
+def _selection_had_its_chance(name: str, record: dict, cfg) -> None:
+    """The run behind the leak check was long enough for the member's selection points to run."""
+    if name == "lgbm":  # the inner split's early stopping stopped each model before its last round
+        stopped = [
+            m["rounds"] + cfg.lgbm.early_stopping_rounds <= cfg.lgbm.debug_n_estimators for m in record["models"]
+        ]
+        assert cfg.lgbm.stopping == "inner" and all(stopped), record["models"]
+    elif name == "torch":
+        assert record["epochs"] == cfg.torch.debug_epochs >= 4
+    elif name == "keras":  # both models ran every epoch, the scored fold validated after each
+        assert record["full"]["epochs_run"] == record["imu"]["epochs_run"] == cfg.keras.debug_epochs >= 4
+    elif name == "branchnet":  # the log-only validation pass ran after every epoch
+        assert cfg.branchnet.log_every == 1 and cfg.branchnet.debug_epochs >= 4
+        (epochs,) = record["epoch_log"]
+        assert len(epochs) == cfg.branchnet.debug_epochs and all("val_full" in e for e in epochs)
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_no_oof_is_chosen_with_its_own_labels(name, trained, data, tmp_path):
+def test_the_leak_check_catches_each_members_leaking_variant(name, data, tmp_path):
+    """Positive controls (tests/leaky_members.py): a decision on the scored fold changes its OOF."""
+    from tests.leaky_members import leaky
+
+    variant = _pipeline(name, leaky)
+    assert validation_labels_leak(variant, data["td"], leak_cfg(name, tmp_path), tmp_path) is True
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_no_oof_is_chosen_with_its_own_labels(name, data, tmp_path):
     """Issue 12: epochs, rounds and schedules come from the training folds; the scored fold's labels never count."""
-    t = trained(name)
-    cfg = tiny_cfg(name, tmp_path)
-    assert not validation_labels_leak(t["pipeline"], data["td"], cfg, tmp_path)
+    cfg = leak_cfg(name, tmp_path)
+    records: list[dict] = []
+    assert validation_labels_leak(_pipeline(name), data["td"], cfg, tmp_path, records) is False
+    _selection_had_its_chance(name, records[0], cfg)
