@@ -716,11 +716,13 @@ def plan_kaggle_run(cfg: Config, rerun: bool) -> KagglePlan:
     own = out / "bundles"
     kaggle_input = Path(cfg.run.kaggle_input)
 
-    def locate() -> tuple[Path | None, str]:
+    def locate() -> tuple[Path | None, str, bool]:
+        """(where bundles are looked for, how it was found, whether one loads there); each folder checked once."""
         if cfg.run.bundle_dir:
-            return Path(cfg.run.bundle_dir), "CMI_BUNDLE_DIR"
+            where = Path(cfg.run.bundle_dir)
+            return where, "CMI_BUNDLE_DIR", bool(loadable_members(cfg, where))
         if loadable_members(cfg, own):
-            return own, "this run's working folder"
+            return own, "this run's working folder", True
         attached = [d for d in attached_bundle_dirs(kaggle_input) if loadable_members(cfg, d)]
         if len(attached) > 1:
             raise SystemExit(
@@ -728,8 +730,8 @@ def plan_kaggle_run(cfg: Config, rerun: bool) -> KagglePlan:
                 "set CMI_BUNDLE_DIR to the one to serve"
             )
         if attached:
-            return attached[0], f"the dataset attached at {attached[0]}"
-        return None, ""
+            return attached[0], f"the dataset attached at {attached[0]}", True
+        return None, "", False
 
     attach_hint = (
         "save a training run's output (its bundles/ and ensemble/ folders) as a Kaggle dataset, attach it to this "
@@ -737,17 +739,17 @@ def plan_kaggle_run(cfg: Config, rerun: bool) -> KagglePlan:
     )
     wanted = default_training_members(cfg)
     if not rerun:
-        where, how = locate()
         if wanted:  # trains into <out>/bundles and serves them unless CMI_BUNDLE_DIR names others
             serve_from = Path(cfg.run.bundle_dir) if cfg.run.bundle_dir else own
             return KagglePlan(False, wanted, serve_from, found="CMI_BUNDLE_DIR" if cfg.run.bundle_dir else "trained")
-        if where is None or not loadable_members(cfg, where):
+        where, how, loadable = locate()
+        if not loadable:
             raise SystemExit(
                 f"nothing to serve: no member is switched on for training and no bundle was found; {attach_hint}"
             )
         return KagglePlan(False, [], where, found=how)
-    where, how = locate()
-    if where is not None and loadable_members(cfg, where):
+    where, how, loadable = locate()
+    if loadable:
         return KagglePlan(True, [], where, found=how)
     fallback = [m.strip() for m in cfg.run.rerun_train.split(",") if m.strip()]
     try:
