@@ -139,18 +139,23 @@ def test_a_bundle_without_digests_is_refused(trained, run_copy, how):
         _predictor(trained, run_copy)  # STRICT=1: the start-up error is the bundle's
 
 
-_LGBM_LOAD = textwrap.dedent("""
+# Loads in a child process, so that a parser crash (SIGABRT/SIGSEGV) shows as a signal, not a dead test run.
+_LOAD_SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     sys.path.insert(0, {root!r})
-    import bundle, config, lgbm_pipeline
+    import bundle, config, lgbm_pipeline, subject_pp
     cfg = config.load_config({{"CMI_N_THREADS": "1"}}, debug=True)
     try:
-        lgbm_pipeline.load_member(Path({b!r}), cfg)
+        {call}
         print("LOADED")
     except bundle.BundleError as e:
         print("BUNDLE_ERROR", e)
 """)
+
+
+def _load_in_child(call: str) -> subprocess.CompletedProcess:
+    return _run_script(_LOAD_SCRIPT.format(root=str(ROOT), call=call))
 
 
 @slow
@@ -159,7 +164,7 @@ def test_a_truncated_model_in_an_unsealed_bundle_is_an_error_not_a_crash(trained
     _edit_json(d / "metadata.json", lambda m: m.pop("files"))  # the old way around every check
     model = d / "fold1_full.txt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
-    proc = _run_script(_LGBM_LOAD.format(root=str(ROOT), b=str(d)))
+    proc = _load_in_child(f"lgbm_pipeline.load_member(Path({str(d)!r}), cfg)")
     assert proc.returncode == 0, f"loader process died with {proc.returncode}: {proc.stderr[-400:]}"
     assert "BUNDLE_ERROR" in proc.stdout and "not sealed" in proc.stdout, proc.stdout
 
@@ -343,24 +348,11 @@ def test_an_ensemble_set_of_other_bundles_names_the_member(trained, run_copy, ch
     assert "member lgbm" in str(info.value) and why in str(info.value), str(info.value)
 
 
-_PP_LOAD = textwrap.dedent("""
-    import sys
-    sys.path.insert(0, {root!r})
-    import bundle, config, subject_pp
-    cfg = config.load_config({{"CMI_N_THREADS": "1"}}, debug=True)
-    try:
-        subject_pp.SubjectPostProcessor.load({ens!r}, cfg)
-        print("LOADED")
-    except bundle.BundleError as e:
-        print("BUNDLE_ERROR", e)
-""")
-
-
 @slow
 def test_a_truncated_orientation_model_is_refused_before_lightgbm_parses_it(trained, run_copy):
     model = run_copy / "ensemble" / "orientation_model.txt"
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
-    proc = _run_script(_PP_LOAD.format(root=str(ROOT), ens=str(run_copy / "ensemble")))
+    proc = _load_in_child(f"subject_pp.SubjectPostProcessor.load({str(run_copy / 'ensemble')!r}, cfg)")
     assert proc.returncode == 0, f"loader process died with {proc.returncode}: {proc.stderr[-400:]}"
     assert "BUNDLE_ERROR" in proc.stdout and f"{model} is damaged" in proc.stdout, proc.stdout
 
