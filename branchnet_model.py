@@ -216,6 +216,13 @@ def decode_tof(codes: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.float32) * (1.0 / 255.0)
 
 
+def grids_of(codes: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(B, L, 5, 65) float grids of uint8 codes; zeros (nothing reported) when there are none."""
+    if codes is None:
+        return torch.zeros(*shape, N_TOF_SENSORS, GRID_WIDTH, device=device)
+    return decode_tof(codes.to(device))
+
+
 def compact(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Move each row's real steps (dim 1) to the front, in order; padding goes to the back, zeroed."""
     lengths = mask.sum(dim=1)
@@ -695,6 +702,7 @@ __all__ = [
     "TofFrameCNN",
     "encode_tof",
     "decode_tof",
+    "grids_of",
     "GRID_WIDTH",
     "compact",
     "masked_max_pool",

@@ -1,4 +1,5 @@
-"""BranchNet member: training loop, augmentation, pipeline hooks and prediction (network in ``branchnet_model``).
+"""BranchNet member: training loop, pipeline hooks and prediction (network in ``branchnet_model``,
+augmentation in ``branchnet_augment``, what both torch members share in ``torch_common``).
 
 Honest by construction: every fold trains a fixed schedule (warm-up, then cosine decay) and keeps its
 final weights (their EMA when ``BRANCHNET_EMA=1``). The validation fold is scored only for the log
@@ -8,9 +9,9 @@ bundle serves. ``N`` seeds per fold are trained the same way and averaged, for t
 
 Data path: ``features.pad_batch`` (raw frame features, tail kept, front padded) and
 ``features.pad_tof_pixels`` (the raw 8x8 ToF grids, aligned with it) are built once per fold; each
-batch is augmented on raw values (z-rotation of the world-frame vectors, time stretch and shift,
-mixup, sensor dropout to the IMU-only view) and normalised inside the network (masked BatchNorm, or
-the fold's scaler stored as buffers). Imports only the layers below it (never another pipeline).
+batch is augmented on raw values (``branchnet_augment``: z-rotation of the world-frame vectors, time
+stretch and shift, mixup, sensor dropout to the IMU-only view) and normalised inside the network
+(masked BatchNorm, or the fold's scaler stored as buffers). Imports only the layers below it (never another pipeline).
 """
 
 from __future__ import annotations
@@ -33,20 +34,29 @@ import bundle
 import features
 import io_utils
 import metric
+from branchnet_augment import IMU_IDX, THM_IDX, TOF_IDX, augment_batch
 from config import Config, ConfigError
-from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
+from member_base import FoldResult, FoldSplit, TrainingData, fit_fold_scaler
 from torch_common import (
+    TorchContext,
+    TorchFoldMember,
+    TorchMemberPipeline,
     autocast_context,
-    is_available,
+    build_model,
+    cpu_state_dict,
+    fold_file,
+    fold_scores,
+    read_checkpoint,
+    read_fold_bundle,
     seed_everything,
     select_device,
-    warn_if_other_torch,
+    softmax_batches,
+    use_amp,
+    write_checkpoint,
 )
 
 MEMBER = "branchnet"
-PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
 CHECKPOINT_FORMAT = 1
-_PREDICT_CHUNK = 256  # sequences per forward pass at prediction time
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +86,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 PRESET_FIELDS: tuple[str, ...] = tuple(PRESETS["cpu"])
 
-# Channel groups of the frame table (features.FRAME_FEATURES order).
-IMU_IDX = [int(i) for i in features.feature_index(features.IMU_FEATURES)]
-THM_IDX = [int(i) for i in features.feature_index(features.THM_FEATURES)]
-TOF_IDX = [int(i) for i in features.feature_index(features.TOF_FEATURES)]
-TOFTHM_IDX = THM_IDX + TOF_IDX
-# The world-frame vectors of the frame table: only linear acceleration (gravity removed, in the world frame).
-# acc, body_linear_acc and omega are device-frame, gravity_* is world "up" seen from the device: a turn
-# of the world about its vertical axis leaves all of those unchanged.
-_LINEAR = [int(i) for i in features.feature_index(["linear_acc_x", "linear_acc_y", "linear_acc_z"])]
-WORLD_VECTORS: tuple[tuple[int, int, int], ...] = ((_LINEAR[0], _LINEAR[1], _LINEAR[2]),)
+# The gravity direction of the frame table (features.FRAME_FEATURES order): the derived orientation target.
+# The branches' channel groups (IMU_IDX, THM_IDX, TOF_IDX) are branchnet_augment's.
 GRAVITY_IDX = [int(i) for i in features.feature_index(["gravity_x", "gravity_y", "gravity_z"])]
 
 
@@ -166,9 +168,6 @@ def model_args(s: Settings) -> dict[str, Any]:
         "dropout": s.dropout,
         "heads": list(heads),
     }
-
-
-# ----------------------------------------------------------------------------- device helpers
 
 
 # ----------------------------------------------------------------------------- fold arrays
@@ -255,13 +254,6 @@ def pad_row_labels(
     return out, known
 
 
-def grids_of(codes: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(B, L, 5, 65) float grids of uint8 codes; zeros (nothing reported) when there are none."""
-    if codes is None:
-        return torch.zeros(*shape, bm.N_TOF_SENSORS, bm.GRID_WIDTH, device=device)
-    return bm.decode_tof(codes.to(device))
-
-
 def length_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
     """Batches of similar lengths (less padding to compute), in random order; new groupings every epoch.
 
@@ -312,180 +304,6 @@ def orientation_targets(data: TrainingData, split: FoldSplit, seed: int) -> tupl
     return out, "derived (k-means of the rest-pose gravity direction, training fold only)"
 
 
-# ----------------------------------------------------------------------------- augmentation
-
-
-def rotate_z(
-    x: torch.Tensor, angle: torch.Tensor, vectors: tuple[tuple[int, int, int], ...] = WORLD_VECTORS
-) -> torch.Tensor:
-    """Rotate each sample's world-frame vectors by ``angle`` (B,) radians about world z (x, y turn; z kept)."""
-    out = x.clone()
-    c, s = torch.cos(angle)[:, None], torch.sin(angle)[:, None]
-    for ix, iy, _iz in vectors:
-        vx, vy = x[:, :, ix], x[:, :, iy]
-        out[:, :, ix] = c * vx - s * vy
-        out[:, :, iy] = s * vx + c * vy
-    return out
-
-
-def time_stretch(
-    x: torch.Tensor, mask: torch.Tensor, grids: torch.Tensor | None, factor: torch.Tensor, crop: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Resample each sequence: drop its first ``crop`` (B,) real steps, stretch the rest by ``factor`` (B,).
-
-    Input front padded (tail kept, as ``features.pad_batch``). The new length is round((n - crop) *
-    factor), at least 1 and at most the pad length (a longer result keeps its tail). Output start
-    aligned (real steps first, as the network compacts them) and trimmed to the longest result. ``x``
-    is linearly interpolated, ``grids`` take the nearest frame (one gather on the largest tensor).
-    factor 1 and crop 0 copy the sequence exactly.
-    """
-    b, p = mask.shape
-    n = mask.sum(dim=1)
-    last = (n - 1).clamp(min=0)
-    crop = torch.minimum(crop.long(), last)
-    src_n = (n - crop).clamp(min=1)
-    m = torch.round(src_n.float() * factor).long().clamp(min=1)
-    kept = m.clamp(max=p)
-    width = int(kept.max()) if b else 1
-    j = torch.arange(width, device=x.device)[None, :]
-    valid = j < kept[:, None]
-    jj = j + (m - kept)[:, None]  # index in the stretched sequence (its tail kept)
-    scale = (src_n - 1).float() / (m - 1).clamp(min=1).float()
-    t = crop[:, None].float() + jj.float() * scale[:, None]  # position among the real steps
-    lo = torch.minimum(t.floor().long(), last[:, None])
-    hi = torch.minimum(lo + 1, last[:, None])
-    w = (t - lo.float()).clamp(0, 1)
-    first = (p - n)[:, None]  # where the first real step sits in the padded input
-
-    def take(v: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
-        flat = v.reshape(b, p, -1)
-        return torch.gather(flat, 1, (first + ix).clamp(max=p - 1)[:, :, None].expand(-1, -1, flat.shape[2]))
-
-    keep = valid[:, :, None].to(x.dtype)
-    x_new = (torch.lerp(take(x, lo), take(x, hi), w[:, :, None].to(x.dtype)) * keep).reshape(b, width, *x.shape[2:])
-    g_new = None
-    if grids is not None:
-        near = torch.minimum(torch.round(t).long(), last[:, None])
-        g_new = (take(grids, near) * keep.to(grids.dtype)).reshape(b, width, *grids.shape[2:])
-    return x_new, valid, g_new
-
-
-def mixup(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    grids: torch.Tensor | None,
-    has_tof: torch.Tensor,
-    targets: dict[str, torch.Tensor],
-    lam: torch.Tensor,
-    perm: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
-    """Mix each sample with ``perm``'s: tails aligned (front padded), ``lam`` (B,) on the sample's side.
-
-    Where both sequences have a step the inputs are mixed; where only one has, its values are kept; the
-    mask is their union. Thermopiles/ToF count as present only if both had them. Every target (soft
-    probabilities; a row of zeros = unknown) is mixed with the same weights.
-    """
-    m1, m2 = mask, mask[perm]
-    both = m1 & m2
-
-    def mix(a: torch.Tensor) -> torch.Tensor:
-        flat_a = a.reshape(*a.shape[:2], -1)
-        flat_c = flat_a[perm]
-        lw = lam[:, None, None].to(flat_a.dtype)
-        out = torch.where(both[:, :, None], torch.lerp(flat_c, flat_a, lw), torch.where(m1[:, :, None], flat_a, flat_c))
-        return out.reshape(a.shape)
-
-    def mix_target(v: torch.Tensor) -> torch.Tensor:
-        lw = lam.view(-1, *([1] * (v.dim() - 1))).to(v.dtype)
-        return lw * v + (1 - lw) * v[perm]
-
-    t_new = {k: mix_target(v) for k, v in targets.items()}
-    return mix(x), m1 | m2, (mix(grids) if grids is not None else None), has_tof & has_tof[perm], t_new
-
-
-def sensor_dropout(
-    x: torch.Tensor, grids: torch.Tensor | None, has_tof: torch.Tensor, drop: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """The IMU-only view for the samples where ``drop`` (B,): thm/tof channels and grids zeroed, flag off."""
-    x = x.clone()
-    cols = torch.tensor(TOFTHM_IDX, device=x.device)
-    x[:, :, cols] = torch.where(drop[:, None, None], torch.zeros((), device=x.device), x[:, :, cols])
-    if grids is not None and bool(drop.any()):
-        grids = grids.clone()
-        grids[drop] = 0.0
-    return x, grids, has_tof & ~drop
-
-
-def one_hot_targets(
-    y: torch.Tensor, orientation: torch.Tensor, phase_known: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """Soft per-sequence targets: gesture (18), nine (8 targets + non-target), binary, orientation (0 if
-    unknown) and the weight of the per-step phase target (0 without one)."""
-    gesture = nn.functional.one_hot(y, metric.N_CLASSES).float()
-    nine = torch.cat([gesture[:, : bm.N_TARGETS], gesture[:, bm.N_TARGETS :].sum(dim=1, keepdim=True)], dim=1)
-    known = orientation >= 0
-    orient = nn.functional.one_hot(orientation.clamp(min=0), bm.N_ORIENTATIONS).float() * known[:, None].float()
-    phase_w = torch.zeros(len(y), device=y.device) if phase_known is None else phase_known.float()
-    return {
-        "gesture": gesture,
-        "nine": nine,
-        "binary": nine[:, : bm.N_TARGETS].sum(dim=1),
-        "orientation": orient,
-        "phase_weight": phase_w,
-    }
-
-
-def phase_target(phase: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start-aligned per-step phase (B, L) -> the fraction of "Gesture" per quarter-rate step (B, ceil(L/4)),
-    and which of those steps are real: the network's time grid after its two poolings by 2."""
-    m = mask.float()[:, None, :]
-    total = nn.functional.avg_pool1d(phase.float()[:, None, :] * m, 4, 4, ceil_mode=True)
-    count = nn.functional.avg_pool1d(m, 4, 4, ceil_mode=True)
-    real = count[:, 0] > 0
-    return (total / count.clamp(min=1e-6))[:, 0].clamp(0, 1), real
-
-
-def augment_batch(
-    batch: FoldArrays, s: Settings, gen: torch.Generator, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, dict[str, torch.Tensor]]:
-    """One training batch: z-rotation, mixup, time stretch/shift, sensor dropout (draws on CPU: reproducible).
-
-    Returns start-aligned inputs (the stretch's output; factor 1 where a sequence is not stretched). The
-    per-step phase target rides along as one more channel of ``x`` (so mixup mixes it, the stretch
-    resamples it) and comes back as ``targets["phase"]`` with ``targets["phase_mask"]`` (quarter rate).
-    """
-    b = batch.n
-
-    def draw(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=gen).to(device)
-
-    x, mask, has_tof = batch.x.to(device), batch.mask.to(device), batch.has_tof.to(device)
-    grids = grids_of(batch.grids, tuple(mask.shape), device) if s.tof_cnn else None
-    known = None if batch.phase_known is None else batch.phase_known.to(device)
-    targets = one_hot_targets(batch.y.to(device), batch.orientation.to(device), known)
-    with_phase = batch.phase is not None and s.aux_phase > 0
-    if with_phase:
-        x = torch.cat([x, batch.phase.to(device)[:, :, None]], dim=2)
-    if s.rotate_deg > 0:
-        x = rotate_z(x, (draw(b) * 2 - 1) * math.radians(s.rotate_deg))
-    if s.mixup_prob > 0 and s.mixup_alpha > 0 and float(torch.rand(1, generator=gen)) < s.mixup_prob:
-        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,), generator=gen)))
-        lam = torch.from_numpy(rng.beta(s.mixup_alpha, s.mixup_alpha, b).astype(np.float32)).to(device)
-        perm = torch.randperm(b, generator=gen).to(device)
-        x, mask, grids, has_tof, targets = mixup(x, mask, grids, has_tof, targets, lam, perm)
-    n = mask.sum(dim=1).float()
-    stretched = draw(b) < s.stretch_prob
-    factor = torch.where(stretched, 1 - s.stretch + 2 * s.stretch * draw(b), torch.ones(b, device=device))
-    crop = torch.floor(draw(b) * s.shift * n)
-    x, mask, grids = time_stretch(x, mask, grids, factor, crop)
-    if with_phase:
-        targets["phase"], targets["phase_mask"] = phase_target(x[:, :, -1], mask)
-        x = x[:, :, :-1]
-    if s.sensor_dropout > 0:
-        x, grids, has_tof = sensor_dropout(x, grids, has_tof, draw(b) < s.sensor_dropout)
-    return x, mask, grids, has_tof, targets
-
-
 # ----------------------------------------------------------------------------- loss and training
 
 
@@ -515,14 +333,12 @@ def loss_fn(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], s: S
     return loss
 
 
-@torch.inference_mode()
 def predict_arrays(
     model: nn.Module, arr: FoldArrays, device: torch.device, amp: bool, batch_size: int, tof_cnn: bool
 ) -> np.ndarray:
     """Softmax probabilities of the gesture head for padded arrays (model in eval mode)."""
-    out = []
-    for start in range(0, arr.n, batch_size):
-        sl = slice(start, start + batch_size)
+
+    def inputs(sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
         mask = arr.mask[sl].to(device)
         keep = max(int(mask.sum(dim=1).max()), 1)  # the network ignores padding: drop what no row uses
         mask = mask[:, -keep:]
@@ -530,13 +346,10 @@ def predict_arrays(
         grids = None
         if tof_cnn:
             codes = arr.grids[sl, -keep:] if arr.grids is not None else None
-            grids = grids_of(codes, tuple(mask.shape), device)
-        with autocast_context(device, amp):
-            logits = model(x, mask, grids, arr.has_tof[sl].to(device))["gesture"]
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    if not out:
-        return np.zeros((0, metric.N_CLASSES), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32)
+            grids = bm.grids_of(codes, tuple(mask.shape), device)
+        return x, mask, grids, arr.has_tof[sl].to(device)
+
+    return softmax_batches(arr.n, batch_size, inputs, lambda *a: model(*a)["gesture"], device, amp)
 
 
 @dataclass
@@ -559,7 +372,8 @@ def train_one(
     scaler: features.ScalerStats | None = None,
     tag: str = "",
 ) -> SeedResult:
-    """One model on a fixed schedule; returns its final (EMA) weights and its OOF rows for both views.
+    """One model on a fixed schedule; returns its final weights (their EMA when ``s.ema``) and its OOF rows
+    for both views.
 
     The validation arrays are predicted per ``log_every`` epochs for the log only and once at the end
     for the OOF: no decision reads them.
@@ -569,7 +383,7 @@ def train_one(
     if scaler is not None:
         model.set_scaler(scaler.mean, scaler.std)
     model = model.to(device)
-    amp = bool(s.amp) and device.type == "cuda"
+    amp = use_amp(device, s.amp)
     n_train = train.n
     steps_per_epoch = max(1, math.ceil(n_train / s.batch_size))
     total = max(1, s.epochs * steps_per_epoch)
@@ -654,16 +468,12 @@ def train_one(
     epoch_log[-1]["val_full"] = metric.score_proba(y_val, proba_full)
     epoch_log[-1]["val_imu"] = metric.score_proba(y_val, proba_imu)
     return SeedResult(
-        state_dict=_cpu_state(served),
-        raw_state_dict=_cpu_state(model),
+        state_dict=cpu_state_dict(served),
+        raw_state_dict=cpu_state_dict(model),
         proba_full=proba_full,
         proba_imu=proba_imu,
         epoch_log=epoch_log,
     )
-
-
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def seed_of(cfg: Config, fold: int, k: int) -> int:
@@ -723,16 +533,12 @@ def save_checkpoint(path: Path, args: dict[str, Any], state_dicts: list[dict[str
     """
     stacked = {k: torch.stack([sd[k] for sd in state_dicts]) for k in state_dicts[0]}
     obj = {"format": CHECKPOINT_FORMAT, "model_args": dict(args), "n_seeds": len(state_dicts), "state_dict": stacked}
-    with io_utils.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    write_checkpoint(path, obj)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> list[nn.Module]:
     """Every seed's network of one fold checkpoint, in eval mode (``weights_only``: a bundle is data)."""
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (a truncated or foreign file raises many kinds of error)
-        raise bundle.BundleError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from None
+    obj = read_checkpoint(path, device)
     if not isinstance(obj, dict) or not {"model_args", "state_dict", "n_seeds"} <= set(obj):
         raise bundle.BundleError(
             f"{path}: not a branchnet checkpoint (keys {sorted(obj) if isinstance(obj, dict) else type(obj)})"
@@ -746,42 +552,31 @@ def load_checkpoint(path: Path, device: torch.device) -> list[nn.Module]:
         state = dict(obj["state_dict"])
     except (KeyError, TypeError, ValueError) as e:
         raise bundle.BundleError(f"{path}: malformed branchnet checkpoint ({type(e).__name__}: {e})") from None
-    models = []
-    for k in range(n_seeds):
-        try:
-            model = bm.build(args)
-        except (KeyError, TypeError, ValueError) as e:
-            raise bundle.BundleError(
-                f"{path}: model arguments do not build the network ({type(e).__name__}: {e})"
-            ) from None
-        try:
-            model.load_state_dict({name: t[k] for name, t in state.items()})
-        except (RuntimeError, IndexError, TypeError) as e:
-            raise bundle.BundleError(f"{path}: weights do not fit the model {args}: {e}") from None
-        models.append(model.to(device).eval())
-    return models
+    short = [k for k, t in state.items() if not isinstance(t, torch.Tensor) or t.dim() == 0 or len(t) < n_seeds]
+    if n_seeds < 1 or short:
+        raise bundle.BundleError(
+            f"{path}: weights do not fit the model {args}: n_seeds is {n_seeds}, "
+            f"stacked weights {short[:3]} hold fewer seeds"
+        )
+    return [build_model(path, bm.build, args, {k: t[i] for k, t in state.items()}, device) for i in range(n_seeds)]
 
 
 # ----------------------------------------------------------------------------- the pipeline
 
 
 @dataclass
-class _Context:
-    device: torch.device
+class _Context(TorchContext):
+    """The torch kit's context and the run's effective settings (the preset filled in)."""
+
     settings: Settings
-    model_args: dict[str, Any]
 
 
-class BranchNetPipeline(MemberPipeline):
+class BranchNetPipeline(TorchMemberPipeline):
     """BranchNet per fold and seed; one checkpoint per fold (its seeds stacked) in the bundle."""
 
     name = MEMBER
-    packages = ("torch",)
     uses_aux_labels = True  # the orientation and per-step phase heads
-    code_modules = ("branchnet_pipeline", "branchnet_model", "torch_common")  # their code is in the fingerprint
-
-    def is_available(self) -> tuple[bool, str]:
-        return is_available()
+    code_modules = ("branchnet_pipeline", "branchnet_model", "branchnet_augment", "torch_common")  # in the fingerprint
 
     def prepare(self, data: TrainingData, cfg: Config) -> _Context:
         s = resolve_settings(cfg)
@@ -800,19 +595,16 @@ class BranchNetPipeline(MemberPipeline):
             n_params,
             s.norm,
             "on" if s.tof_cnn else "off",
-            "on" if (s.amp and device.type == "cuda") else "off",
+            "on" if use_amp(device, s.amp) else "off",
         )
-        return _Context(device, s, args)
+        return _Context(device=device, model_args=args, settings=s)
 
     def fingerprint_settings(self, ctx: _Context, cfg: Config) -> dict[str, Any]:
         return {"effective": ctx.settings.to_dict(), "checkpoint_format": CHECKPOINT_FORMAT}
 
-    def fold_files(self, fold: int) -> list[str]:
-        return [f"fold{fold}.pt"]
-
     def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
         r = train_fold(data, split, cfg, ctx.settings, ctx.device)
-        save_checkpoint(work / f"fold{split.fold}.pt", ctx.model_args, r.state_dicts)
+        save_checkpoint(work / fold_file(split.fold), ctx.model_args, r.state_dicts)
         y_val = data.y[split.valid]
         record = {
             "score_full": metric.score_proba(y_val, r.proba_full),
@@ -827,8 +619,9 @@ class BranchNetPipeline(MemberPipeline):
         }
         record["score_mean"] = 0.5 * (record["score_full"] + record["score_imu"])
         log.info(
-            "branchnet fold %d (final weights, %d seed(s)): full %.4f imu %.4f",
+            "branchnet fold %d (%s, %d seed(s)): full %.4f imu %.4f",
             split.fold,
+            kept_weights(ctx.settings),
             ctx.settings.seeds,
             record["score_full"],
             record["score_imu"],
@@ -840,22 +633,15 @@ class BranchNetPipeline(MemberPipeline):
             "epochs": ctx.settings.epochs,
             "seeds": ctx.settings.seeds,
             "preset": ctx.settings.preset,
-            "selection": "none: fixed schedule, final (EMA) weights",
-            "folds": {str(k): _scores(r) for k, r in records.items()},
+            "selection": f"none: fixed schedule, {kept_weights(ctx.settings)}",
+            "folds": {str(k): fold_scores(r) for k, r in records.items()},
         }
 
     def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
-        folds = sorted(records)
         return {
-            "model_args": ctx.model_args,
+            **self.torch_bundle_fields(ctx, records),
             "settings": ctx.settings.to_dict(),
-            "fold_files": {str(k): f"fold{k}.pt" for k in folds},
-            "pad_len": {str(k): int(records[k]["pad_len"]) for k in folds},
-            "pad_side": PAD_SIDE,
-            "scalers": {str(k): records[k]["scaler"] for k in folds},  # the statistics used in training (or None)
             "seeds": ctx.settings.seeds,
-            "torch_version": torch.__version__,
-            "fold_scores": {str(k): _scores(records[k]) for k in folds},
         }
 
     def write_extra_files(self, bundle_tmp: Path, ctx: _Context, records: dict[int, dict], work: Path) -> None:
@@ -865,19 +651,22 @@ class BranchNetPipeline(MemberPipeline):
         return load_member(bundle_dir, cfg)
 
 
-def _scores(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record[k] for k in ("score_full", "score_imu", "score_mean")}
+def kept_weights(s: Settings) -> str:
+    """Which weights a fold keeps, in words: the final ones, or their EMA (``BRANCHNET_EMA``)."""
+    return f"EMA of the weights (decay {s.ema_decay:g}) at the last epoch" if s.ema else "the last epoch's weights"
 
 
 # ----------------------------------------------------------------------------- prediction
 
 
-class BranchNetMember:
+class BranchNetMember(TorchFoldMember):
     """Every fold's seeds, built once and kept in memory in eval mode; softmax averaged over all of them.
 
     IMU-only sequences (the table's ``has_tof_thm`` False) run with the thermopile/ToF branches gated
     off: the view sensor dropout trained and the IMU-only OOF scored.
     """
+
+    member = MEMBER
 
     def __init__(
         self,
@@ -890,14 +679,9 @@ class BranchNetMember:
         metadata: dict[str, Any],
         stacked: bool = True,
     ) -> None:
+        super().__init__(pad_lens, feature_names, device, amp, metadata)
         self.models = models  # per fold, per seed
-        self.pad_lens = pad_lens
-        self.feature_names_ = tuple(feature_names)
-        self.classes_ = metric.GESTURES
-        self.device = device
-        self.amp = amp
         self.tof_cnn = tof_cnn
-        self.metadata = metadata
         # One forward pass for a group of folds (bm.StackedBranchNet): the same numbers, several times
         # cheaper per call; False runs the models one by one (the reference the tests compare with).
         self.stacked = stacked
@@ -914,88 +698,59 @@ class BranchNetMember:
             self._stacked[folds] = bm.StackedBranchNet(models).to(self.device)
         return self._stacked[folds]
 
-    def predict_proba(self, table: features.FrameTable) -> np.ndarray:
-        """(n_seq, 18) probabilities in ``metric.GESTURES`` order."""
-        if tuple(table.feature_names) != self.feature_names_:
-            diff = bundle.diff_list("feature_names", list(self.feature_names_), list(table.feature_names))
-            raise ValueError(f"branchnet member: frame features differ from the bundle's ({diff})")
-        n = table.n_sequences
-        proba = np.zeros((n, metric.N_CLASSES), dtype=np.float64)
-        if n == 0:
-            return proba.astype(np.float32)
-        order = np.argsort(table.lengths, kind="stable")  # similar lengths share a chunk: less padding
-        dummy_y = np.zeros(n, dtype=np.int64)
-        longest_pad = max(self.pad_lens)
-        with torch.inference_mode():
-            for start in range(0, n, _PREDICT_CHUNK):
-                idx = order[start : start + _PREDICT_CHUNK]
-                acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
-                # Built once for the longest pad length: a shorter one is its tail (pad_batch keeps the tail).
-                arr = build_arrays(table, idx, dummy_y, longest_pad, None, self.tof_cnn)
-                real = max(int(arr.mask.sum(dim=1).max()), 1)
-                has_tof = arr.has_tof.to(self.device)
-                # Folds whose pad length keeps the same steps see the same input: one pass for all of them.
-                groups: dict[int, list[int]] = {}
-                for fold, pad_len in enumerate(self.pad_lens):
-                    groups.setdefault(min(real, pad_len), []).append(fold)  # the network ignores padding
-                for keep, folds in groups.items():
-                    mask = arr.mask[:, -keep:].to(self.device)
-                    grids = None
-                    if self.tof_cnn:
-                        codes = arr.grids[:, -keep:] if arr.grids is not None else None
-                        grids = grids_of(codes, tuple(mask.shape), self.device)
-                    x = arr.x[:, -keep:].to(self.device)
-                    with autocast_context(self.device, self.amp):
-                        if self.stacked:
-                            logits = self._stacked_net(tuple(folds))(x, mask, grids, has_tof)  # (B, M, 18)
-                        else:
-                            models = [m for f in folds for m in self.models[f]]
-                            logits = torch.stack([m(x, mask, grids, has_tof)["gesture"] for m in models], dim=1)
-                    acc += torch.softmax(logits.float(), dim=2).sum(dim=1).cpu().numpy()
-                proba[idx] = acc / self.n_models
-        return proba.astype(np.float32)
+    def chunk_proba(self, table: features.FrameTable, idx: np.ndarray) -> np.ndarray:
+        acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
+        # Built once for the longest pad length: a shorter one is its tail (pad_batch keeps the tail).
+        arr = build_arrays(
+            table, idx, np.zeros(table.n_sequences, dtype=np.int64), max(self.pad_lens), None, self.tof_cnn
+        )
+        real = max(int(arr.mask.sum(dim=1).max()), 1)
+        has_tof = arr.has_tof.to(self.device)
+        # Folds whose pad length keeps the same steps see the same input: one pass for all of them.
+        groups: dict[int, list[int]] = {}
+        for fold, pad_len in enumerate(self.pad_lens):
+            groups.setdefault(min(real, pad_len), []).append(fold)  # the network ignores padding
+        for keep, folds in groups.items():
+            mask = arr.mask[:, -keep:].to(self.device)
+            grids = None
+            if self.tof_cnn:
+                codes = arr.grids[:, -keep:] if arr.grids is not None else None
+                grids = bm.grids_of(codes, tuple(mask.shape), self.device)
+            x = arr.x[:, -keep:].to(self.device)
+            with autocast_context(self.device, self.amp):
+                if self.stacked:
+                    logits = self._stacked_net(tuple(folds))(x, mask, grids, has_tof)  # (B, M, 18)
+                else:
+                    models = [m for f in folds for m in self.models[f]]
+                    logits = torch.stack([m(x, mask, grids, has_tof)["gesture"] for m in models], dim=1)
+            acc += torch.softmax(logits.float(), dim=2).sum(dim=1).cpu().numpy()
+        return acc / self.n_models
 
 
 def load_member(bundle_dir: Path, cfg: Config) -> BranchNetMember:
     """Read and check the bundle, build every fold's seeds once (eval mode, on the device)."""
-    bundle_dir = Path(bundle_dir)
-    meta = BranchNetPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
-    where = bundle_dir / bundle.METADATA_FILE
-    names, pad_lens = [], []
-    for fold in bundle.field(meta, "folds", list, where, items=int):  # every field checked before any file opens
-        names.append(bundle.field(meta, ("fold_files", str(fold)), str, where))
-        pad_lens.append(bundle.field(meta, ("pad_len", str(fold)), int, where))
-        if pad_lens[-1] < 1:
-            raise bundle.BundleError(f"{where}: field pad_len.{fold} is {pad_lens[-1]}, expected at least 1")
-    bundle.field(meta, "model_args", dict, where)
-    amp_setting = bundle.field(meta, ("settings", "amp"), bool, where, default=True)
-    tof_cnn = bundle.field(meta, ("model_args", "tof_cnn"), bool, where, default=True)
-    warn_if_other_torch(MEMBER, bundle_dir, meta)
-    device = select_device(cfg)
-    # model files only through bundle.sealed_file: sealed, inside the bundle, digest checked before torch reads it
-    models = [load_checkpoint(bundle.sealed_file(bundle_dir, meta, name), device) for name in names]
-    amp = amp_setting and device.type == "cuda"
-    return BranchNetMember(models, pad_lens, tuple(meta["feature_names"]), device, amp, tof_cnn, meta)
+    fb = read_fold_bundle(BranchNetPipeline(), bundle_dir)  # every field checked before any file opens
+    amp_setting = fb.field(("settings", "amp"), bool, default=True)
+    tof_cnn = fb.field(("model_args", "tof_cnn"), bool, default=True)
+    device, models = fb.load_models(load_checkpoint, cfg)
+    amp = use_amp(device, amp_setting)
+    return BranchNetMember(models, fb.pad_lens, tuple(fb.meta["feature_names"]), device, amp, tof_cnn, fb.meta)
 
 
 __all__ = [
     "MEMBER",
-    "PAD_SIDE",
     "PRESETS",
     "BranchNetMember",
     "BranchNetPipeline",
     "Settings",
-    "augment_batch",
     "build_arrays",
+    "kept_weights",
     "load_checkpoint",
     "load_member",
-    "mixup",
     "model_args",
+    "predict_arrays",
     "resolve_settings",
-    "rotate_z",
     "save_checkpoint",
-    "sensor_dropout",
-    "time_stretch",
     "train_fold",
     "train_one",
 ]

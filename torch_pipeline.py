@@ -1,12 +1,13 @@
-"""PyTorch member: ``TimeSeriesNet`` (CNN -> BiLSTM -> BiGRU -> masked attention), CV training, bundle, prediction.
+"""PyTorch member: CV training of ``TimeSeriesNet`` (network in ``timeseries_model``), bundle, prediction.
 
 Data path: ``features.pad_batch`` arrays (tail kept, front padded, scaled with
 the training fold's scaler) are built once per fold and kept as tensors; the
 network compacts real steps, pools the mask with the activations and packs the
 recurrent layers, so padding neither leaks into the output nor depends on the
 pad side. Sequences without ToF/THM are the IMU-only view, which training shows
-through modality dropout. Imports only the layers below it (never another
-pipeline); nothing heavy runs at import.
+through modality dropout. What both torch members share (devices, checkpoints,
+chunked prediction, bundle reading) is ``torch_common``. Imports only the layers
+below it (never another pipeline); nothing heavy runs at import.
 """
 
 from __future__ import annotations
@@ -24,152 +25,49 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import bundle
 import distributed
 import features
-import io_utils
 import metric
 from config import Config
-from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
+from member_base import FoldResult, FoldSplit, TrainingData, fit_fold_scaler
+from timeseries_model import TimeSeriesNet, model_args_from_config
 from torch_common import (
+    TorchContext,
+    TorchFoldMember,
+    TorchMemberPipeline,
     autocast_context,
-    is_available,
+    build_model,
+    cpu_state_dict,
+    fold_file,
+    fold_scores,
+    read_checkpoint,
+    read_fold_bundle,
     seed_everything,
     select_device,
+    softmax_batches,
     strip_module_prefix,
-    warn_if_other_torch,
+    use_amp,
+    write_checkpoint,
 )
 
 MEMBER = "torch"
-PAD_SIDE = "left"  # features.pad_batch keeps the tail and pads at the front
-_PREDICT_CHUNK = 256  # sequences per forward pass at prediction time
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def _masked_max_pool(h: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max-pool (B, C, L) by 2 over real steps only; a pooled step is real if any of its inputs is.
-
-    ceil_mode keeps the final odd step (the gesture is at the end). Padded steps
-    are -inf before the max so a window mixing real and padded steps takes the
-    real value, and come out as 0.
-    """
-    h = h.masked_fill(~mask[:, None, :], float("-inf"))
-    h = nn.functional.max_pool1d(h, kernel_size=2, stride=2, ceil_mode=True)
-    pooled = nn.functional.max_pool1d(mask[:, None, :].to(h.dtype), 2, 2, ceil_mode=True)[:, 0] > 0
-    return h.masked_fill(~pooled[:, None, :], 0.0), pooled
-
-
-class TimeSeriesNet(nn.Module):
-    """Conv(k7)+BN+GELU+pool -> Conv(k5)+BN+GELU+pool -> Dropout -> BiLSTM -> BiGRU -> attention -> MLP head.
-
-    ``forward(x (B, L, C), mask (B, L) bool) -> logits (B, n_classes)``. In eval
-    mode the output depends only on the real steps (their values and order),
-    not on pad contents, pad side or pad length.
-    """
-
-    def __init__(
-        self,
-        n_channels: int,
-        n_classes: int = metric.N_CLASSES,
-        conv1: int = 128,
-        conv2: int = 256,
-        rnn_hidden: int = 128,
-        head_hidden: int = 256,
-        dropout: float = 0.2,
-    ) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv1d(n_channels, conv1, kernel_size=7, padding=3)
-        self.bn1 = nn.BatchNorm1d(conv1)
-        self.conv2 = nn.Conv1d(conv1, conv2, kernel_size=5, padding=2)
-        self.bn2 = nn.BatchNorm1d(conv2)
-        self.act = nn.GELU()
-        self.drop = nn.Dropout(dropout)
-        self.lstm = nn.LSTM(conv2, rnn_hidden, batch_first=True, bidirectional=True)
-        self.gru = nn.GRU(2 * rnn_hidden, rnn_hidden, batch_first=True, bidirectional=True)
-        self.attn = nn.Sequential(nn.Linear(2 * rnn_hidden, rnn_hidden), nn.Tanh(), nn.Linear(rnn_hidden, 1))
-        self.head = nn.Sequential(
-            nn.Linear(2 * rnn_hidden, head_hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(head_hidden, n_classes)
-        )
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_attention(x, mask)[0]
-
-    def forward_with_attention(
-        self, x: torch.Tensor, mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits, attention weights (B, L') and the pooled mask (B, L') the weights live on."""
-        if x.dim() != 3 or mask.shape != x.shape[:2]:
-            raise ValueError(f"expected x (B, L, C) and mask (B, L); got {tuple(x.shape)} and {tuple(mask.shape)}")
-        mask = mask.to(torch.bool)
-        full = bool(mask.all())  # e.g. one trimmed sequence at prediction time: nothing to compact or pack
-        if not full:
-            lengths = mask.sum(dim=1)
-            # Move the real steps to the front in their order: pooling windows then start at the first real
-            # step whatever the pad side, so left and right padding give the same result.
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-            x = torch.gather(x, 1, order[:, :, None].expand(-1, -1, x.shape[2]))
-            steps = torch.arange(x.shape[1], device=x.device)
-            # An all-padding row (never produced by pad_batch) keeps one zero step so packing stays valid.
-            mask = steps[None, :] < lengths.clamp(min=1)[:, None]
-            x = x.masked_fill(~mask[:, :, None], 0.0)  # pad contents can never leak
-
-        h = x.transpose(1, 2)  # (B, C, L)
-        h = self.act(self.bn1(self.conv1(h)))
-        h = h.masked_fill(~mask[:, None, :], 0.0)  # conv2 must see zeros on padding, like its own zero padding
-        h, mask = _masked_max_pool(h, mask)
-        h = self.act(self.bn2(self.conv2(h)))
-        h, mask = _masked_max_pool(h, mask)
-        h = self.drop(h.transpose(1, 2))  # (B, L', conv2)
-
-        if full:
-            h, _ = self.lstm(h)
-            h, _ = self.gru(h)
-        else:
-            # Packing keeps padded steps out of both recurrent directions.
-            pooled_len = mask.sum(dim=1)
-            packed = pack_padded_sequence(h, pooled_len.cpu(), batch_first=True, enforce_sorted=False)
-            packed, _ = self.lstm(packed)
-            packed, _ = self.gru(packed)
-            h, _ = pad_packed_sequence(packed, batch_first=True, total_length=h.shape[1])
-
-        scores = self.attn(h).squeeze(-1).float().masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores, dim=1)
-        pooled = torch.bmm(weights[:, None, :].to(h.dtype), h).squeeze(1)
-        return self.head(pooled), weights, mask
-
-
-def model_args_from_config(n_channels: int, cfg: Config) -> dict[str, Any]:
-    """Constructor arguments, stored in the bundle so loading rebuilds the same network."""
-    t = cfg.torch
-    return {
-        "n_channels": int(n_channels),
-        "n_classes": metric.N_CLASSES,
-        "conv1": t.conv1_channels,
-        "conv2": t.conv2_channels,
-        "rnn_hidden": t.rnn_hidden,
-        "head_hidden": t.head_hidden,
-        "dropout": t.dropout,
-    }
 
 
 # ----------------------------------------------------------------------------- device helpers
 
 
 def amp_enabled(device: torch.device, cfg: Config) -> bool:
-    """AMP only ever on CUDA (CPU autocast to bfloat16 is slower here and changes numerics)."""
-    return bool(cfg.torch.amp) and device.type == "cuda"
+    """``TORCH_AMP``, on CUDA only (``torch_common.use_amp``)."""
+    return use_amp(device, cfg.torch.amp)
 
 
 def unwrap_state_dict(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
     """A CPU copy of the weights of ``model`` (DataParallel, DistributedDataParallel or bare), without ``module.``."""
-    inner = distributed.unwrap(model)
-    return strip_module_prefix({k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()})
+    return strip_module_prefix(cpu_state_dict(distributed.unwrap(model)))
 
 
 # ----------------------------------------------------------------------------- training data
@@ -269,21 +167,15 @@ def _tqdm(iterable: Any, **kwargs: Any) -> Any:
     return tqdm(iterable, disable=not sys.stderr.isatty(), leave=False, **kwargs)
 
 
-@torch.inference_mode()
 def predict_arrays(
     model: nn.Module, x: torch.Tensor, mask: torch.Tensor, device: torch.device, amp: bool, batch_size: int
 ) -> np.ndarray:
     """Softmax probabilities for padded arrays, in batches (model must already be in eval mode)."""
-    out = []
-    for start in range(0, x.shape[0], batch_size):
-        xb = x[start : start + batch_size].to(device, non_blocking=True)
-        mb = mask[start : start + batch_size].to(device, non_blocking=True)
-        with autocast_context(device, amp):
-            logits = model(xb, mb)
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-    if not out:
-        return np.zeros((0, metric.N_CLASSES), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32)
+
+    def inputs(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return x[rows].to(device, non_blocking=True), mask[rows].to(device, non_blocking=True)
+
+    return softmax_batches(x.shape[0], batch_size, inputs, model, device, amp)
 
 
 @dataclass
@@ -402,8 +294,7 @@ def train_fold(
 
 def save_checkpoint(path: Path, model_args: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> None:
     """A fold's checkpoint carries its constructor arguments beside the weights (tensors and plain values only)."""
-    with io_utils.atomic_path(path) as tmp:
-        torch.save({"model_args": dict(model_args), "state_dict": strip_module_prefix(state_dict)}, tmp)
+    write_checkpoint(path, {"model_args": dict(model_args), "state_dict": strip_module_prefix(state_dict)})
 
 
 def load_checkpoint(path: Path, device: torch.device, fallback_args: dict[str, Any]) -> nn.Module:
@@ -412,10 +303,7 @@ def load_checkpoint(path: Path, device: torch.device, fallback_args: dict[str, A
     Bundles written before checkpoints carried their arguments hold a bare state dict;
     those take the arguments from ``metadata.json`` (``fallback_args``).
     """
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001  (a truncated or foreign file raises many kinds of error)
-        raise bundle.BundleError(f"{path}: not a readable torch checkpoint: {type(e).__name__}: {e}") from None
+    obj = read_checkpoint(path, device)
     if isinstance(obj, Mapping) and "state_dict" in obj and "model_args" in obj:
         args, state = obj["model_args"], obj["state_dict"]
     else:
@@ -427,35 +315,17 @@ def load_checkpoint(path: Path, device: torch.device, fallback_args: dict[str, A
         raise bundle.BundleError(
             f"{path}: model expects {args.get('n_channels')} channels, features give {len(features.FRAME_FEATURES)}"
         )
-    try:
-        model = TimeSeriesNet(**args)
-    except (TypeError, ValueError, KeyError) as e:
-        raise bundle.BundleError(f"{path}: model arguments {args} do not build the network: {e}") from None
-    try:
-        model.load_state_dict(strip_module_prefix(state))
-    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
-        raise bundle.BundleError(f"{path}: weights do not fit the model {args}: {e}") from None
-    return model.to(device).eval()
+    return build_model(path, lambda a: TimeSeriesNet(**a), args, strip_module_prefix(state), device)
 
 
-@dataclass
-class _Context:
-    device: torch.device
-    model_args: dict[str, Any]
-
-
-class TorchPipeline(MemberPipeline):
+class TorchPipeline(TorchMemberPipeline):
     """``TimeSeriesNet`` per fold; one checkpoint per fold in the bundle."""
 
     name = MEMBER
-    packages = ("torch",)
     supports_ddp = True  # torchrun: DistributedDataParallel over the ranks (distributed.py)
-    code_modules = ("torch_pipeline", "torch_common", "distributed")  # their code is in the fingerprint
+    code_modules = ("torch_pipeline", "timeseries_model", "torch_common", "distributed")  # code in the fingerprint
 
-    def is_available(self) -> tuple[bool, str]:
-        return is_available()
-
-    def prepare(self, data: TrainingData, cfg: Config) -> _Context:
+    def prepare(self, data: TrainingData, cfg: Config) -> TorchContext:
         device = select_device(cfg)
         model_args = model_args_from_config(len(data.table.feature_names), cfg)
         log.info(
@@ -465,18 +335,15 @@ class TorchPipeline(MemberPipeline):
             device,
             epochs_for(cfg),
         )
-        return _Context(device, model_args)
+        return TorchContext(device, model_args)
 
-    def fold_files(self, fold: int) -> list[str]:
-        return [f"fold{fold}.pt"]
-
-    def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
+    def fit_fold(self, ctx: TorchContext, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
         scaler = fit_fold_scaler(data, split)  # training folds only
         pad_len = features.resolve_pad_len(data.table.lengths[split.train], cfg.features)
         train_arr = build_fold_arrays(data.table, data.imu_table, split.train, data.y, pad_len, scaler)
         val_arr = build_fold_arrays(data.table, data.imu_table, split.valid, data.y, pad_len, scaler)
         result = train_fold(split.fold, train_arr, val_arr, ctx.model_args, cfg, ctx.device)
-        save_checkpoint(work / f"fold{split.fold}.pt", ctx.model_args, result.state_dict)
+        save_checkpoint(work / fold_file(split.fold), ctx.model_args, result.state_dict)
         record = {
             "epochs": result.epochs,
             "score_full": result.score_full,
@@ -487,35 +354,30 @@ class TorchPipeline(MemberPipeline):
         }
         return FoldResult(result.proba_full, result.proba_imu, record)
 
-    def summary_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
-        return {"epochs": epochs_for(cfg), "folds": {str(k): _scores(r) for k, r in records.items()}}
+    def summary_extra(self, ctx: TorchContext, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
+        return {"epochs": epochs_for(cfg), "folds": {str(k): fold_scores(r, "epochs") for k, r in records.items()}}
 
-    def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
-        folds = sorted(records)
+    def bundle_extra(self, ctx: TorchContext, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
         return {
-            "model_args": ctx.model_args,
-            "fold_files": {str(k): f"fold{k}.pt" for k in folds},
-            "pad_len": {str(k): int(records[k]["pad_len"]) for k in folds},
-            "pad_side": PAD_SIDE,
-            "scalers": {str(k): records[k]["scaler"] for k in folds},  # the statistics used in training
-            "torch_version": torch.__version__,
-            "epochs": {str(k): records[k]["epochs"] for k in folds},  # fixed: the final weights are kept
-            "fold_scores": {str(k): _scores(records[k]) for k in folds},
+            **self.torch_bundle_fields(ctx, records, "epochs"),
+            "epochs": {str(k): records[k]["epochs"] for k in sorted(records)},  # fixed: the final weights are kept
         }
 
     def load(self, bundle_dir: Path, cfg: Config) -> TorchMember:
         return load_member(bundle_dir, cfg)
 
 
-def _scores(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: record[k] for k in ("epochs", "score_full", "score_imu", "score_mean")}
-
-
 # ----------------------------------------------------------------------------- prediction
 
 
-class TorchMember:
-    """Every fold's network, built once and kept in memory in eval mode; softmax averaged over folds."""
+class TorchMember(TorchFoldMember):
+    """Every fold's network, built once and kept in memory in eval mode; softmax averaged over folds.
+
+    IMU-only sequences need no special case: their ToF/THM columns are the
+    missing-modality values, exactly what the IMU-only training view holds.
+    """
+
+    member = MEMBER
 
     def __init__(
         self,
@@ -527,85 +389,48 @@ class TorchMember:
         amp: bool,
         metadata: dict[str, Any],
     ) -> None:
+        super().__init__(pad_lens, feature_names, device, amp, metadata)
         self.models = models
         self.scalers = scalers
-        self.pad_lens = pad_lens
-        self.feature_names_ = tuple(feature_names)
-        self.classes_ = metric.GESTURES
-        self.device = device
-        self.amp = amp
-        self.metadata = metadata
 
-    def predict_proba(self, table: features.FrameTable) -> np.ndarray:
-        """(n_seq, 18) probabilities in ``metric.GESTURES`` order.
-
-        IMU-only sequences need no special case: their ToF/THM columns are the
-        missing-modality values, exactly what the IMU-only training view holds.
-        """
-        if tuple(table.feature_names) != self.feature_names_:
-            diff = bundle.diff_list("feature_names", list(self.feature_names_), list(table.feature_names))
-            raise ValueError(f"torch member: frame features differ from the bundle's ({diff})")
-        n = table.n_sequences
-        proba = np.zeros((n, metric.N_CLASSES), dtype=np.float64)
-        if n == 0:
-            return proba.astype(np.float32)
-        # Similar lengths share a chunk so trimming common padding saves the most work.
-        order = np.argsort(table.lengths, kind="stable")
-        with torch.inference_mode():
-            for start in range(0, n, _PREDICT_CHUNK):
-                idx = order[start : start + _PREDICT_CHUNK]
-                acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
-                for model, scaler, pad_len in zip(self.models, self.scalers, self.pad_lens):
-                    x, mask = features.pad_batch(table, idx, pad_len, scaler)
-                    # The network ignores padding (tested), so drop the columns no sequence here uses.
-                    keep = max(int(mask.sum(axis=1).max()), 1)
-                    xb = torch.from_numpy(np.ascontiguousarray(x[:, -keep:])).to(self.device)
-                    mb = torch.from_numpy(np.ascontiguousarray(mask[:, -keep:])).to(self.device)
-                    with autocast_context(self.device, self.amp):
-                        logits = model(xb, mb)
-                    acc += torch.softmax(logits.float(), dim=1).cpu().numpy()
-                proba[idx] = acc / len(self.models)
-        return proba.astype(np.float32)
+    def chunk_proba(self, table: features.FrameTable, idx: np.ndarray) -> np.ndarray:
+        acc = np.zeros((len(idx), metric.N_CLASSES), dtype=np.float64)
+        for model, scaler, pad_len in zip(self.models, self.scalers, self.pad_lens):
+            x, mask = features.pad_batch(table, idx, pad_len, scaler)
+            # The network ignores padding (tested), so drop the columns no sequence here uses.
+            keep = max(int(mask.sum(axis=1).max()), 1)
+            xb = torch.from_numpy(np.ascontiguousarray(x[:, -keep:])).to(self.device)
+            mb = torch.from_numpy(np.ascontiguousarray(mask[:, -keep:])).to(self.device)
+            with autocast_context(self.device, self.amp):
+                logits = model(xb, mb)
+            acc += torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return acc / len(self.models)
 
 
 def load_member(bundle_dir: Path, cfg: Config) -> TorchMember:
     """Read and check the bundle, build every fold's model once (eval mode, on the device)."""
-    bundle_dir = Path(bundle_dir)
-    meta = TorchPipeline().read_bundle(bundle_dir, features.FRAME_FEATURES, pad_side=PAD_SIDE)
-    where = bundle_dir / bundle.METADATA_FILE
-    folds = bundle.field(meta, "folds", list, where, items=int)
-    model_args = bundle.field(meta, "model_args", dict, where)
-    names, scalers, pad_lens = [], [], []
-    for fold in folds:  # every field checked before any file is opened
-        names.append(bundle.field(meta, ("fold_files", str(fold)), str, where))
-        d = bundle.field(meta, ("scalers", str(fold)), dict, where)
-        scalers.append(bundle.parse_field(where, f"scalers.{fold}", features.ScalerStats.from_dict, d))
-        pad_lens.append(bundle.field(meta, ("pad_len", str(fold)), int, where))
-        if pad_lens[-1] < 1:
-            raise bundle.BundleError(f"{where}: field pad_len.{fold} is {pad_lens[-1]}, expected at least 1")
-    warn_if_other_torch(MEMBER, bundle_dir, meta)
-    device = select_device(cfg)
-    # model files only through bundle.sealed_file: sealed, inside the bundle, digest checked before torch reads it
-    models = [load_checkpoint(bundle.sealed_file(bundle_dir, meta, name), device, model_args) for name in names]
-    return TorchMember(models, scalers, pad_lens, tuple(meta["feature_names"]), device, amp_enabled(device, cfg), meta)
+    fb = read_fold_bundle(TorchPipeline(), bundle_dir)
+    model_args = fb.field("model_args", dict)
+    scalers = []
+    for fold in fb.folds:  # every field checked before any file is opened
+        d = fb.field(("scalers", str(fold)), dict)
+        scalers.append(bundle.parse_field(fb.where, f"scalers.{fold}", features.ScalerStats.from_dict, d))
+    device, models = fb.load_models(lambda path, dev: load_checkpoint(path, dev, model_args), cfg)
+    amp = amp_enabled(device, cfg)
+    return TorchMember(models, scalers, fb.pad_lens, tuple(fb.meta["feature_names"]), device, amp, fb.meta)
 
 
 __all__ = [
     "MEMBER",
-    "PAD_SIDE",
-    "TimeSeriesNet",
     "TorchMember",
     "TorchPipeline",
-    "is_available",
     "load_member",
-    "select_device",
-    "autocast_context",
     "amp_enabled",
-    "strip_module_prefix",
     "unwrap_state_dict",
     "augment_batch",
     "build_fold_arrays",
-    "model_args_from_config",
+    "predict_arrays",
     "save_checkpoint",
     "load_checkpoint",
+    "train_fold",
 ]

@@ -112,7 +112,8 @@ def run_benchmark(
             "score_mean": 0.0,
         }
     bundle_dir = out_dir / "bundles" / tp.MEMBER
-    pipeline.write_bundle(bundle_dir, work, tp._Context(torch.device("cpu"), args), "bench", records, cfg, "bench", {})
+    ctx = tp.TorchContext(torch.device("cpu"), args)
+    pipeline.write_bundle(bundle_dir, work, ctx, "bench", records, cfg, "bench", {})
 
     t0 = time.perf_counter()
     member = pipeline.load(bundle_dir, cfg)

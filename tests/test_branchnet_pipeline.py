@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import branchnet_augment as ba
 import branchnet_model as bm
 import branchnet_pipeline as bp
 import features
@@ -141,7 +142,7 @@ def test_flag_off_ignores_thermopiles_and_tof_entirely():
     x, mask, grids = batch([14, 9], 14)
     off = torch.tensor([False, False])
     other = x.clone()
-    other[:, :, bp.TOFTHM_IDX] = torch.randn(2, 14, len(bp.TOFTHM_IDX)) * mask[:, :, None]
+    other[:, :, ba.TOFTHM_IDX] = torch.randn(2, 14, len(ba.TOFTHM_IDX)) * mask[:, :, None]
     with torch.no_grad():
         a = net(x, mask, grids, off)["gesture"]
         b = net(other, mask, torch.rand_like(grids), off)["gesture"]
@@ -198,8 +199,8 @@ def test_frame_table_carries_raw_tof_aligned_with_pad_batch(data):
 def test_z_rotation_turns_world_vectors_only_and_keeps_norms_and_z():
     x = torch.randn(3, 11, N_CH)
     angle = torch.tensor([0.3, -1.0, math.pi / 4])
-    y = bp.rotate_z(x, angle)
-    ix, iy, iz = bp.WORLD_VECTORS[0]
+    y = ba.rotate_z(x, angle)
+    ix, iy, iz = ba.WORLD_VECTORS[0]
     torch.testing.assert_close(y[..., [ix, iy, iz]].norm(dim=-1), x[..., [ix, iy, iz]].norm(dim=-1))
     torch.testing.assert_close(y[..., iz], x[..., iz])
     others = [c for c in range(N_CH) if c not in (ix, iy)]
@@ -215,7 +216,7 @@ def test_time_stretch_changes_length_as_asked_and_keeps_the_tail():
     x, mask, grids = batch([40, 40, 20, 30], 50)
     factor = torch.tensor([1.5, 0.5, 1.0, 1.0])
     crop = torch.tensor([0, 0, 0, 5])
-    y, m, g = bp.time_stretch(x, mask, grids, factor, crop)
+    y, m, g = ba.time_stretch(x, mask, grids, factor, crop)
     assert m.sum(1).tolist() == [50, 20, 20, 25]  # 60 capped at the pad length (tail kept), 20, 20, 30 - 5
     assert m[:, :20].all()  # start aligned
     real = lambda i: x[i][mask[i]]  # noqa: E731
@@ -230,11 +231,11 @@ def test_time_stretch_changes_length_as_asked_and_keeps_the_tail():
 
 def test_mixup_targets_sum_to_one_and_inputs_mix_where_both_are_real():
     x, mask, grids = batch([10, 6, 8], 10)
-    targets = bp.one_hot_targets(torch.tensor([0, 9, 3]), torch.tensor([1, -1, 2]))
+    targets = ba.one_hot_targets(torch.tensor([0, 9, 3]), torch.tensor([1, -1, 2]))
     lam = torch.tensor([0.7, 0.2, 0.5])
     perm = torch.tensor([1, 2, 0])
     has = torch.tensor([True, True, False])
-    xm, mm, gm, hm, tm = bp.mixup(x, mask, grids, has, targets, lam, perm)
+    xm, mm, gm, hm, tm = ba.mixup(x, mask, grids, has, targets, lam, perm)
     torch.testing.assert_close(tm["gesture"].sum(1), torch.ones(3))
     torch.testing.assert_close(tm["nine"].sum(1), torch.ones(3))
     assert tm["gesture"][0, 0] == pytest.approx(0.7) and tm["gesture"][0, 9] == pytest.approx(0.3)
@@ -249,10 +250,10 @@ def test_mixup_targets_sum_to_one_and_inputs_mix_where_both_are_real():
 def test_sensor_dropout_zeros_thermopiles_and_tof_and_clears_the_flag():
     x, mask, grids = batch([8, 8], 8)
     drop = torch.tensor([True, False])
-    y, g, has = bp.sensor_dropout(x, grids, torch.tensor([True, True]), drop)
+    y, g, has = ba.sensor_dropout(x, grids, torch.tensor([True, True]), drop)
     assert has.tolist() == [False, True]
-    assert (y[0][:, bp.TOFTHM_IDX] == 0).all() and (g[0] == 0).all()
-    torch.testing.assert_close(y[0][:, bp.IMU_IDX], x[0][:, bp.IMU_IDX])
+    assert (y[0][:, ba.TOFTHM_IDX] == 0).all() and (g[0] == 0).all()
+    torch.testing.assert_close(y[0][:, ba.IMU_IDX], x[0][:, ba.IMU_IDX])
     torch.testing.assert_close(y[1], x[1])
     torch.testing.assert_close(g[1], grids[1])
 
@@ -260,7 +261,7 @@ def test_sensor_dropout_zeros_thermopiles_and_tof_and_clears_the_flag():
 def test_augment_batch_is_reproducible_and_consistent(data):
     cfg, s = tiny_settings()
     arr = bp.build_arrays(data.table, np.arange(8), data.y, 40)
-    outs = [bp.augment_batch(arr, s, torch.Generator().manual_seed(3), torch.device("cpu")) for _ in range(2)]
+    outs = [ba.augment_batch(arr, s, torch.Generator().manual_seed(3), torch.device("cpu")) for _ in range(2)]
     (x, mask, grids, has, targets), (x2, *_rest) = outs
     torch.testing.assert_close(x, x2)
     assert x.shape[:2] == mask.shape == grids.shape[:2] and has.shape == (8,)
@@ -271,7 +272,7 @@ def test_augment_batch_is_reproducible_and_consistent(data):
 def test_phase_rides_through_the_augmentations_and_trains_its_head(data):
     cfg, s = tiny_settings(BRANCHNET_MIXUP_PROB="1", BRANCHNET_STRETCH_PROB="1")
     arr = bp.build_arrays(data.table, np.arange(8), data.y, 40, phase=data.phase)
-    x, mask, grids, has, targets = bp.augment_batch(arr, s, torch.Generator().manual_seed(3), torch.device("cpu"))
+    x, mask, grids, has, targets = ba.augment_batch(arr, s, torch.Generator().manual_seed(3), torch.device("cpu"))
     assert x.shape[2] == len(features.FRAME_FEATURES)  # the phase channel is split off again
     t4 = math.ceil(mask.shape[1] / 4)
     assert targets["phase"].shape == targets["phase_mask"].shape == (8, t4)
@@ -349,7 +350,7 @@ def test_phase_labels_line_up_with_the_padded_steps(data):
 def test_phase_target_is_the_gesture_fraction_per_quarter_rate_step():
     phase = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 0, 1, 0, 0, 0]], dtype=torch.float32)
     mask = torch.tensor([[True] * 9 + [False] * 3])
-    target, real = bp.phase_target(phase, mask)
+    target, real = ba.phase_target(phase, mask)
     torch.testing.assert_close(target, torch.tensor([[0.5, 0.75, 1.0]]))
     assert real.tolist() == [[True, True, True]]
     model = bm.build(bp.model_args(tiny_settings()[1]))
@@ -501,7 +502,7 @@ def test_checkpoint_round_trip_with_weights_only(data, tmp_path):
     with torch.no_grad():
         for m in models:
             torch.testing.assert_close(m(x, mask, grids, has)["gesture"], net(x, mask, grids, has)["gesture"])
-    torch.testing.assert_close(models[0].imu_norm.mean, torch.arange(N_CH, dtype=torch.float32)[bp.IMU_IDX])
+    torch.testing.assert_close(models[0].imu_norm.mean, torch.arange(N_CH, dtype=torch.float32)[ba.IMU_IDX])
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(Exception, match="not a readable torch checkpoint"):
         bp.load_checkpoint(path, torch.device("cpu"))

@@ -358,7 +358,7 @@ def test_autocast_is_off_on_cpu():
 
 
 def test_is_available():
-    ok, why = tp.is_available()
+    ok, why = tp.TorchPipeline().is_available()
     assert ok and torch.__version__ in why
 
 
