@@ -5,6 +5,10 @@ each member has a ``name``, ``is_available()`` and ``load(bundle_dir, cfg)``
 returning an object with ``predict_proba(table) -> (n, 18)``. Its switch
 (``USE_<MEMBER>``) and default weight (``ENSEMBLE_W_<MEMBER>``) come from its
 config section. It knows nothing of LightGBM, torch or Keras.
+
+``fit_ensemble`` returns the record that ``save_weights`` stores through ``blend.Blend`` (the one reader
+and writer of weights.json); the ``Predictor`` serves one sequence through named stages in one
+direction: admit -> correct wear -> featurize -> call members -> blend -> decide -> record.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,17 +32,14 @@ import members as members_registry
 import serving_guard
 import subject_pp
 import wear
-from bundle import BundleError
+from blend import BLEND, VIEWS, WEIGHTS_FILE, Blend, ServedBlend, Uncovered, apply_class_bias, mix
 from config import Config
 from cv import FoldsError, MemberOOF, read_member_oof, write_member_oof
 from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
-from io_utils import write_json
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
 
 log = logging.getLogger(__name__)
-
-VIEWS = ("full", "imu_only")
 
 
 class Member(Protocol):
@@ -72,10 +73,7 @@ class MemberSpec:
 # --------------------------------------------------------------------------- weight fitting
 
 
-def blend(probas: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    return sum(wi * p for wi, p in zip(w, probas))
+blend = mix  # the weighted mean of the members' probabilities (``blend.mix``), the name fitting code uses
 
 
 def _score(y: np.ndarray, probas: list[np.ndarray], w: np.ndarray) -> float:
@@ -144,14 +142,6 @@ def cross_fitted_blend(
     return blended
 
 
-def apply_class_bias(proba: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """Shift each class's log-probability by ``bias`` and renormalise (a learned class prior)."""
-    if bias is None:
-        return proba
-    p = np.asarray(proba, dtype=np.float64) * np.exp(np.asarray(bias, dtype=np.float64))
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def fit_class_bias(
     y: np.ndarray, proba: np.ndarray, grid: np.ndarray | None = None, max_rounds: int = 3
 ) -> tuple[np.ndarray, float]:
@@ -189,9 +179,6 @@ def fit_class_bias(
 def equal_weights(y: np.ndarray, probas: list[np.ndarray]) -> tuple[np.ndarray, float]:
     """The "fit" of a fixed blend (one member alone, or equal weights): nothing learned from the labels."""
     return np.full(len(probas), 1.0 / len(probas)), float("nan")
-
-
-BLEND = "blend"  # the candidate (and the OOF "member") that blends every member of a view
 
 
 class _FoldFits:
@@ -500,8 +487,15 @@ def _fmt(x: float | None) -> str:
     return "not judged (too few folds)" if x is None else f"{x:.4f}"
 
 
-def save_weights(path: str | Path, weights: dict[str, Any]) -> None:
-    write_json(path, weights)
+def save_weights(path: str | Path, weights: dict[str, Any]) -> Blend:
+    """Store the record ``fit_ensemble`` returned as ``path`` (``<ensemble>/weights.json``) through ``Blend``,
+    which checks it first (a weight that is not finite and >= 0 is refused before it reaches serving)."""
+    path = Path(path)
+    if path.name != WEIGHTS_FILE:
+        raise ValueError(f"{path}: the blend is stored as {WEIGHTS_FILE} in the ensemble folder")
+    fitted = Blend.from_dict(weights, path)
+    fitted.write(path.parent)
+    return fitted
 
 
 # --------------------------------------------------------------------------- serving
@@ -541,11 +535,47 @@ class PredictorStats:
 MAX_LISTED_DEGRADED = 5000
 
 
+@dataclass
+class Admitted:
+    """One sequence past the admit stage: the rows the members are asked about, and whose they are.
+
+    ``rows`` None: nothing a member can use (a frame of another type, zero rows, no usable accelerometer
+    row): the class prior answers. ``problems``: what was repaired or went wrong, in order (serving; the
+    sequence is listed as degraded when there are any). ``usable_imu``: serving's mask of the rows with a
+    usable accelerometer reading, for the IMU-only fallback (None under STRICT=1, which has no fallback).
+    """
+
+    sequence_id: str
+    rows: pl.DataFrame | None
+    demographics: pl.DataFrame | None = None
+    subject: str = ""  # "" when neither the rows nor the demographics say (serving_guard.subject_of)
+    problems: list[str] = field(default_factory=list)
+    usable_imu: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of the members on an admitted sequence: the rows and demographics they get."""
+
+    source: str  # the step counted in summary()["answers"] when it answers: "members" or "imu_only"
+    label: str  # how its failure is listed among the sequence's problems
+    rows: pl.DataFrame
+    demographics: pl.DataFrame | None
+
+
 class Predictor:
-    """Loads every present member bundle and the blend weights once; ``predict`` answers one sequence.
+    """Loads every present member bundle and the blend once; ``predict`` answers one sequence.
 
     ``predict`` has the signature the competition gateway calls and is a bound
     method named ``predict`` (the server finds the endpoint by ``__name__``).
+
+    A call runs the serving stages in one direction, each a method named for what it does:
+    admit (``_admit`` / ``_admit_strict``: repair or check the frames, find the subject) -> correct wear
+    (``wear.correct``) -> featurize once (``_featurize``; the wear evidence of this sequence is added
+    after) -> call members (``_call_members``) -> blend (``_blend``, the ``ServedBlend`` of weights.json)
+    -> decide (``_decide``: the subject's slot assignment) -> record (``_record``). Serving tries the
+    members again on the IMU-only view of the usable rows when they fail (``_attempts``), and the class
+    prior answers when nothing can; STRICT=1 raises instead.
 
     Start-up treats a damaged part like a missing one in serving (``cfg.run.strict`` off): a member whose
     bundle raises while loading or in its warm-up call is left out (``missing`` and ``damaged``), and so
@@ -566,12 +596,14 @@ class Predictor:
         cfg: Config,
         specs: Sequence[MemberSource] | None = None,
         bundle_root: str | Path | None = None,
-        weights_path: str | Path | None = None,
+        ensemble_dir: str | Path | None = None,
     ) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         self._lock = threading.Lock()  # one predict() at a time: per-call and per-subject state are not shared
         self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
+        # weights.json, protocol.json, orientation_model.txt, wear.json and manifest.json: beside the bundles
+        self.ensemble_dir = Path(ensemble_dir) if ensemble_dir else self.bundle_root.parent / "ensemble"
         self.members: dict[str, Member] = {}
         self.missing: dict[str, str] = {}
         self.damaged: dict[str, str] = {}  # serving: members whose bundle raised at start-up (also in missing)
@@ -591,7 +623,7 @@ class Predictor:
                 self.missing[spec.name] = f"switched off (USE_{spec.name.upper()}=0)"
                 continue
             ok, why = spec.is_available()
-            bundle_dir = Path(section.bundle_path) if section.bundle_path else self.bundle_root / spec.name
+            bundle_dir = self._bundle_dir(spec.name)
             if not ok:
                 self.missing[spec.name] = why
             elif not bundle_dir.exists():
@@ -611,38 +643,36 @@ class Predictor:
                 log.warning("member %s not used: %s", name, why)
         if not self.members:
             raise PredictorError(f"no member could be loaded from {self.bundle_root}: {self.missing}")
-        weights_file = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
-        self.class_bias: dict[str, np.ndarray] = {}
+        defaults = Blend.defaults({s.name: cfg.member(s.name).weight for s in sources})
+        fitted: Blend | None = None
         try:
-            self.weights = self._load_weights(sources, weights_path)
+            fitted = self._load_blend(defaults)
         except Exception as e:  # noqa: BLE001
             self.steps_left_out["weights"] = self._start_up_failure(
-                "blend weights", weights_file, e, "the ENSEMBLE_W_* default weights, no class bias"
+                "blend weights", self.ensemble_dir / WEIGHTS_FILE, e, "the ENSEMBLE_W_* default weights, no class bias"
             )
-            self.class_bias = {}
-            self.weights = self._default_weights(sources)
+        self.blend: ServedBlend = (fitted or defaults).served_by(list(self.members))
         prior_problems: list[str] | None = None if cfg.run.strict else []
         self.prior = serving_guard.load_class_prior(  # not from a weights.json left out as damaged
-            None if "weights" in self.steps_left_out else weights_file, self.bundle_root.parent / "oof", prior_problems
+            fitted, self.bundle_root.parent / "oof", prior_problems
         )
         if prior_problems:
             self.steps_left_out["class_prior"] = f"{'; '.join(prior_problems)} -> {self.prior.source}"
         self.stats = PredictorStats()
         # Per-subject online state lives on this instance: upside-down wear detection and slot assignment.
-        ens_dir = Path(weights_path).parent if weights_path else self.bundle_root.parent / "ensemble"
         try:
-            detector = wear.WearDetector.load(ens_dir, cfg)
+            detector = wear.WearDetector.load(self.ensemble_dir, cfg)
         except Exception as e:  # noqa: BLE001
             self.steps_left_out["wear"] = self._start_up_failure(
-                "wear detection", ens_dir / wear.WEAR_FILE, e, "off (no upside-down wear detection)"
+                "wear detection", self.ensemble_dir / wear.WEAR_FILE, e, "off (no upside-down wear detection)"
             )
             detector = wear.WearDetector(None)
         self.wear = detector.with_bounds(cfg)
         try:
-            self.subject_pp = subject_pp.SubjectPostProcessor.load(ens_dir, cfg)
+            self.subject_pp = subject_pp.SubjectPostProcessor.load(self.ensemble_dir, cfg)
         except Exception as e:  # noqa: BLE001
             self.steps_left_out["subject_pp"] = self._start_up_failure(
-                "subject post-processing", ens_dir / subject_pp.PROTOCOL_FILE, e, "off (plain argmax)"
+                "subject post-processing", self.ensemble_dir / subject_pp.PROTOCOL_FILE, e, "off (plain argmax)"
             )
             self.subject_pp = subject_pp.SubjectPostProcessor(None, None, cfg)
         self._pool = self._member_pool(cfg.ensemble.predict_threads)
@@ -662,6 +692,22 @@ class Predictor:
         unused = [m for m in self.members if all(self.weights[v].get(m, 0.0) <= 0 for v in VIEWS)]
         if unused:
             log.info("member(s) %s have weight 0 in both views: loaded and checked, never called", unused)
+
+    @property
+    def weights(self) -> dict[str, dict[str, float]]:
+        """Per view, member -> the weight serving uses (over the loaded members, summing to 1)."""
+        return {v: dict(w) for v, w in self.blend.weights.items()}
+
+    @property
+    def class_bias(self) -> dict[str, np.ndarray]:
+        """The class bias of each view that uses one."""
+        return dict(self.blend.class_bias)
+
+    # ----------------------------------------------------------------------- start-up
+
+    def _bundle_dir(self, name: str) -> Path:
+        section = self.cfg.member(name)
+        return Path(section.bundle_path) if section.bundle_path else self.bundle_root / name
 
     def _load_member(self, spec: MemberSource, bundle_dir: Path, folds_in_memory: bool) -> Member:
         """One member loaded and warmed up: a corrupt bundle, or a member that cannot predict, raises here."""
@@ -688,68 +734,23 @@ class Predictor:
         log.error("%s: %s; serving goes on: %s (STRICT=1 makes this an error)", what, why, instead)
         return f"{why} -> {instead}"
 
-    def _default_weights(self, specs: list[MemberSource]) -> dict[str, dict[str, float]]:
-        """The ``ENSEMBLE_W_*`` default weights of the loaded members, per view, normalised (equal if all 0)."""
-        present = {s.name: float(self.cfg.member(s.name).weight) for s in specs if s.name in self.members}
-        if sum(present.values()) <= 0:
-            present = {m: 1.0 for m in present}
-        total = sum(present.values())
-        return {view: {m: x / total for m, x in present.items()} for view in VIEWS}
-
-    def _load_weights(self, specs: list[MemberSource], weights_path: str | Path | None) -> dict[str, dict[str, float]]:
-        """Per view, member -> weight (renormalised over loaded members): weights.json's, or ENSEMBLE_W_* without it.
+    def _load_blend(self, defaults: Blend) -> Blend | None:
+        """The fitted blend of ``ensemble_dir``, None when there is none (``defaults`` serve then).
 
         The ensemble set is checked first (``ensemble_seal``): the loaded bundles must be those the set was
-        fitted with, and weights.json is parsed only after its digest matched the manifest. Every failure is a
-        ``bundle.BundleError`` naming the file (a weight that is not finite and >= 0 names the view and member).
+        fitted with, and weights.json is parsed only from bytes whose digest matched the manifest
+        (``Blend.load_sealed``). Every failure is a ``bundle.BundleError`` naming the file (a weight that is
+        not finite and >= 0 names the view and member).
         """
-        path = Path(weights_path) if weights_path else self.bundle_root.parent / "ensemble" / "weights.json"
-        defaults = {s.name: self.cfg.member(s.name).weight for s in specs}
-        loaded = {}
-        for name in self.members:
-            section = self.cfg.member(name)
-            loaded[name] = Path(section.bundle_path) if section.bundle_path else self.bundle_root / name
-        ensemble_seal.check_bundles(path.parent, loaded)
-        raw = ensemble_seal.read_sealed(path.parent, path.name)
-        if raw is not None:
-            fitted = ensemble_seal.parse_json(raw, path)
-            try:
-                views = {v: {str(m): float(x) for m, x in fitted["views"][v]["weights"].items()} for v in VIEWS}
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
-                raise BundleError(
-                    f"{path} is not a weights file of this project ({type(e).__name__}: {e}); "
-                    "delete it to use the ENSEMBLE_W_* defaults, or refit"
-                ) from None
-            bad = [f"{m} in view {v}: {x}" for v in VIEWS for m, x in views[v].items() if not np.isfinite(x) or x < 0]
-            if bad:
-                raise BundleError(f"{path}: weights must be finite and >= 0; found " + ", ".join(bad))
-            for v in VIEWS:
-                calibration = fitted["views"][v].get("calibration") or {}
-                if not isinstance(calibration, dict):
-                    raise BundleError(f"{path}: calibration of view {v} is not an object: {calibration!r:.80}")
-                bias = calibration.get("class_bias")
-                if bias is not None:
-                    try:
-                        values = np.asarray(bias, dtype=np.float64)
-                    except (TypeError, ValueError):
-                        values = np.zeros(0)
-                    if values.shape != (N_CLASSES,) or not np.isfinite(values).all():
-                        raise BundleError(
-                            f"{path}: class_bias of view {v} must be {N_CLASSES} finite numbers, found {bias!r:.80}"
-                        )
-                    self.class_bias[v] = values
-            log.info("blend weights from %s (class-bias calibration: %s)", path, sorted(self.class_bias) or "none")
+        path = self.ensemble_dir / WEIGHTS_FILE
+        ensemble_seal.check_bundles(self.ensemble_dir, {name: self._bundle_dir(name) for name in self.members})
+        fitted = Blend.load_sealed(self.ensemble_dir)
+        if fitted is None:
+            log.info("no fitted %s: default weights ENSEMBLE_W_* %s", path, dict(defaults.views["full"].weights))
         else:
-            views = {v: defaults for v in VIEWS}
-            log.info("no fitted %s: default weights ENSEMBLE_W_* %s", path, defaults)
-        out = {}
-        for view, w in views.items():
-            present = {m: float(w.get(m, 0.0)) for m in self.members}
-            if sum(present.values()) <= 0:  # the fitted blend gave all weight to absent members
-                present = {m: 1.0 for m in self.members}
-            total = sum(present.values())
-            out[view] = {m: x / total for m, x in present.items()}
-        return out
+            biased = sorted(v for v, view in fitted.views.items() if view.class_bias is not None)
+            log.info("blend weights from %s (class-bias calibration: %s)", path, biased or "none")
+        return fitted
 
     def _member_pool(self, threads: int) -> ThreadPoolExecutor | None:
         """Threads that call the members of one request concurrently; None: one after another."""
@@ -758,7 +759,194 @@ class Predictor:
         n = min(len(self.members), os.cpu_count() or 1) if threads == 0 else min(threads, len(self.members))
         return ThreadPoolExecutor(max_workers=n, thread_name_prefix="member") if n > 1 else None
 
-    def _call_members(self, table: FrameTable, names: list[str]) -> dict[str, np.ndarray | BaseException]:
+    @staticmethod
+    def _warm_up(member: Member) -> None:
+        """One full-sensor and one IMU-only call before serving: graph building and compilation
+        (Keras XLA, lazy allocations) happen at start-up, not inside the first timed predict()."""
+        n_ch = len(FRAME_FEATURES)
+        for has_tof in (True, False):
+            table = FrameTable(
+                sequence_ids=np.array(["WARMUP"]),
+                offsets=np.array([0, 40]),
+                values=np.zeros((40, n_ch), np.float32),
+                has_tof_thm=np.array([has_tof]),
+                rot_missing=np.array([False]),
+                subjects=np.array([""]),
+                demographics=np.full((1, len(DEMOGRAPHIC_FEATURES)), np.nan, np.float32),
+            )
+            member.predict_proba(table)  # a member that cannot predict fails here, at start-up
+
+    # ----------------------------------------------------------------------- one call, stage by stage
+
+    def predict(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
+        """The gateway's entry point: one sequence's rows and its subject's demographics row -> a gesture.
+
+        Serving (``cfg.run.strict`` off) never raises: hostile input is repaired, and an input no
+        member can use is answered by the fallback chain of ``serving_guard`` (logged, counted in
+        ``summary()``). With STRICT=1 every such problem raises an error naming it.
+
+        One call at a time (a lock around the whole call): concurrent callers wait, so no call sees
+        another's rows or a half-updated subject. A sequence longer than ``ENSEMBLE_SERVE_MAX_ROWS`` is
+        cut to its tail first (listed as degraded); with STRICT=1 it raises.
+        """
+        with self._lock:
+            if self.cfg.run.strict:
+                return self._serve(self._admit_strict(sequence, demographics))
+            try:
+                return self._serve(self._admit(sequence, demographics))
+            except Exception as e:  # the last line of defence: a bug here must not cost the submission
+                log.exception("predict: unexpected %s; answering from the class prior", type(e).__name__)
+                problem = f"unexpected {type(e).__name__}: {e}"
+                return self._record(Admitted(serving_guard.UNKNOWN_SEQUENCE_ID, None, problems=[problem]), None, None)
+
+    def _serve(self, admitted: Admitted) -> str:
+        """Every stage after admit, in order, for each attempt until one answers; then the answer is recorded.
+
+        Under STRICT=1 a failing stage raises; in serving its error is listed and the next attempt runs
+        (the prior answers when none is left).
+        """
+        self.stats.calls += 1
+        if admitted.rows is None:
+            return self._record(admitted, None, None)
+        subject = admitted.subject
+        for attempt in self._attempts(admitted):
+            try:
+                rows, corrected = self.wear.correct(subject, attempt.rows)  # 2. correct wear: the verdict so far
+                table = self._featurize(rows, attempt.demographics)  # 3. featurize, once
+                if self.wear.observe(subject, table, corrected=corrected) and not corrected:
+                    # this sequence's evidence tipped its subject over the threshold (once per subject): it is
+                    # answered from its corrected rows, featurized for that
+                    table = build_frame_table(wear.rotate_rows(attempt.rows), attempt.demographics, self.cfg.features)
+                proba = self.predict_proba_table(table)  # 4. call members, 5. blend
+                gesture = self._decide(subject, table, proba[0])  # 6. decide: the subject's slot assignment
+            except Exception as e:  # noqa: BLE001  (strict: re-raised; serving: listed, the next attempt runs)
+                if self.cfg.run.strict:
+                    raise
+                admitted.problems.append(f"{attempt.label}: {type(e).__name__}: {e}")
+                continue
+            return self._record(admitted, attempt.source, gesture)  # 7. record
+        return self._record(admitted, None, None)
+
+    def _admit_strict(self, sequence: Any, demographics: Any) -> Admitted:
+        """Stage 1 under STRICT=1: the frames checked, never repaired; each problem a ``PredictorError``."""
+        try:
+            sequence = serving_guard.to_polars(sequence, "sequence")
+            demographics = serving_guard.to_polars(demographics, "demographics")
+        except TypeError as e:
+            raise PredictorError(str(e)) from None
+        if sequence is None or sequence.height == 0:
+            raise PredictorError("predict() got a sequence with zero rows")
+        if sequence.height > self.cfg.ensemble.serve_max_rows:
+            raise PredictorError(
+                f"predict() got a sequence of {sequence.height} rows, more than ENSEMBLE_SERVE_MAX_ROWS="
+                f"{self.cfg.ensemble.serve_max_rows} (serving would cut it to its tail)"
+            )
+        if "sequence_id" in sequence.columns and sequence["sequence_id"].null_count():
+            raise PredictorError(f"{sequence['sequence_id'].null_count()} row(s) have no sequence_id")
+        if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
+            raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
+        if "sequence_id" not in sequence.columns:
+            sequence = sequence.with_columns(pl.lit(serving_guard.UNKNOWN_SEQUENCE_ID).alias("sequence_id"))
+        subject = serving_guard.subject_of(sequence, demographics)
+        return Admitted(str(sequence["sequence_id"][0]), sequence, demographics, subject)
+
+    def _admit(self, sequence: Any, demographics: Any) -> Admitted:
+        """Stage 1 in serving (never raises): the frames repaired (``serving_guard``), each repair listed.
+
+        A sequence longer than ``ENSEMBLE_SERVE_MAX_ROWS`` is cut to its tail first (counted in
+        ``summary()["bounds"]``), so every later step has a bounded cost.
+        """
+        problems: list[str] = []
+        try:
+            seq = serving_guard.to_polars(sequence, "sequence")
+        except TypeError as e:
+            return Admitted(serving_guard.UNKNOWN_SEQUENCE_ID, None, problems=[str(e)])
+        try:
+            demo = serving_guard.to_polars(demographics, "demographics")
+        except TypeError as e:
+            demo, problems = None, [f"{e}: predicted without demographics"]
+        if seq is None or seq.height == 0:
+            return Admitted(serving_guard.UNKNOWN_SEQUENCE_ID, None, problems=problems + ["zero rows"])
+        seq, cut = serving_guard.cut_to_tail(seq, self.cfg.ensemble.serve_max_rows)  # bounded cost from here on
+        if cut:
+            self.stats.sequences_cut += 1
+            problems += cut
+        seq, repairs = serving_guard.repair_sequence(seq)
+        problems += repairs
+        sid = str(seq["sequence_id"][0])
+        subject = serving_guard.subject_of(seq, demo)  # the same rule as under STRICT=1
+        demo, demo_problems = serving_guard.repair_demographics(demo, subject or None)
+        problems += demo_problems
+        usable = serving_guard.usable_imu_rows(seq)
+        if not usable.any():
+            problems.append(f"no usable accelerometer row in {seq.height}")
+            return Admitted(sid, None, demo, subject, problems)
+        return Admitted(sid, seq, demo, subject, problems, usable)
+
+    def _attempts(self, admitted: Admitted) -> Iterator[Attempt]:
+        """What the members are asked, in order: the admitted rows; in serving, should that fail, the
+        IMU-only view of the rows with a usable accelerometer, with and then without demographics."""
+        rows, demo = admitted.rows, admitted.demographics
+        if rows is None:  # nothing to ask (``_serve`` answers such a sequence from the prior)
+            return
+        yield Attempt("members", "members", rows, demo)
+        if self.cfg.run.strict or admitted.usable_imu is None:
+            return
+        imu_rows = drop_tof_thm(rows.filter(pl.Series(admitted.usable_imu)))
+        if demo is not None:
+            yield Attempt("imu_only", "imu_only", imu_rows, demo)
+        yield Attempt("imu_only", "imu_only without demographics", imu_rows, None)
+
+    def _featurize(self, rows: pl.DataFrame, demographics: pl.DataFrame | None) -> FrameTable:
+        """Stage 3: the frame table of one sequence's rows (counts the calls whose demographics are unknown)."""
+        table = build_frame_table(rows, demographics, self.cfg.features)
+        if np.isnan(table.demographics).all():
+            self.stats.unknown_demographics += 1
+            if self.stats.unknown_demographics == 1:
+                log.warning(
+                    "sequence %s: no usable demographics row; predicting without demographics "
+                    "(further cases are only counted)",
+                    table.sequence_ids[0],
+                )
+        return table
+
+    def predict_proba_table(self, table: FrameTable) -> np.ndarray:
+        """Stages 4 and 5: blended (n, 18) probabilities; IMU-only sequences use the IMU-only view's weights."""
+        return self._blend(table, self._call_members(table))
+
+    def _call_members(self, table: FrameTable) -> dict[str, np.ndarray]:
+        """Stage 4: member -> (n, 18) probabilities, for the members with weight in the views of ``table``'s rows
+        (a member with weight 0 there cannot change the answer: not called).
+
+        A member that raises or returns probabilities of another shape or non-finite ones is left out of this
+        call (counted in ``summary()["member_failures"]``, logged); STRICT=1 re-raises.
+        """
+        n = table.n_sequences
+        row_weights = self.blend.row_weights(table.has_tof_thm)
+        called = [m for j, m in enumerate(self.blend.members) if row_weights[:, j].any()]
+        answers: dict[str, np.ndarray] = {}
+        for name, p in self._run_members(table, called).items():
+            try:
+                if isinstance(p, BaseException):
+                    raise p
+                if p.shape != (n, N_CLASSES) or not np.isfinite(p).all():
+                    raise PredictorError(f"returned probabilities of shape {p.shape} / non-finite values")
+            except Exception as e:  # one member's failure must not cost the answer: excluded, counted, logged
+                if self.cfg.run.strict:
+                    raise
+                self.stats.member_failures[name] += 1
+                log.error(
+                    "member %s failed on sequence(s) %s: %s: %s (excluded for this call)",
+                    name,
+                    list(table.sequence_ids[:3]),
+                    type(e).__name__,
+                    e,
+                )
+                continue
+            answers[name] = p
+        return answers
+
+    def _run_members(self, table: FrameTable, names: list[str]) -> dict[str, np.ndarray | BaseException]:
         """Each named member's probabilities for ``table``, or the exception it raised (in the members' order)."""
 
         def call(name: str) -> np.ndarray:
@@ -778,201 +966,35 @@ class Predictor:
             out[name] = error if error is not None else future.result()
         return out
 
-    @staticmethod
-    def _warm_up(member: Member) -> None:
-        """One full-sensor and one IMU-only call before serving: graph building and compilation
-        (Keras XLA, lazy allocations) happen at start-up, not inside the first timed predict()."""
-        n_ch = len(FRAME_FEATURES)
-        for has_tof in (True, False):
-            table = FrameTable(
-                sequence_ids=np.array(["WARMUP"]),
-                offsets=np.array([0, 40]),
-                values=np.zeros((40, n_ch), np.float32),
-                has_tof_thm=np.array([has_tof]),
-                rot_missing=np.array([False]),
-                subjects=np.array([""]),
-                demographics=np.full((1, len(DEMOGRAPHIC_FEATURES)), np.nan, np.float32),
-            )
-            member.predict_proba(table)  # a member that cannot predict fails here, at start-up
-
-    def predict_proba_table(self, table: FrameTable) -> np.ndarray:
-        """Blended (n, 18) probabilities; IMU-only sequences use the IMU-only view's weights."""
-        n = table.n_sequences
-        acc = np.zeros((n, N_CLASSES))
-        wsum = np.zeros(n)
-        view_w = np.array(
-            [[self.weights["full" if h else "imu_only"].get(m, 0.0) for m in self.members] for h in table.has_tof_thm]
-        ).reshape(n, len(self.members))
-        names = list(self.members)
-        # a member with weight 0 in the views asked for cannot change the answer: not called
-        called = [m for j, m in enumerate(names) if view_w[:, j].any()]
-        answers = self._call_members(table, called)
-        for j, name in enumerate(names):
-            if name not in answers:
-                continue
-            try:
-                p = answers[name]
-                if isinstance(p, BaseException):
-                    raise p
-                if p.shape != (n, N_CLASSES) or not np.isfinite(p).all():
-                    raise PredictorError(f"returned probabilities of shape {p.shape} / non-finite values")
-            except Exception as e:  # one member's failure must not cost the answer: excluded, counted, logged
-                if self.cfg.run.strict:
-                    raise
-                self.stats.member_failures[name] += 1
-                log.error(
-                    "member %s failed on sequence(s) %s: %s: %s (excluded for this call)",
-                    name,
-                    list(table.sequence_ids[:3]),
-                    type(e).__name__,
-                    e,
-                )
-                continue
-            acc += view_w[:, j : j + 1] * p
-            wsum += view_w[:, j]
-        if (wsum <= 0).any():
-            raise PredictorError(f"every member failed on sequence(s) {list(table.sequence_ids[wsum <= 0][:3])}")
-        proba = acc / wsum[:, None]
-        for view, bias in self.class_bias.items():
-            rows = table.has_tof_thm if view == "full" else ~table.has_tof_thm
-            if rows.any():
-                proba[rows] = apply_class_bias(proba[rows], bias)
-        return proba
-
-    def predict(self, sequence: pl.DataFrame, demographics: pl.DataFrame) -> str:
-        """The gateway's entry point: one sequence's rows and its subject's demographics row -> a gesture.
-
-        Serving (``cfg.run.strict`` off) never raises: hostile input is repaired, and an input no
-        member can use is answered by the fallback chain of ``serving_guard`` (logged, counted in
-        ``summary()``). With STRICT=1 every such problem raises an error naming it.
-
-        One call at a time (a lock around the whole call): concurrent callers wait, so no call sees
-        another's rows or a half-updated subject. A sequence longer than ``ENSEMBLE_SERVE_MAX_ROWS`` is
-        cut to its tail first (listed as degraded); with STRICT=1 it raises.
-        """
-        with self._lock:
-            if self.cfg.run.strict:
-                return self._predict_strict(sequence, demographics)
-            try:
-                return self._predict_serving(sequence, demographics)
-            except Exception as e:  # the last line of defence: a bug here must not cost the submission
-                log.exception("predict: unexpected %s; answering from the class prior", type(e).__name__)
-                problem = f"unexpected {type(e).__name__}: {e}"
-                return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, [problem])
-
-    def _predict_strict(self, sequence: Any, demographics: Any) -> str:
+    def _blend(self, table: FrameTable, answers: dict[str, np.ndarray]) -> np.ndarray:
+        """Stage 5: the members' answers blended with the shipped weights and class bias (``ServedBlend``)."""
         try:
-            sequence = serving_guard.to_polars(sequence, "sequence")
-            demographics = serving_guard.to_polars(demographics, "demographics")
-        except TypeError as e:
-            raise PredictorError(str(e)) from None
-        if sequence is None or sequence.height == 0:
-            raise PredictorError("predict() got a sequence with zero rows")
-        if sequence.height > self.cfg.ensemble.serve_max_rows:
-            raise PredictorError(
-                f"predict() got a sequence of {sequence.height} rows, more than ENSEMBLE_SERVE_MAX_ROWS="
-                f"{self.cfg.ensemble.serve_max_rows} (serving would cut it to its tail)"
-            )
-        if "sequence_id" in sequence.columns and sequence["sequence_id"].null_count():
-            raise PredictorError(f"{sequence['sequence_id'].null_count()} row(s) have no sequence_id")
-        if "sequence_id" in sequence.columns and sequence["sequence_id"].n_unique() > 1:
-            raise PredictorError(f"predict() got {sequence['sequence_id'].n_unique()} sequences; it answers one")
-        if "sequence_id" not in sequence.columns:
-            sequence = sequence.with_columns(pl.lit(serving_guard.UNKNOWN_SEQUENCE_ID).alias("sequence_id"))
-        self.stats.calls += 1
-        subject = subject_pp.subject_of(sequence, demographics)
-        proba, table = self._blend(sequence, demographics, subject)
-        answer = GESTURES[self.subject_pp.answer(subject, table, proba[0])]
-        self.stats.answers["members"] += 1
-        return answer
+            return self.blend.combine(table.has_tof_thm, answers)
+        except Uncovered as e:
+            raise PredictorError(f"every member failed on sequence(s) {list(table.sequence_ids[e.rows][:3])}") from None
 
-    def _blend(
-        self, rows: pl.DataFrame, demographics: pl.DataFrame | None, subject: str | None
-    ) -> tuple[np.ndarray, FrameTable]:
-        """Blended probabilities of one sequence's rows and the table they came from.
+    def _decide(self, subject: str, table: FrameTable, proba: np.ndarray) -> str:
+        """Stage 6: the gesture of the slot the subject's assignment gives this sequence (adds it to the
+        subject's state); the argmax without a subject or a protocol."""
+        return GESTURES[self.subject_pp.answer(subject, table, proba)]
 
-        A subject already known to wear the device upside down has its rows rotated back before the
-        one feature build; this sequence's evidence then updates the subject's wear state.
+    def _record(self, admitted: Admitted, source: str | None, gesture: str | None) -> str:
+        """Stage 7: count which step answered; list and log the sequence when its answer is degraded.
+
+        ``gesture`` None: no attempt answered, the class prior read at start-up does (uniform when none was
+        stored). Returns the gesture.
         """
-        raw = rows
-        rows = self.wear.rows_for_features(subject, raw)
-        table = build_frame_table(rows, demographics, self.cfg.features)
-        if np.isnan(table.demographics).all():
-            self.stats.unknown_demographics += 1
-            if self.stats.unknown_demographics == 1:
-                log.warning(
-                    "sequence %s: no usable demographics row; predicting without demographics "
-                    "(further cases are only counted)",
-                    table.sequence_ids[0],
-                )
-        table = self.wear.corrected_table(subject, raw, demographics, table, self.cfg)
-        return self.predict_proba_table(table), table
-
-    def _predict_serving(self, sequence: Any, demographics: Any) -> str:
-        problems: list[str] = []
-        try:
-            seq = serving_guard.to_polars(sequence, "sequence")
-        except TypeError as e:
-            self.stats.calls += 1
-            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, [str(e)])
-        try:
-            demo = serving_guard.to_polars(demographics, "demographics")
-        except TypeError as e:
-            demo, problems = None, [f"{e}: predicted without demographics"]
-        self.stats.calls += 1
-        if seq is None or seq.height == 0:
-            return self._record(serving_guard.UNKNOWN_SEQUENCE_ID, None, None, problems + ["zero rows"])
-        seq, cut = serving_guard.cut_to_tail(seq, self.cfg.ensemble.serve_max_rows)  # bounded cost from here on
-        if cut:
-            self.stats.sequences_cut += 1
-            problems += cut
-        seq, repairs = serving_guard.repair_sequence(seq)
-        problems += repairs
-        sid = str(seq["sequence_id"][0])
-        subject = seq["subject"].drop_nulls().cast(pl.String).first() if "subject" in seq.columns else None
-        demo, demo_problems = serving_guard.repair_demographics(demo, subject)
-        problems += demo_problems
-        usable = serving_guard.usable_imu_rows(seq)
-        if not usable.any():
-            return self._record(sid, None, None, problems + [f"no usable accelerometer row in {seq.height}"])
-        try:  # 1. the members on the repaired rows
-            return self._record(sid, *self._blend(seq, demo, subject), problems, "members", subject)
-        except Exception as e:  # noqa: BLE001  (a FeatureError, every member failed, ...: recorded, next step)
-            problems.append(f"members: {type(e).__name__}: {e}")
-        imu_rows = drop_tof_thm(seq.filter(pl.Series(usable)))
-        # 2. the IMU-only view on the usable rows (then also without demographics)
-        for d in [demo, None] if demo is not None else [None]:
-            try:
-                return self._record(sid, *self._blend(imu_rows, d, subject), problems, "imu_only", subject)
-            except Exception as e:  # noqa: BLE001  (recorded in the problems, logged by _record)
-                problems.append(f"imu_only{'' if d is not None else ' without demographics'}: {type(e).__name__}: {e}")
-        return self._record(sid, None, None, problems)
-
-    def _record(
-        self,
-        sid: str,
-        proba: np.ndarray | None,
-        table: FrameTable | None,
-        problems: list[str],
-        source: str | None = None,
-        subject: str | None = None,
-    ) -> str:
-        """Count which step answered; list and log the sequence when its answer is degraded. Returns the gesture.
-
-        An answer from the members (steps 1, 2) goes through the subject's slot assignment; a prior does not.
-        """
-        if proba is None:  # 3./4. the class prior read at start-up (uniform when none was stored)
+        if gesture is None or source is None:
             source = "uniform_prior" if self.prior.is_uniform else "class_prior"
-            answer = self.prior.answer
-        else:
-            answer = GESTURES[self.subject_pp.answer(subject, table, proba[0])]
+            gesture = self.prior.answer
         self.stats.answers[source] += 1
+        sid, problems = admitted.sequence_id, admitted.problems
         if problems or source != "members":
             self.stats.n_degraded += 1
             if sid in self.stats.degraded or len(self.stats.degraded) < MAX_LISTED_DEGRADED:
-                self.stats.degraded[sid] = {"answer": source, "gesture": answer, "problems": problems[:8]}
-            log.warning("sequence %s: degraded answer %r from %s: %s", sid, answer, source, "; ".join(problems)[:600])
-        return answer
+                self.stats.degraded[sid] = {"answer": source, "gesture": gesture, "problems": problems[:8]}
+            log.warning("sequence %s: degraded answer %r from %s: %s", sid, gesture, source, "; ".join(problems)[:600])
+        return gesture
 
     def degraded_sequences(self) -> dict[str, dict[str, Any]]:
         """sequence_id -> how its answer was degraded (the step that answered, the problems found)."""

@@ -5,6 +5,7 @@ Used by ``ensemble.Predictor.predict`` only when ``cfg.run.strict`` is off (serv
 ``STRICT=1`` never come here: there the same inputs raise ``features.FeatureError`` /
 ``ensemble.PredictorError`` naming the problem. Every repair is returned as a short problem string so
 the Predictor can log it and list the sequence as degraded (``Predictor.summary()`` -> serve.json).
+``subject_of`` is the exception: both modes find the sequence's subject with it (one rule).
 First of all, ``cut_to_tail`` bounds a call's cost: a frame longer than ``ENSEMBLE_SERVE_MAX_ROWS`` keeps
 its last rows (``STRICT=1``: an error instead).
 
@@ -27,11 +28,12 @@ from typing import Any, TypeVar
 import numpy as np
 import polars as pl
 
+from blend import Blend, PriorError, check_class_prior, stored_class_prior
 from features import (  # the same missing-value spellings as training's parser
     _NULL_TOKENS,
     MAX_ABS_READING,
 )
-from io_utils import read_json, read_npy
+from io_utils import read_npy
 from metric import GESTURES, N_CLASSES
 from schema import ACC_COLS, SENSOR_COLS
 
@@ -39,10 +41,6 @@ log = logging.getLogger(__name__)
 
 UNKNOWN_SEQUENCE_ID = "SEQ_UNKNOWN"
 _FILLED = "__sequence_id_filled"  # a helper column, dropped before the rows leave repair_sequence
-
-
-class PriorError(ValueError):
-    """A stored class prior that cannot be used; names the file."""
 
 
 # --------------------------------------------------------------------------- frames
@@ -184,6 +182,20 @@ def usable_imu_rows(df: pl.DataFrame) -> np.ndarray:
     return df.select(ok.alias("ok"))["ok"].to_numpy()
 
 
+def subject_of(rows: pl.DataFrame, demographics: pl.DataFrame | None) -> str:
+    """The sequence's subject, one rule for serving and STRICT=1: the first non-empty ``subject`` of its rows,
+    else the ``subject`` of a demographics frame of one row; "" when neither says (no per-subject steps)."""
+    if "subject" in rows.columns:
+        named = rows["subject"].drop_nulls().cast(pl.String)
+        named = named.filter(named != "")
+        if named.len():
+            return str(named[0])
+    if demographics is not None and "subject" in demographics.columns and demographics.height == 1:
+        v = demographics["subject"][0]
+        return "" if v is None else str(v)
+    return ""
+
+
 def repair_demographics(demo: pl.DataFrame | None, subject: str | None) -> tuple[pl.DataFrame | None, list[str]]:
     """Demographics the feature code can join: a frame without ``subject`` is used only if it has one row."""
     if demo is None or demo.height == 0 or "subject" in demo.columns:
@@ -220,22 +232,11 @@ def class_prior_from_labels(y: np.ndarray) -> list[float]:
     return (counts / max(counts.sum(), 1.0)).tolist()
 
 
-def _checked(values: Any, where: Path) -> np.ndarray:
-    p = np.asarray(values, dtype=np.float64).reshape(-1)
-    if p.shape != (N_CLASSES,) or not np.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
-        raise PriorError(f"{where}: class_prior must be {N_CLASSES} non-negative finite numbers, got {values!r:.200}")
-    return p / p.sum()
-
-
-def _prior_from_weights(weights_path: Path | None) -> ClassPrior | None:
-    if weights_path is None or not weights_path.exists():
-        return None
-    stored = read_json(weights_path)
-    if not isinstance(stored, dict):
-        raise PriorError(f"{weights_path}: not a JSON object")
-    if stored.get("class_prior") is None:
-        return None
-    return ClassPrior(_checked(stored["class_prior"], weights_path), str(weights_path))
+def _prior_from_weights(weights: Blend | Path | None) -> ClassPrior | None:
+    if isinstance(weights, Blend):  # the blend the Predictor loaded through the seal (its prior checked there)
+        return None if weights.class_prior is None else ClassPrior(weights.class_prior, weights.source)
+    values = stored_class_prior(weights) if weights is not None else None
+    return None if values is None else ClassPrior(check_class_prior(values, weights), str(weights))
 
 
 def _prior_from_labels(y_path: Path) -> ClassPrior | None:
@@ -244,21 +245,27 @@ def _prior_from_labels(y_path: Path) -> ClassPrior | None:
     y = read_npy(y_path)
     if y.ndim != 1 or y.size == 0 or y.min() < 0 or y.max() >= N_CLASSES:
         raise PriorError(f"{y_path}: not a vector of class indices 0..{N_CLASSES - 1}")
-    return ClassPrior(_checked(class_prior_from_labels(y), y_path), str(y_path))
+    return ClassPrior(check_class_prior(class_prior_from_labels(y), y_path), str(y_path))
 
 
-def load_class_prior(weights_path: Path | None, oof_dir: Path, problems: list[str] | None = None) -> ClassPrior:
-    """The training class prior: ``class_prior`` in weights.json, else the OOF labels, else uniform (logged).
+def load_class_prior(weights: Blend | Path | None, oof_dir: Path, problems: list[str] | None = None) -> ClassPrior:
+    """The training class prior: ``class_prior`` of the blend, else the OOF labels, else uniform (logged).
 
-    ``weights_path`` None: weights.json is not to be read (the Predictor left it out as damaged).
+    ``weights``: the ``Blend`` the Predictor loaded (through the seal), a weights.json path (tools, tests:
+    read by ``blend.stored_class_prior``), or None (not fitted, or left out as damaged).
 
     A damaged source raises (``PriorError`` or the reader's error, naming the file). With ``problems``
     (serving) it is logged, appended there instead, and the next source is tried.
     """
     y_path = oof_dir / "y_true.npy"
-    for read, path in ((_prior_from_weights, weights_path), (_prior_from_labels, y_path)):
+    where = weights.source if isinstance(weights, Blend) else weights
+    sources: tuple[tuple[Callable[[], ClassPrior | None], Any], ...] = (
+        (lambda: _prior_from_weights(weights), where),
+        (lambda: _prior_from_labels(y_path), y_path),
+    )
+    for read, path in sources:
         try:
-            prior = read(path)
+            prior = read()
         except Exception as e:  # noqa: BLE001  (strict: re-raised; serving: the next source answers)
             if problems is None:
                 raise
@@ -268,7 +275,7 @@ def load_class_prior(weights_path: Path | None, oof_dir: Path, problems: list[st
         if prior is not None:
             return prior
     log.warning(
-        "no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", weights_path, y_path, GESTURES[0]
+        "no class prior in %s nor %s: the last-resort answer is a uniform prior (%r)", where, y_path, GESTURES[0]
     )
     return ClassPrior(np.full(N_CLASSES, 1.0 / N_CLASSES), "uniform")
 

@@ -15,9 +15,9 @@ Three parts, all learned from training labels and stored as data in the ensemble
   probabilities still shape every later assignment: re-solving with all rows is what lets a
   confident later sequence push an earlier, uncertain one out of a slot it would double-book.
 
-``simulate_oof`` replays the OOF probabilities of each fold's validation subjects in random
-orders through the same assigner and scores them: the measurement without the hidden test.
-Imports only config, metric, features, cv and io_utils.
+``simulate_online`` replays the OOF probabilities of each fold's validation subjects in random
+orders through the same assigner and scores them: the measurement without the hidden test. The
+probabilities are the shipped blend's (``blend.shipped_oof``: the cross-fitted blend OOF).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from scipy.optimize import linear_sum_assignment
 
 import ensemble_seal
 import serving_guard
+from blend import WEIGHTS_FILE, Blend, BlendError, honest_oof_exists, shipped_oof
 from config import Config, EnsembleConfig
-from cv import read_member_oof
 from features import FrameTable, sequence_aggregates
-from io_utils import atomic_path, read_json, write_json
+from io_utils import atomic_path, write_json
 from metric import GESTURES, score_indices
 
 log = logging.getLogger(__name__)
@@ -483,18 +483,6 @@ class SubjectPostProcessor:
         }
 
 
-def subject_of(sequence: pl.DataFrame, demographics: pl.DataFrame | None) -> str:
-    """The sequence's subject: its first row's ``subject``, else the one demographics row's; "" when unknown."""
-    if "subject" in sequence.columns and sequence.height:
-        v = sequence["subject"][0]
-        if v is not None and str(v):
-            return str(v)
-    if demographics is not None and "subject" in demographics.columns and demographics.height == 1:
-        v = demographics["subject"][0]
-        return "" if v is None else str(v)
-    return ""
-
-
 # --------------------------------------------------------------------------- OOF simulation
 
 
@@ -560,47 +548,19 @@ def simulate_online(
     return out
 
 
-def _blended_oof(
-    oof_dir: Path, weights: dict[str, Any], honest_dir: Path | None = None
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(y, {view: blended OOF probabilities}) of the shipped blend.
-
-    The cross-fitted blend OOF (``ensemble/oof``, written by ``ensemble.fit_ensemble``) when it exists, so
-    the post-processing is judged on probabilities whose weights never saw the scored fold; else the
-    weights fitted on all OOF rows (optimistic, logged).
-    """
-    if honest_dir is not None and (honest_dir / "blend_summary.json").exists():
-        b = read_member_oof(honest_dir, "blend")
-        return b.y_true, {"full": b.proba_full.astype(np.float64), "imu_only": b.proba_imu.astype(np.float64)}
-    log.info("no cross-fitted blend OOF in %s: the replay uses in-sample blend weights (optimistic)", honest_dir)
-    members = list(weights["members"])
-    oofs = [read_member_oof(oof_dir, m) for m in members]
-    out = {}
-    for view in ("full", "imu_only"):
-        v = weights["views"][view]
-        w = np.array([float(v["weights"].get(m, 0.0)) for m in members])
-        w = np.ones(len(members)) if w.sum() <= 0 else w
-        probas = [o.proba_full if view == "full" else o.proba_imu for o in oofs]
-        p = sum(wi * pi for wi, pi in zip(w / w.sum(), probas)).astype(np.float64)
-        bias = (v.get("calibration") or {}).get("class_bias")
-        if bias is not None:
-            p = p * np.exp(np.asarray(bias, np.float64))
-            p = p / p.sum(axis=1, keepdims=True)
-        out[view] = p
-    return oofs[0].y_true, out
-
-
 def _replay_problem(out_dir: Path, ens_dir: Path) -> str:
-    """Why the OOF replay cannot run ("" when it can): it needs the blend weights and every blended member's OOF."""
-    weights_path = ens_dir / "weights.json"
+    """Why the OOF replay cannot run ("" when it can): it needs the blend and its OOF (the honest one in
+    ``ensemble/oof``, else every blended member's OOF to apply the shipped weights to)."""
+    weights_path = ens_dir / WEIGHTS_FILE
     if not weights_path.exists():
         return f"no {weights_path} (no member was blended)"
-    if (ens_dir / "oof" / "blend_summary.json").exists():
+    if honest_oof_exists(ens_dir):
         return ""
     try:
-        blended = list(read_json(weights_path)["members"])
-    except (KeyError, TypeError, ValueError) as e:
-        return f"{weights_path} lists no members ({type(e).__name__}: {e})"
+        fitted = Blend.read(ens_dir)
+    except BlendError as e:
+        return f"{weights_path} cannot be read ({e})"
+    blended = list(fitted.members) if fitted is not None else []
     missing = [m for m in blended if not (out_dir / "oof" / f"{m}_summary.json").exists()]
     if not blended or missing:
         return f"no OOF in {out_dir / 'oof'} for blended member(s) {missing or blended}"
@@ -681,13 +641,13 @@ def fit_and_evaluate(
         with atomic_path(ens_dir / ORIENTATION_MODEL_FILE) as tmp:
             booster.save_model(str(tmp))
     write_json(ens_dir / PROTOCOL_FILE, pdict)
-    weights_path = ens_dir / "weights.json"
     problem = _replay_problem(out_dir, ens_dir) if protocol.active else ""
     if problem:
         skip("OOF replay", problem)
         summary["simulation"] = None
     elif protocol.active:
-        y_oof, blended = _blended_oof(out_dir / "oof", read_json(weights_path), ens_dir / "oof")
+        # the shipped blend's OOF: cross-fitted (ensemble/oof) when training wrote it, else in-sample (logged)
+        y_oof, blended, _ = shipped_oof(ens_dir, out_dir / "oof")
         if not np.array_equal(y_oof, y):
             raise ProtocolError(f"{out_dir / 'oof'} holds other sequences than the training table")
         n_orders, seed = cfg.ensemble.subject_pp_orders, cfg.run.seed

@@ -30,7 +30,7 @@ from scipy.spatial.transform import Rotation
 import ensemble_seal
 import serving_guard
 from config import Config, EnsembleConfig
-from features import FrameTable, build_frame_table, clean_sensors, feature_index
+from features import FrameTable, clean_sensors, feature_index
 from io_utils import read_json, write_json
 from schema import ACC_COLS, N_TOF_SENSORS, ROT_COLS, THM_COLS, TOF_COLS, TOF_PIXELS
 
@@ -552,26 +552,21 @@ class WearDetector:
             )
         return ev.rotated
 
-    def rows_for_features(self, subject: str, sequence: pl.DataFrame) -> pl.DataFrame:
-        """The rows to build features from: rotated back when the subject is already taken as rotated."""
+    def is_rotated(self, subject: str) -> bool:
+        """Whether ``subject`` is taken as a rotated wearer so far (reads the state, changes nothing)."""
         ev = self.state.get(subject) if self.enabled and subject else None
-        if ev is not None and ev.rotated:
-            return rotate_rows(sequence)
-        return sequence
+        return ev is not None and ev.rotated
 
-    def corrected_table(
-        self, subject: str, sequence: pl.DataFrame, demographics: pl.DataFrame | None, table: FrameTable, cfg: Config
-    ) -> FrameTable:
-        """The sequence's frame table from corrected rows when its subject is a rotated wearer.
+    def correct(self, subject: str, sequence: pl.DataFrame) -> tuple[pl.DataFrame, bool]:
+        """The serving stage "correct wear": the rows to featurize, and whether they were rotated back.
 
-        ``table`` was built from ``rows_for_features(subject, sequence)``: corrected already when the
-        subject was known to be rotated before this call; rebuilt here only on the call that decides it.
+        Rotated back (``rotate_rows``) when the subject is already taken as a rotated wearer; reads the
+        state only. This sequence's own evidence is added afterwards, from its features (``observe``,
+        with the returned flag as ``corrected``).
         """
-        ev = self.state.get(subject) if self.enabled and subject else None
-        before = ev is not None and ev.rotated
-        if not self.observe(subject, table, corrected=before) or before:
-            return table
-        return build_frame_table(rotate_rows(sequence), demographics, cfg.features)
+        if self.is_rotated(subject):
+            return rotate_rows(sequence), True
+        return sequence, False
 
     def rotated_subjects(self) -> list[str]:
         return sorted(s for s, ev in self.state.items() if ev.rotated)
