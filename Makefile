@@ -26,7 +26,7 @@ venv-ray: $(VENV)/.installed-ray
 # The epoch counts below keep it to minutes on a 2-core CPU; drop them for full training
 # (BranchNet: 8 of its cpu preset's 10 epochs keep its share of `make run` near 3 minutes).
 run: venv
-	TORCH_EPOCHS=$${TORCH_EPOCHS:-10} KERAS_MAX_EPOCHS=$${KERAS_MAX_EPOCHS:-10} BRANCHNET_EPOCHS=$${BRANCHNET_EPOCHS:-8} \
+	TORCH_EPOCHS=$${TORCH_EPOCHS:-10} KERAS_EPOCHS=$${KERAS_EPOCHS:-10} BRANCHNET_EPOCHS=$${BRANCHNET_EPOCHS:-8} \
 	$(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
 
 # Lint and format checks first (seconds), then the whole suite; `$(BIN)/python -m pytest -m "not slow"` is the quick loop.

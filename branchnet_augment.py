@@ -51,7 +51,7 @@ class Batch(Protocol):
 
 
 class AugmentSettings(Protocol):
-    """The settings ``augment_batch`` reads (``branchnet_pipeline.Settings``)."""
+    """The settings ``augment_batch`` reads (a resolved ``config.BranchNetConfig``)."""
 
     tof_cnn: bool
     aux_phase: float

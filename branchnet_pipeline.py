@@ -35,7 +35,7 @@ import features
 import io_utils
 import metric
 from branchnet_augment import IMU_IDX, THM_IDX, TOF_IDX, augment_batch
-from config import Config, ConfigError
+from config import SWITCH_FIELDS, BranchNetConfig, Config
 from member_base import FoldResult, FoldSplit, TrainingData, fit_fold_scaler
 from torch_common import (
     TorchContext,
@@ -60,31 +60,8 @@ CHECKPOINT_FORMAT = 1
 
 log = logging.getLogger(__name__)
 
-# The values of the fields left at 0. Explicit settings (any non-zero value) win over the preset.
-PRESETS: dict[str, dict[str, Any]] = {
-    # 12 generated subjects on a 2-core CPU: about 0.6x the torch member's training time at 10 epochs
-    # (one epoch here costs ~0.6 of a torch epoch; docs/BRANCHNET_NOTES.md).
-    "cpu": {
-        "epochs": 10,
-        "seeds": 1,
-        "width": 64,
-        "rnn_hidden": 64,
-        "tof_channels": 8,
-        "batch_size": 64,
-        "ema_decay": 0.98,
-    },
-    # Real data on a GPU (Kaggle T4 / P100): the top teams' regime (60-220 epochs, several seeds).
-    "gpu": {
-        "epochs": 80,
-        "seeds": 3,
-        "width": 128,
-        "rnn_hidden": 128,
-        "tof_channels": 16,
-        "batch_size": 64,
-        "ema_decay": 0.999,
-    },
-}
-PRESET_FIELDS: tuple[str, ...] = tuple(PRESETS["cpu"])
+# The values of the fields left at 0 (explicit settings win), per preset: config.py's, next to the fields.
+PRESETS: dict[str, dict[str, Any]] = BranchNetConfig.PRESETS
 
 # The gravity direction of the frame table (features.FRAME_FEATURES order): the derived orientation target.
 # The branches' channel groups (IMU_IDX, THM_IDX, TOF_IDX) are branchnet_augment's.
@@ -94,63 +71,24 @@ GRAVITY_IDX = [int(i) for i in features.feature_index(["gravity_x", "gravity_y",
 # ----------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The effective settings of one run: the config section with the preset's values filled in."""
-
-    preset: str
-    epochs: int
-    seeds: int
-    width: int
-    rnn_hidden: int
-    tof_channels: int
-    batch_size: int
-    ema_decay: float
-    lr: float
-    weight_decay: float
-    warmup_epochs: int
-    dropout: float
-    label_smoothing: float
-    norm: str
-    branches: bool
-    tof_cnn: bool
-    mixup_alpha: float
-    mixup_prob: float
-    stretch: float
-    stretch_prob: float
-    shift: float
-    rotate_deg: float
-    sensor_dropout: float
-    aux_nine: float
-    aux_binary: float
-    aux_orientation: float
-    aux_phase: float
-    ema: bool
-    amp: bool
-    log_every: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+# Not settings of what is trained: the switches (config.SWITCH_FIELDS) and the debug epochs (``epochs`` holds
+# the epochs this run trains).
+_NOT_RECORDED = frozenset({*SWITCH_FIELDS, "debug_epochs"})
 
 
-def resolve_settings(cfg: Config) -> Settings:
-    """The section's values, with every preset field left at 0 taken from ``BRANCHNET_PRESET`` (debug: epochs)."""
-    b = cfg.branchnet
-    if b.preset not in PRESETS:
-        raise ConfigError(f"BRANCHNET_PRESET={b.preset!r} is not a preset; presets: {', '.join(PRESETS)}")
-    if b.norm not in bm.NORMS:
-        raise ConfigError(f"BRANCHNET_NORM={b.norm!r} is not one of {', '.join(bm.NORMS)}")
-    preset = PRESETS[b.preset]
-    values = {f.name: getattr(b, f.name) for f in dataclasses.fields(Settings) if hasattr(b, f.name)}
-    for name in PRESET_FIELDS:
-        if not values[name]:
-            values[name] = preset[name]
-    if cfg.run.debug:
-        values["epochs"] = b.debug_epochs
-    return Settings(**values)
+def resolve_settings(cfg: Config) -> BranchNetConfig:
+    """The settings this run trains with: the section resolved in config (``BranchNetConfig.resolved``: the
+    preset's values in the fields left at 0, ``preset=auto`` made cpu/gpu), ``debug_epochs`` under CMI_DEBUG."""
+    s = cfg.resolved().branchnet  # checked: an unknown preset or norm names its variable
+    return dataclasses.replace(s, epochs=s.debug_epochs) if cfg.run.debug else s
 
 
-def model_args(s: Settings) -> dict[str, Any]:
+def settings_record(s: BranchNetConfig) -> dict[str, Any]:
+    """The effective settings as the bundle (``settings``), effective_settings.json and the fingerprint keep them."""
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name not in _NOT_RECORDED}
+
+
+def model_args(s: BranchNetConfig) -> dict[str, Any]:
     """Constructor arguments of ``branchnet_model.BranchNet``, stored in every checkpoint."""
     weights = {"nine": s.aux_nine, "binary": s.aux_binary, "orientation": s.aux_orientation, "phase": s.aux_phase}
     heads = tuple(h for h in bm.HEADS if weights[h])
@@ -315,7 +253,7 @@ def soft_ce(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) 
     return -(t * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
 
 
-def loss_fn(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], s: Settings) -> torch.Tensor:
+def loss_fn(out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], s: BranchNetConfig) -> torch.Tensor:
     loss = soft_ce(out["gesture"], targets["gesture"], s.label_smoothing).mean()
     if "nine" in out:
         loss = loss + s.aux_nine * soft_ce(out["nine"], targets["nine"], s.label_smoothing).mean()
@@ -367,7 +305,7 @@ def train_one(
     val_full: FoldArrays,
     val_imu: FoldArrays,
     args: dict[str, Any],
-    s: Settings,
+    s: BranchNetConfig,
     device: torch.device,
     scaler: features.ScalerStats | None = None,
     tag: str = "",
@@ -492,7 +430,9 @@ class FoldOutcome:
     orientation_source: str
 
 
-def train_fold(data: TrainingData, split: FoldSplit, cfg: Config, s: Settings, device: torch.device) -> FoldOutcome:
+def train_fold(
+    data: TrainingData, split: FoldSplit, cfg: Config, s: BranchNetConfig, device: torch.device
+) -> FoldOutcome:
     """Every seed of one fold; OOF = the mean of the seeds' probabilities (the served average)."""
     args = model_args(s)
     scaler = fit_fold_scaler(data, split) if s.norm == "scaler" else None  # training folds only
@@ -568,7 +508,7 @@ def load_checkpoint(path: Path, device: torch.device) -> list[nn.Module]:
 class _Context(TorchContext):
     """The torch kit's context and the run's effective settings (the preset filled in)."""
 
-    settings: Settings
+    settings: BranchNetConfig
 
 
 class BranchNetPipeline(TorchMemberPipeline):
@@ -600,7 +540,7 @@ class BranchNetPipeline(TorchMemberPipeline):
         return _Context(device=device, model_args=args, settings=s)
 
     def fingerprint_settings(self, ctx: _Context, cfg: Config) -> dict[str, Any]:
-        return {"effective": ctx.settings.to_dict(), "checkpoint_format": CHECKPOINT_FORMAT}
+        return {"effective": settings_record(ctx.settings), "checkpoint_format": CHECKPOINT_FORMAT}
 
     def fit_fold(self, ctx: _Context, data: TrainingData, split: FoldSplit, cfg: Config, work: Path) -> FoldResult:
         r = train_fold(data, split, cfg, ctx.settings, ctx.device)
@@ -640,18 +580,18 @@ class BranchNetPipeline(TorchMemberPipeline):
     def bundle_extra(self, ctx: _Context, records: dict[int, dict], cfg: Config) -> dict[str, Any]:
         return {
             **self.torch_bundle_fields(ctx, records),
-            "settings": ctx.settings.to_dict(),
+            "settings": settings_record(ctx.settings),
             "seeds": ctx.settings.seeds,
         }
 
     def write_extra_files(self, bundle_tmp: Path, ctx: _Context, records: dict[int, dict], work: Path) -> None:
-        io_utils.write_json(bundle_tmp / "effective_settings.json", ctx.settings.to_dict())
+        io_utils.write_json(bundle_tmp / "effective_settings.json", settings_record(ctx.settings))
 
     def load(self, bundle_dir: Path, cfg: Config) -> BranchNetMember:
         return load_member(bundle_dir, cfg)
 
 
-def kept_weights(s: Settings) -> str:
+def kept_weights(s: BranchNetConfig) -> str:
     """Which weights a fold keeps, in words: the final ones, or their EMA (``BRANCHNET_EMA``)."""
     return f"EMA of the weights (decay {s.ema_decay:g}) at the last epoch" if s.ema else "the last epoch's weights"
 
@@ -742,7 +682,6 @@ __all__ = [
     "PRESETS",
     "BranchNetMember",
     "BranchNetPipeline",
-    "Settings",
     "build_arrays",
     "kept_weights",
     "load_checkpoint",
@@ -751,6 +690,7 @@ __all__ = [
     "predict_arrays",
     "resolve_settings",
     "save_checkpoint",
+    "settings_record",
     "train_fold",
     "train_one",
 ]

@@ -4,34 +4,50 @@ Every setting lives in one of the dataclasses below; nothing is read from the
 environment anywhere else. ``load_config()`` applies overrides:
 
 * hyper-parameters by ``<PREFIX><FIELD>`` (``LGBM_NUM_LEAVES``, ``TORCH_EPOCHS``,
-  ``KERAS_MAX_EPOCHS``, ``CMI_SEED`` ...); a member's prefix is its section name
+  ``KERAS_EPOCHS``, ``CMI_SEED`` ...); a member's prefix is its section name
   upper-cased (section ``torch`` -> ``TORCH_``);
 * for every member section (a ``MemberConfig``): the original notebook's
   switches ``USE_<MEMBER>`` and ``<MEMBER>_TRAIN``, and its default blend weight
   ``ENSEMBLE_W_<MEMBER>``, all derived from the section, plus ``STRICT``;
-* the older ``DL_*`` names of the torch section, kept as documented aliases.
+* the older ``DL_*`` names of the torch section, and the former names of
+  ``deprecated_variables`` (``KERAS_MAX_EPOCHS``, ``<M>_EARLY_EXIT_IF_BEST_EXISTS``),
+  kept as documented aliases that log a warning.
 
 A new member adds one ``MemberConfig`` dataclass and one ``Config`` field; its
 prefix, switches and weight variable follow from them.
 
+Each section describes itself: a field's doc is the string right below it
+(``field_docs``; docs/SETTINGS.md and the README's short table are rendered
+from them by ``settings_markdown``), its rules are its ``checks()`` (``validate``
+gathers them; a message names the variable and its value), and ``resolved()``
+makes deferred values explicit (BranchNet's preset, ``Config.resolved``).
+
 A variable with one of our prefixes that names no field, or a value that does
 not parse as the field's type, raises ``ConfigError`` naming the variable.
 Variables that belong to the libraries themselves (``KERAS_HOME``,
-``KERAS_BACKEND``) are left alone. This module imports nothing of ours.
+``KERAS_BACKEND``) are left alone. This module imports nothing of ours; torch
+only inside ``auto_preset``, when a config is resolved.
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import importlib.util
+import inspect
 import json
 import logging
 import os
+import re
+import sys
 import tempfile
+import textwrap
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 log = logging.getLogger(__name__)
 
@@ -40,67 +56,150 @@ class ConfigError(ValueError):
     """An environment override or config value that cannot be used."""
 
 
+# A rule on one field's value: (field, holds, what the value must be). ``what`` may name other fields of the
+# section as ``{field}``: the message shows their variables.
+Rule = tuple[str, bool, str]
+
+
+class Section:
+    """What every settings section has: rules on its values (``checks``) and a resolution step (``resolved``).
+
+    A field's doc is the string literal right below it (an attribute docstring, as Sphinx and IDEs read
+    them); ``field_docs`` collects them and ``settings_markdown`` renders docs/SETTINGS.md from them.
+    """
+
+    def checks(self) -> list[Rule]:
+        """The rules on this section's values (values that parse but make no sense break one)."""
+        return []
+
+    def resolved(self) -> Self:
+        """A copy with every "take it from elsewhere" value made explicit; here: an unchanged copy."""
+        return copy.deepcopy(self)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     """Paths, folds and seeds shared by every stage (prefix ``CMI_``)."""
 
-    data_dir: str = ""  # competition layout: train.csv, test.csv, *_demographics.csv
+    data_dir: str = ""
+    """competition layout: train.csv, test.csv, *_demographics.csv"""
     out_dir: str = "outputs"
-    bundle_dir: str = ""  # where trained bundles are read from; defaults to <out_dir>/bundles
+    """where every output goes (`--out`)"""
+    bundle_dir: str = ""
+    """where trained bundles are read from; defaults to <out_dir>/bundles"""
     n_folds: int = 5
-    seed: int = 42  # model seeds (initialisation, bagging, augmentation); the folds have their own
-    fold_seed: int = 42  # the subject-grouped folds: fixed while CMI_SEED varies, so seeds are compared on equal folds
-    debug: bool = False  # tiny epochs/rounds: covers every stage in minutes
-    n_threads: int = 0  # 0 = auto: the cores this process may use (threads.py); CMI_N_THREADS=k fixes k
-    strict: bool = False  # STRICT=1: a member failing on a sequence raises instead of being skipped
-    # How the (member, fold) training jobs run (executors.py): "local" in this process (or n_jobs processes),
-    # "ray" as Ray tasks. None of these changes what is trained, so none is part of a bundle's fingerprint.
+    """subject-grouped folds (`folds.csv`)"""
+    seed: int = 42
+    """model seeds (initialisation, bagging, augmentation), the gateway's order; not the folds"""
+    fold_seed: int = 42
+    """the subject-grouped folds: fixed while `CMI_SEED` varies, so seeds are compared on equal folds"""
+    debug: bool = False
+    """tiny epochs/rounds: covers every stage in minutes"""
+    n_threads: int = 0
+    """0 = auto: the cores this process may use (threads.py); CMI_N_THREADS=k fixes k"""
+    strict: bool = False
+    """STRICT=1: a member failing on a sequence raises instead of being skipped"""
+    # How the (member, fold) training jobs run (executors.py). None of these changes what is trained,
+    # so none is part of a bundle's fingerprint.
     executor: str = "local"
-    n_jobs: int = 1  # local executor: folds trained at once in separate processes (joblib); 1 = in this process
-    ray_address: str = ""  # ray executor: the cluster to join (ray.init(address=...)); "" = start a local Ray
-    job_cpus: int = 1  # CPUs each job asks Ray for; also its thread count under ray / n_jobs > 1
-    job_gpus: float = 0.0  # GPUs each Ray job asks for (fractions share a GPU)
-    ddp_timeout_min: int = 60  # torchrun: how long a rank waits at a collective (e.g. while rank 0 trains LightGBM)
-    # Kaggle (main.kaggle_main): where datasets are attached; a `bundles/` folder in one of them is served when
-    # CMI_BUNDLE_DIR is unset and the working folder has none (the hidden-test re-run starts with an empty one).
+    """how the (member, fold) training jobs run (`--executor`): `local` in this process (or `CMI_N_JOBS`
+    processes), `ray` as Ray tasks (`pip install -r requirements-ray.txt`)"""
+    n_jobs: int = 1
+    """local executor: folds trained at once in separate processes (joblib); 1 = in this process"""
+    ray_address: str = ""
+    """ray executor: the cluster to join (`ray.init(address=...)`, e.g. `ray://head:10001` or `auto`);
+    empty = start a local Ray"""
+    job_cpus: int = 1
+    """CPUs each job asks Ray for; also its thread count under `ray` or `CMI_N_JOBS` > 1"""
+    job_gpus: float = 0.0
+    """GPUs each Ray job asks for (fractions share one GPU)"""
+    ddp_timeout_min: int = 60
+    """under `torchrun`: minutes a rank waits at a collective (e.g. while rank 0 alone trains a member
+    without DDP)"""
     kaggle_input: str = "/kaggle/input"
-    # Kaggle re-run with no loadable bundle: these members (comma-separated) are trained at debug size so the
-    # submission is not lost (minutes; the gateway waits 15 min for the server). "" = stop with a message instead.
+    """Kaggle: where datasets are attached; searched for a `bundles/` folder when `CMI_BUNDLE_DIR` is unset
+    (the hidden-test re-run starts with an empty working folder)"""
     rerun_train: str = "lgbm"
+    """Kaggle re-run with no loadable bundle: these members (comma-separated) are trained at debug size so
+    the submission is not lost (minutes; the gateway waits 15 min for the server); `""` = stop with a
+    message"""
 
     def resolved_bundle_dir(self) -> Path:
         return Path(self.bundle_dir) if self.bundle_dir else Path(self.out_dir) / "bundles"
 
+    def checks(self) -> list[Rule]:
+        return [
+            ("n_folds", self.n_folds >= 2, "must be at least 2"),
+            ("n_threads", self.n_threads >= 0, "must be >= 0 (0 = every core this process may use)"),
+            ("executor", self.executor in ("local", "ray"), "must be 'local' or 'ray'"),
+            ("n_jobs", self.n_jobs >= 1, "must be >= 1"),
+            ("job_cpus", self.job_cpus >= 1, "must be >= 1"),
+            ("job_gpus", self.job_gpus >= 0, "must be >= 0"),
+            ("ddp_timeout_min", self.ddp_timeout_min >= 1, "must be >= 1"),
+        ]
+
 
 @dataclass
-class FeatureConfig:
+class FeatureConfig(Section):
     """Frame features, padding and aggregates (prefix ``FEAT_``)."""
 
-    pad_len: int = 0  # 0 = the 95th percentile of training lengths
+    pad_len: int = 0
+    """0 = the `FEAT_PAD_PERCENTILE` percentile of training lengths"""
     pad_percentile: float = 95.0
+    """pad length percentile when `FEAT_PAD_LEN=0`"""
     min_pad_len: int = 32
-    tail_fraction: float = 0.4  # aggregates also over the final part of a sequence (the gesture)
-    dt: float = 0.1  # seconds between samples (~10 Hz)
-    mirror_left_handed: bool = True  # map left-hand wearers onto the right-hand signal (needs demographics)
-    # A sequence without rotation: "gravity" estimates tilt from low-passed acceleration, "identity" assumes none.
+    """smallest pad length"""
+    tail_fraction: float = 0.4
+    """aggregates also over the final part of a sequence (the gesture)"""
+    dt: float = 0.1
+    """seconds between samples (~10 Hz)"""
+    mirror_left_handed: bool = True
+    """map left-hand wearers onto the right-hand signal (needs demographics)"""
     rot_fallback: str = "gravity"
-    gravity_window: int = 5  # samples (0.5 s at 10 Hz) of the gravity low-pass; least tilt error at 3-5 (generated)
+    """a sequence without rotation: `gravity` estimates tilt from low-passed acceleration, `identity`
+    assumes none"""
+    gravity_window: int = 5
+    """samples (0.5 s at 10 Hz) of the gravity low-pass; least tilt error at 3-5 (generated)"""
+
+    def checks(self) -> list[Rule]:
+        return [
+            ("pad_len", self.pad_len >= 0, "must be >= 0 (0 = percentile of training lengths)"),
+            ("pad_percentile", 0 < self.pad_percentile <= 100, "must be in (0, 100]"),
+            ("tail_fraction", 0 < self.tail_fraction <= 1, "must be in (0, 1]"),
+            ("dt", self.dt > 0, "must be positive"),
+            ("rot_fallback", self.rot_fallback in ("gravity", "identity"), "must be 'gravity' or 'identity'"),
+            ("gravity_window", self.gravity_window >= 1, "must be >= 1"),
+        ]
 
 
 @dataclass
-class MemberConfig:
+class MemberConfig(Section):
     """What every member section has: its switches, where its bundle is read from, its default blend weight.
 
     None of these fields changes what is trained (``SWITCH_FIELDS``), so none is part of a bundle's fingerprint.
     """
 
-    use: bool = True  # USE_<MEMBER>: fitted into the blend and served
-    train: bool = True  # <MEMBER>_TRAIN: trained by `train` / the notebook
-    weight: float = 0.0  # ENSEMBLE_W_<MEMBER>: blend weight used only without a fitted weights.json
-    bundle_path: str = ""  # <MEMBER>_BUNDLE_PATH: read this member's bundle here instead of <bundle dir>/<member>
-    folds_in_memory: bool = True  # LOAD_<MEMBER>_FOLDS_IN_MEMORY=0: low-memory mode, every call reloads each fold
-    fail_if_missing: bool = False  # FAIL_IF_<MEMBER>_MISSING=1: a missing/unusable bundle stops start-up
-    skip_if_trained: bool = True  # <MEMBER>_EARLY_EXIT_IF_BEST_EXISTS: `train` skips a complete bundle
+    use: bool = True
+    """fitted into the blend and served (0: neither, nor trained by default)"""
+    train: bool = True
+    """trained by `train` / the notebook"""
+    weight: float = 0.0
+    """blend weight used only without a fitted `ensemble/weights.json`"""
+    bundle_path: str = ""
+    """read this member's bundle from this folder instead of <bundle dir>/<member> (e.g. an attached
+    Kaggle dataset)"""
+    folds_in_memory: bool = True
+    """0: the original notebooks' low-memory mode: every `predict()` call reloads each fold from disk
+    (logged at start-up; `main.py bench` measures it)"""
+    fail_if_missing: bool = False
+    """1: a missing or unloadable bundle stops start-up with an error naming it, instead of a logged,
+    renormalised blend without it"""
+    skip_if_trained: bool = True
+    """`train` skips the member when its bundle is complete for the same data, folds, settings and code
+    (`train --force` retrains)"""
+
+    def checks(self) -> list[Rule]:
+        return [("weight", self.weight >= 0, "must be >= 0")]
 
 
 SWITCH_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MemberConfig))
@@ -112,19 +211,37 @@ class LGBMConfig(MemberConfig):
 
     weight: float = 0.20
     num_leaves: int = 15
+    """leaves per tree"""
     learning_rate: float = 0.07
-    n_estimators: int = 400  # 18 trees a round: more rounds cost latency and bundle size for little gain
-    # How the number of rounds is chosen without the scored fold's labels: "inner" early-stops on a
-    # subject-grouped inner split of the training folds, then refits on all of them; "fixed" = n_estimators.
+    """shrinkage per boosting round"""
+    n_estimators: int = 400
+    """boosting rounds at most (18 trees a round: more cost latency and bundle size for little gain)"""
     stopping: str = "inner"
-    inner_folds: int = 4  # the inner validation split is one of this many subject-grouped folds
+    """`inner`: early stopping on a subject-grouped inner split of the training folds picks the rounds,
+    then a refit on all of them; `fixed`: `LGBM_N_ESTIMATORS` rounds. Never the scored fold"""
+    inner_folds: int = 4
+    """the inner validation split is one of this many subject-grouped folds"""
     early_stopping_rounds: int = 40
+    """patience of the early stopping on the inner split (`LGBM_STOPPING=inner`)"""
     min_child_samples: int = 10
+    """fewest sequences in a leaf"""
     feature_fraction: float = 0.5
+    """share of the features each tree may split on"""
     bagging_fraction: float = 0.8
+    """share of the training sequences each bagging round draws"""
     bagging_freq: int = 1
+    """redraw the bagging sample every k rounds (0 = no bagging)"""
     lambda_l2: float = 1.0
+    """L2 penalty on leaf values"""
     debug_n_estimators: int = 60
+    """boosting rounds under `CMI_DEBUG=1`"""
+
+    def checks(self) -> list[Rule]:
+        return super().checks() + [
+            ("learning_rate", self.learning_rate > 0, "must be positive"),
+            ("stopping", self.stopping in ("inner", "fixed"), "must be 'inner' or 'fixed'"),
+            ("inner_folds", self.inner_folds >= 2, "must be >= 2"),
+        ]
 
 
 @dataclass
@@ -133,23 +250,48 @@ class TorchConfig(MemberConfig):
 
     weight: float = 0.45
     epochs: int = 30
+    """epochs per fold, every one run (one-cycle learning rate; the last epoch's weights are kept)"""
     batch_size: int = 64
+    """training batch (split over the ranks under `torchrun`)"""
     lr: float = 1e-3
+    """peak learning rate of the one-cycle schedule (AdamW)"""
     weight_decay: float = 1e-2
+    """AdamW weight decay"""
     dropout: float = 0.2
+    """dropout in the network"""
     label_smoothing: float = 0.05
+    """label smoothing of the cross-entropy"""
     grad_accum_steps: int = 1
+    """batches whose gradients are summed before each optimiser step"""
     conv1_channels: int = 128
+    """channels of the first Conv1d"""
     conv2_channels: int = 256
+    """channels of the second Conv1d"""
     rnn_hidden: int = 128
+    """hidden size per direction of the BiLSTM and the BiGRU"""
     head_hidden: int = 256
-    modality_dropout: float = 0.4  # share of training samples shown with thm/tof removed
+    """hidden units of the classification head"""
+    modality_dropout: float = 0.4
+    """share of training samples shown with thm/tof removed (the IMU-only view)"""
     time_mask_prob: float = 0.3
+    """share of training samples with one span of up to 10 % of their steps zeroed"""
     channel_dropout_prob: float = 0.1
-    amp: bool = True  # only ever on CUDA
-    data_parallel: bool = True  # only when more than one GPU
-    num_workers: int = 0
+    """chance of each input channel being zeroed in a training sample"""
+    amp: bool = True
+    """mixed precision; only ever on CUDA"""
+    data_parallel: bool = True
+    """DataParallel; only when more than one GPU"""
     debug_epochs: int = 2
+    """epochs under `CMI_DEBUG=1`"""
+
+    def checks(self) -> list[Rule]:
+        return super().checks() + [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum_steps", self.grad_accum_steps >= 1, "must be >= 1"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("modality_dropout", 0 <= self.modality_dropout <= 1, "must be in [0, 1]"),
+        ]
 
 
 DLConfig = TorchConfig  # the class's former name
@@ -160,102 +302,268 @@ class KerasConfig(MemberConfig):
     """Keras member (prefix ``KERAS_``)."""
 
     weight: float = 0.35
-    max_epochs: int = 40  # every one runs: no early stopping on the fold whose OOF is scored
+    epochs: int = 40
+    """epochs per fold, every one run: no early stopping on the fold whose OOF is scored"""
     batch_size: int = 64
+    """training batch"""
     lr: float = 1e-3
-    lr_min_ratio: float = 0.05  # cosine decay from lr to lr * this over all epochs
+    """initial learning rate (Adam)"""
+    lr_min_ratio: float = 0.05
+    """cosine decay from `KERAS_LR` to `KERAS_LR` × this over all epochs"""
     dropout: float = 0.3
+    """dropout in both branches and the head"""
     label_smoothing: float = 0.1
+    """label smoothing of the cross-entropy"""
     imu_filters: tuple[int, ...] = (128, 256, 256)
+    """filters of the IMU branch's residual SE blocks, one per block"""
     imu_kernels: tuple[int, ...] = (7, 5, 3)
+    """kernel sizes of those blocks, one per block"""
     tof_filters: tuple[int, ...] = (64, 128)
+    """filters of the ToF/thermopile branch's conv blocks"""
     rnn_units: int = 128
+    """units per direction of the BiLSTM and BiGRU (the IMU-only light model: half)"""
     debug_epochs: int = 2
+    """epochs under `CMI_DEBUG=1`"""
+
+    def checks(self) -> list[Rule]:
+        return super().checks() + [
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("lr_min_ratio", 0 <= self.lr_min_ratio <= 1, "must be in [0, 1]"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            (
+                "imu_kernels",
+                len(self.imu_kernels) == len(self.imu_filters),
+                "must have as many values as {imu_filters}",
+            ),
+        ]
 
 
 @dataclass
 class BranchNetConfig(MemberConfig):
     """BranchNet member (prefix ``BRANCHNET_``): per-sensor-group first layers, a ToF 2-D CNN, auxiliary heads,
-    mixup / time stretch / z-rotation / sensor dropout, a fixed cosine schedule with weight EMA, seeds per fold.
+    mixup / time stretch / z-rotation / sensor dropout, a fixed cosine schedule, seeds per fold.
 
-    Fields at 0 take the value of ``preset`` (branchnet_pipeline.PRESETS); any other value is used as given.
-    ``preset`` and ``norm`` are checked when the member trains (an unknown value names the variable).
+    Fields at 0 take the value of ``preset`` (``PRESETS``); any other value is used as given. ``resolved()``
+    fills them in (``preset=auto`` becomes ``gpu`` when torch sees CUDA, else ``cpu``).
     """
 
-    weight: float = 0.0  # without a fitted weights.json the three original members keep their blend
-    preset: str = "cpu"  # cpu | gpu: the values of the fields left at 0 below
-    epochs: int = 0  # 0 = the preset's (cpu 10, gpu 80)
-    seeds: int = 0  # models per fold, their probabilities averaged (0 = the preset's: cpu 1, gpu 3)
-    width: int = 0  # channels of the IMU branch and the fusion (0 = the preset's: cpu 64, gpu 128)
-    rnn_hidden: int = 0  # BiGRU hidden size per direction (0 = the preset's: cpu 64, gpu 128)
-    tof_channels: int = 0  # channels of the ToF grid CNN's first layer (0 = the preset's: cpu 8, gpu 16)
-    batch_size: int = 0  # 0 = the preset's (cpu 64, gpu 64)
-    ema_decay: float = 0.0  # weight EMA decay per step (0 = the preset's: cpu 0.98, gpu 0.999)
+    # The values of the fields left at 0. Explicit settings (any non-zero value) win over the preset.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # 12 generated subjects on a 2-core CPU: about 0.6x the torch member's training time at 10 epochs
+        # (one epoch here costs ~0.6 of a torch epoch; docs/BRANCHNET_NOTES.md).
+        "cpu": {
+            "epochs": 10,
+            "seeds": 1,
+            "width": 64,
+            "rnn_hidden": 64,
+            "tof_channels": 8,
+            "batch_size": 64,
+            "ema_decay": 0.98,
+        },
+        # Real data on a GPU (Kaggle T4 / P100): the top teams' regime (60-220 epochs, several seeds).
+        "gpu": {
+            "epochs": 80,
+            "seeds": 3,
+            "width": 128,
+            "rnn_hidden": 128,
+            "tof_channels": 16,
+            "batch_size": 64,
+            "ema_decay": 0.999,
+        },
+    }
+    NORMS: ClassVar[tuple[str, ...]] = ("batchnorm", "scaler")  # branchnet_model.NORMS (a test keeps them equal)
+
+    weight: float = 0.0
+    """blend weight used only without a fitted `ensemble/weights.json` (0: the three original members keep
+    their default blend)"""
+    preset: str = "auto"
+    """`cpu` or `gpu`: the values of the `BRANCHNET_*` fields left at 0 (explicit values win); `auto`: `gpu`
+    when torch sees CUDA, else `cpu` (resolved when training starts, logged, and saved in `config.json`)"""
+    epochs: int = 0
+    """fixed epochs per model, no early stopping"""
+    seeds: int = 0
+    """models per fold, their probabilities averaged for the OOF and at serving"""
+    width: int = 0
+    """channels of the IMU branch and the fusion; thermopiles get 1/4, ToF 1/2"""
+    rnn_hidden: int = 0
+    """BiGRU hidden size per direction"""
+    tof_channels: int = 0
+    """first-layer channels of the ToF grid CNN"""
+    batch_size: int = 0
+    """training batch"""
+    ema_decay: float = 0.0
+    """weight EMA decay per optimiser step"""
     lr: float = 3e-3
+    """peak learning rate (AdamW), reached after the warm-up, then cosine decay to 1 % of it"""
     weight_decay: float = 1e-2
+    """AdamW weight decay"""
     warmup_epochs: int = 1
+    """linear learning-rate warm-up from 10 %"""
     dropout: float = 0.2
+    """dropout before the GRU and in the head"""
     label_smoothing: float = 0.05
-    norm: str = "batchnorm"  # batchnorm (raw input into a first masked BatchNorm) | scaler (the fold's scaler)
-    branches: bool = True  # separate first layers per sensor group (0: one first layer over every channel)
-    tof_cnn: bool = True  # the ToF 8x8 grids through a 2-D CNN per frame and sensor (0: ToF aggregates only)
-    mixup_alpha: float = 0.4  # Beta(alpha, alpha) mixing weight
-    mixup_prob: float = 0.5  # share of batches mixed
-    stretch: float = 0.5  # time stretch factor drawn in [1 - stretch, 1 + stretch]
-    stretch_prob: float = 0.5  # share of sequences stretched
-    shift: float = 0.1  # up to this share of a sequence's first steps dropped (time shift; the tail is kept)
-    rotate_deg: float = 45.0  # rotation of the world-frame vectors about world z, uniform in +-rotate_deg
-    sensor_dropout: float = 0.5  # share of training sequences shown as IMU-only (thm/tof zeroed, flag off)
-    aux_nine: float = 0.3  # loss weight of the 9-class head (8 targets + non-target); 0 = no head
-    aux_binary: float = 0.3  # loss weight of the target vs non-target head; 0 = no head
-    # loss weight of the orientation (posture) head; 0 = no head. Off by default: on generated data the head
-    # cost 0.007 test-like (interval clear of 0, docs/RESULTS.md); the 1st-place write-up used 0.5 on real data.
+    """label smoothing of the gesture and 9-class losses"""
+    norm: str = "batchnorm"
+    """`batchnorm`: raw features into a first masked BatchNorm per branch (no fitted scaler); `scaler`: the
+    training fold's scaler"""
+    branches: bool = True
+    """separate first layers per sensor group (IMU, thermopiles, ToF); 0: one first layer over every
+    channel"""
+    tof_cnn: bool = True
+    """the raw 8×8 ToF grids through a 2-D CNN per frame and sensor; 0: ToF aggregates only"""
+    mixup_alpha: float = 0.4
+    """mixup weight drawn from Beta(α, α) (tails aligned)"""
+    mixup_prob: float = 0.5
+    """share of training batches mixed"""
+    stretch: float = 0.5
+    """time stretch factor drawn in [1 − s, 1 + s]"""
+    stretch_prob: float = 0.5
+    """share of training sequences stretched"""
+    shift: float = 0.1
+    """time shift: up to this share of a sequence's first steps dropped (the tail is kept)"""
+    rotate_deg: float = 45.0
+    """rotation of the world-frame vectors (linear acceleration) about world z, uniform in ±deg"""
+    sensor_dropout: float = 0.5
+    """share of training sequences shown as IMU-only (thm/tof zeroed, has-ToF flag off)"""
+    aux_nine: float = 0.3
+    """loss weight of the 9-class head (8 targets + non-target); 0 = no head"""
+    aux_binary: float = 0.3
+    """loss weight of the target vs non-target head; 0 = no head"""
     aux_orientation: float = 0.0
-    aux_phase: float = 0.2  # loss weight of the per-step phase head (Transition vs Gesture); 0 = no head
-    # serve (and score) the EMA weights; 0: the final raw weights. Off by default: at the cpu preset's 10 epochs
-    # the EMA cost 0.016 test-like (docs/RESULTS.md); the write-ups' 0.999 over 60-220 epochs is unmeasured here.
+    """loss weight of the orientation head (train.csv's `orientation`; derived from the rest-pose gravity
+    direction when the data have no such column); 0 = no head, the default: it cost 0.007 test-like on
+    generated data (docs/RESULTS.md; the 1st-place write-up used 0.5 on real data)"""
+    aux_phase: float = 0.2
+    """loss weight of the per-step phase head (train.csv's `phase`, Transition vs Gesture, at the GRU's
+    quarter rate); 0 = no head"""
     ema: bool = False
-    amp: bool = True  # only ever on CUDA
-    log_every: int = 5  # score the validation fold every k epochs, for the log only (0 = never)
+    """1: serve and score the EMA of the weights (`BRANCHNET_EMA_DECAY`); 0: the final raw weights (the
+    default: at the cpu preset's 10 epochs the EMA cost 0.016 test-like on generated data, docs/RESULTS.md;
+    the write-ups' 0.999 over 60-220 epochs is unmeasured here)"""
+    amp: bool = True
+    """mixed precision; only ever on CUDA"""
+    log_every: int = 5
+    """score the validation fold every k epochs, for the log only (0 = never); nothing is selected on it"""
     debug_epochs: int = 2
+    """epochs under `CMI_DEBUG=1`"""
+
+    def checks(self) -> list[Rule]:
+        presets = ", ".join(("auto", *self.PRESETS))
+        return super().checks() + [
+            ("preset", self.preset in ("auto", *self.PRESETS), f"must be one of {presets}"),
+            ("norm", self.norm in self.NORMS, f"must be one of {', '.join(self.NORMS)}"),
+            *((f, getattr(self, f) >= 0, "must be >= 0 (0 = the preset's)") for f in self.PRESETS["cpu"]),
+            ("ema_decay", self.ema_decay < 1, "must be < 1 (0 = the preset's)"),
+            ("log_every", self.log_every >= 0, "must be >= 0 (0 = never)"),
+            ("debug_epochs", self.debug_epochs >= 1, "must be >= 1"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
+            ("dropout", 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+            *((f, 0 <= getattr(self, f) <= 1, "must be in [0, 1]") for f in _BRANCHNET_SHARES),
+            ("stretch", 0 <= self.stretch < 1, "must be in [0, 1)"),
+            ("mixup_alpha", self.mixup_alpha >= 0, "must be >= 0"),
+            ("rotate_deg", self.rotate_deg >= 0, "must be >= 0"),
+            *((f, getattr(self, f) >= 0, "must be >= 0 (0 = no head)") for f in _BRANCHNET_AUX),
+        ]
+
+    def resolved(self) -> BranchNetConfig:
+        """A copy with ``preset=auto`` made ``cpu`` or ``gpu`` (logged) and every field left at 0 set from it."""
+        out = copy.deepcopy(self)
+        if out.preset == "auto":
+            out.preset, why = auto_preset()
+            log.info("BRANCHNET_PRESET=auto: %s (%s)", out.preset, why)
+        if out.preset not in self.PRESETS:
+            return out  # validate() names it
+        for name, value in self.PRESETS[out.preset].items():
+            if not getattr(out, name):
+                setattr(out, name, value)
+        return out
+
+
+_BRANCHNET_SHARES = ("mixup_prob", "stretch_prob", "sensor_dropout", "shift")
+_BRANCHNET_AUX = ("aux_nine", "aux_binary", "aux_orientation", "aux_phase")
+
+
+def auto_preset() -> tuple[str, str]:
+    """``("gpu", why)`` when torch sees a CUDA device, else ``("cpu", why)``; torch is imported here, lazily."""
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
+        return "cpu", "torch is not installed"
+    import torch
+
+    if torch.cuda.is_available():
+        return "gpu", f"torch sees CUDA: {torch.cuda.get_device_name(0)}"
+    return "cpu", "torch sees no CUDA device"
 
 
 @dataclass
-class EnsembleConfig:
+class EnsembleConfig(Section):
     """Blending (prefix ``ENSEMBLE_``). Default member weights live in the member sections (``ENSEMBLE_W_<M>``)."""
 
     n_starts: int = 8
+    """starts of the coordinate ascent over blend weights"""
     random_search_draws: int = 4096
-    # A class-bias calibration is kept only if it raises the cross-fitted OOF score by more than this.
+    """draws of the original notebook's random weight search (reported beside ours)"""
     calibration_min_gain: float = 0.002
-    # Subject-level post-processing (subject_pp.py): assign a subject's sequences to its protocol slots.
+    """a class-bias calibration is kept only if it raises the cross-fitted OOF score by more than this"""
     subject_pp: bool = True
-    subject_pp_min_share: float = 0.8  # share of training subjects that must follow a protocol for it to be used
-    subject_pp_max_history: int = 400  # sequences remembered per subject (bounded memory and cost per call)
-    subject_pp_orders: int = 20  # random arrival orders in the OOF simulation
-    # Upside-down wear (wear.py): detect subjects wearing the device rotated 180 degrees about z, correct their rows.
+    """1: answer each sequence by the online assignment of its subject's sequences to the protocol slots
+    learned from training (`subject_pp.py`); 0: plain argmax"""
+    subject_pp_min_share: float = 0.8
+    """share of training subjects that must follow a protocol for it to be used"""
+    subject_pp_max_history: int = 400
+    """sequences remembered per subject (bounded memory and cost per call)"""
+    subject_pp_orders: int = 20
+    """random arrival orders in the OOF simulation"""
     wear_detect: bool = True
-    wear_correct_training: bool = True  # rotate back the training subjects the detector finds
-    wear_min_sequences: int = 2  # a subject is never taken as rotated on fewer sequences
-    wear_min_log_odds: float = 6.9  # floor of the evidence threshold (summed log-odds; 6.9 = 1000:1)
-    wear_threshold_margin: float = 1.5  # threshold = margin x the highest evidence a held-out normal subject reached
-    # Training rotates back at most max(1, floor(share x subjects)) subjects; more found: none rotated (a warning).
-    # The real train set has 2 of 81 subjects (2.5 %) wearing the device rotated (docs/REAL_DATA_FACTS).
+    """1: detect subjects wearing the device rotated 180° about z and rotate their rows back, in training
+    and at serving (`wear.py`); 0: off"""
+    wear_correct_training: bool = True
+    """rotate back the training subjects the detector finds (on serving's evidence: at least
+    `ENSEMBLE_WEAR_MIN_SEQUENCES` sequences and summed held-out log-odds above the threshold)"""
+    wear_min_sequences: int = 2
+    """a subject is never taken as rotated on fewer sequences, in training as at serving"""
+    wear_min_log_odds: float = 6.9
+    """floor of the evidence threshold (summed log-odds; 6.9 = 1000:1)"""
+    wear_threshold_margin: float = 1.5
+    """threshold = margin x the highest evidence a held-out normal subject reached"""
     wear_max_train_share: float = 0.1
-    # Serving: members answer one call concurrently in this many threads (their native code runs outside the
-    # GIL); 1 = one after another; 0 = one thread per member, at most the CPU count.
+    """training rotates back at most max(1, ⌊share × subjects⌋) subjects; when more look rotated, none is
+    rotated and a warning names the count (the real train set: 2 of 81, docs/REAL_DATA_FACTS)"""
     predict_threads: int = 0
-    # Serving bounds (ensemble.Predictor, README "Serving bounds"). A longer sequence is cut to its last rows by
-    # sequence_counter before anything else (the gesture ends a sequence): real sequences are a few hundred rows
-    # at most (p95 ~127), so 20,000 is ~30x the longest yet bounds one call (~0.5 s, +0.06 GB with a LightGBM
-    # bundle here; uncut, 1e6 rows cost ~3 s and +2.6 GB in the input repair alone, ~58 s / ~6.5 GB end to end).
+    """serving: members answer each call concurrently in this many threads (LightGBM, torch and XLA run
+    outside the GIL); 1 = one after another; 0 = one per member, at most the CPU count"""
+    # Real sequences are a few hundred rows at most (p95 ~127), so 20,000 is ~30x the longest yet bounds one
+    # call (~0.5 s, +0.06 GB with a LightGBM bundle here; uncut, 1e6 rows cost ~3 s and +2.6 GB in the input
+    # repair alone, ~58 s / ~6.5 GB end to end).
     serve_max_rows: int = 20_000
-    # Per-subject online state (wear evidence, slot assignment) is kept for at most this many subjects; beyond it
-    # the least recently seen subject is forgotten (counted, logged). The hidden test has ~51 subjects.
+    """serving: a longer sequence is cut to its last rows by `sequence_counter` before anything else
+    (logged, counted, listed as degraded; `STRICT=1`: an error). Real sequences are a few hundred rows at
+    most (p95 ≈ 127): 20,000 is ~30× the longest and still bounds one call's time and memory (README
+    "Serving bounds")"""
     serve_max_subjects: int = 1000
-    # Sequence ids remembered per subject by the wear evidence (a retried id counts once among them); the
-    # evidence of older ones stays in the subject's sum.
+    """serving: per-subject state (wear evidence, slot assignment) kept for at most this many subjects; the
+    least recently seen is forgotten beyond it (counted, logged now and then). The hidden test has ~51
+    subjects"""
     wear_max_history: int = 400
+    """serving: sequence ids remembered per subject by the wear evidence (a retried id counts once among
+    them); older sequences stay in the subject's summed evidence"""
+
+    def checks(self) -> list[Rule]:
+        return [
+            ("subject_pp_min_share", 0 < self.subject_pp_min_share <= 1, "must be in (0, 1]"),
+            ("subject_pp_max_history", self.subject_pp_max_history >= 1, "must be >= 1"),
+            ("subject_pp_orders", self.subject_pp_orders >= 1, "must be >= 1"),
+            ("wear_min_sequences", self.wear_min_sequences >= 1, "must be >= 1"),
+            ("wear_threshold_margin", self.wear_threshold_margin >= 1, "must be >= 1"),
+            ("wear_max_train_share", 0 < self.wear_max_train_share <= 1, "must be in (0, 1]"),
+            ("serve_max_rows", self.serve_max_rows >= 1, "must be >= 1"),
+            ("serve_max_subjects", self.serve_max_subjects >= 1, "must be >= 1"),
+            ("wear_max_history", self.wear_max_history >= 1, "must be >= 1"),
+        ]
 
 
 @dataclass
@@ -278,6 +586,19 @@ class Config:
         if not isinstance(section, MemberConfig):
             raise ConfigError(f"no config section for member {name!r}; member sections: {self.member_names()}")
         return section
+
+    def resolved(self) -> Self:
+        """A copy with every section resolved (``Section.resolved``: BranchNet's preset filled in), checked.
+
+        What a run trains with and what its ``config.json`` shows; idempotent. The member scaffold
+        resolves before training, ``main`` before writing the run's ``config.json`` (after the thread
+        set-up: ``preset=auto`` imports torch, whose OpenMP runtime reads its settings when it loads).
+        """
+        out = copy.copy(self)
+        for f in dataclasses.fields(self):
+            setattr(out, f.name, getattr(self, f.name).resolved())
+        validate(out)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -319,14 +640,36 @@ def aliases(cfg: Config) -> dict[str, tuple[str, str]]:
         out[f"ENSEMBLE_W_{up}"] = (m, "weight")
         out[f"LOAD_{up}_FOLDS_IN_MEMORY"] = (m, "folds_in_memory")
         out[f"FAIL_IF_{up}_MISSING"] = (m, "fail_if_missing")
-        out[f"{up}_EARLY_EXIT_IF_BEST_EXISTS"] = (m, "skip_if_trained")
+    return out
+
+
+def deprecated_variables(cfg: Config) -> dict[str, tuple[str | None, str]]:
+    """Former names users' notebooks may still set: name -> (the variable that replaced it, why).
+
+    Each is accepted with one warning and sets its replacement; setting both is an error naming both.
+    A replacement of None: the setting is gone and the value is ignored (with the warning).
+    """
+    names = variable_names(cfg)
+    out: dict[str, tuple[str | None, str]] = {}
+    for m in cfg.member_names():
+        out[f"{m.upper()}_EARLY_EXIT_IF_BEST_EXISTS"] = (
+            names[(m, "skip_if_trained")],
+            "the original notebooks' name; no 'best' is kept any more: a bundle complete for the same data, "
+            "folds, settings and code is skipped",
+        )
+    if "keras" in cfg.member_names():
+        out["KERAS_MAX_EPOCHS"] = (names[("keras", "epochs")], "every epoch runs: there is no early stopping")
+    if "torch" in cfg.member_names():
+        for prefix in ("TORCH_", *(p for p, s in LEGACY_PREFIXES.items() if s == "torch")):
+            out[f"{prefix}NUM_WORKERS"] = (
+                None,
+                "never read: the torch member's batches are index slices of tensors already in memory",
+            )
     return out
 
 
 # Variables of the original notebooks that our design replaces: accepted, mapped, and logged when set.
 MAPPED_NOTE: dict[str, str] = {
-    "EARLY_EXIT_IF_BEST_EXISTS": "the member scaffold's skip-if-trained (a complete bundle for the same data, "
-    "folds and settings is not retrained; `train --force` overrides)",
     "FOLDS_IN_MEMORY": "0 = every predict() call reloads each fold from disk (slow; the benchmarks measure it)",
 }
 ENSEMBLE_WEIGHTS_VARIABLE = "ENSEMBLE_WEIGHTS"  # "member:weight,...": every member's weight at once
@@ -346,15 +689,21 @@ def canonical_variables(cfg: Config) -> dict[str, tuple[str, str]]:
     return out
 
 
+def variable_names(cfg: Config) -> dict[tuple[str, str], str]:
+    """(section, field) -> the setting's variable (``canonical_variables`` the other way round)."""
+    return {target: name for name, target in canonical_variables(cfg).items()}
+
+
 def known_variables(cfg: Config) -> list[str]:
-    """Every environment variable that sets something, for error messages and the README check."""
-    return sorted({*canonical_variables(cfg), ENSEMBLE_WEIGHTS_VARIABLE})
+    """Every environment variable that sets something (deprecated names included)."""
+    return sorted({*canonical_variables(cfg), ENSEMBLE_WEIGHTS_VARIABLE, *deprecated_variables(cfg)})
 
 
 def _closest(name: str, cfg: Config) -> str:
     import difflib
 
-    close = difflib.get_close_matches(name, known_variables(cfg), n=1, cutoff=0.6)
+    current = sorted({*canonical_variables(cfg), ENSEMBLE_WEIGHTS_VARIABLE})
+    close = difflib.get_close_matches(name, current, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 
 
@@ -450,10 +799,22 @@ def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
     whole = aliases(cfg)
     by_prefix = [(p, s) for s, p in prefixes(cfg).items()] + list(LEGACY_PREFIXES.items())
     legacy = {p for p in LEGACY_PREFIXES}
+    renamed = deprecated_variables(cfg)
+    canonical_of = canonical_variables(cfg)
+    for old, (new, _why) in renamed.items():
+        if old in env and new in env:
+            raise ConfigError(f"{old} and {new} are both set: {old} is the former name of {new}; set only {new}")
     for name, raw in sorted(env.items()):
         if name == ENSEMBLE_WEIGHTS_VARIABLE:
             continue  # applied last, over every member at once
-        if name in whole:
+        if name in renamed:
+            new, why = renamed[name]
+            if new is None:
+                log.warning("%s=%s is no longer a setting (%s): ignored", name, raw, why)
+                continue
+            log.warning("%s is the former name of %s (%s): set %s instead", name, new, why, new)
+            section_name, field_name = canonical_of[new]
+        elif name in whole:
             section_name, field_name = whole[name]
             note = next((v for k, v in MAPPED_NOTE.items() if name.endswith(k)), None)
             if note:
@@ -499,88 +860,35 @@ def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
     return cfg
 
 
+def env_text(value: Any) -> str:
+    """``value`` as it is written in the environment: 1/0 for a bool, comma-separated for a tuple."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def problems(cfg: Config) -> list[str]:
+    """What breaks a rule of some section (``Section.checks``), each naming the variable and its value."""
+    names = variable_names(cfg)
+    out = []
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        variables = {k: names.get((f.name, k), f"{f.name}.{k}") for k in _field_types(section)}
+        for field_name, holds, what in section.checks():
+            if not holds:
+                value = getattr(section, field_name)
+                shown = repr(value) if isinstance(value, str) else env_text(value)
+                out.append(f"{variables[field_name]}={shown}: {what.format_map(variables)}")
+    return out
+
+
 def validate(cfg: Config) -> None:
-    """Reject values that parse but make no sense."""
-    checks = [
-        (cfg.run.n_folds >= 2, "CMI_N_FOLDS must be at least 2"),
-        (cfg.run.n_threads >= 0, "CMI_N_THREADS must be >= 0 (0 = every core this process may use)"),
-        (cfg.run.executor in ("local", "ray"), f"CMI_EXECUTOR={cfg.run.executor!r}: use 'local' or 'ray'"),
-        (cfg.run.n_jobs >= 1, "CMI_N_JOBS must be >= 1"),
-        (cfg.run.job_cpus >= 1, "CMI_JOB_CPUS must be >= 1"),
-        (cfg.run.job_gpus >= 0, "CMI_JOB_GPUS must be >= 0"),
-        (cfg.run.ddp_timeout_min >= 1, "CMI_DDP_TIMEOUT_MIN must be >= 1"),
-        (cfg.features.pad_len >= 0, "FEAT_PAD_LEN must be >= 0 (0 = percentile of training lengths)"),
-        (0 < cfg.features.pad_percentile <= 100, "FEAT_PAD_PERCENTILE must be in (0, 100]"),
-        (0 < cfg.features.tail_fraction <= 1, "FEAT_TAIL_FRACTION must be in (0, 1]"),
-        (cfg.features.dt > 0, "FEAT_DT must be positive"),
-        (cfg.lgbm.learning_rate > 0, "LGBM_LEARNING_RATE must be positive"),
-        (cfg.lgbm.stopping in ("inner", "fixed"), f"LGBM_STOPPING={cfg.lgbm.stopping!r}: use 'inner' or 'fixed'"),
-        (cfg.lgbm.inner_folds >= 2, "LGBM_INNER_FOLDS must be >= 2"),
-        (
-            cfg.features.rot_fallback in ("gravity", "identity"),
-            f"FEAT_ROT_FALLBACK={cfg.features.rot_fallback!r}: use 'gravity' or 'identity'",
-        ),
-        (cfg.features.gravity_window >= 1, "FEAT_GRAVITY_WINDOW must be >= 1"),
-        (0 <= cfg.keras.lr_min_ratio <= 1, "KERAS_LR_MIN_RATIO must be in [0, 1]"),
-        (cfg.torch.epochs >= 1 and cfg.torch.batch_size >= 1, "TORCH_EPOCHS and TORCH_BATCH_SIZE (DL_*) must be >= 1"),
-        (cfg.torch.grad_accum_steps >= 1, "TORCH_GRAD_ACCUM_STEPS (DL_*) must be >= 1"),
-        (0 <= cfg.torch.dropout < 1, "TORCH_DROPOUT (DL_DROPOUT) must be in [0, 1)"),
-        (0 <= cfg.torch.modality_dropout <= 1, "TORCH_MODALITY_DROPOUT (DL_*) must be in [0, 1]"),
-        (cfg.keras.max_epochs >= 1 and cfg.keras.batch_size >= 1, "KERAS_MAX_EPOCHS and KERAS_BATCH_SIZE must be >= 1"),
-        (0 <= cfg.keras.dropout < 1, "KERAS_DROPOUT must be in [0, 1)"),
-        (0 <= cfg.keras.label_smoothing < 1, "KERAS_LABEL_SMOOTHING must be in [0, 1)"),
-        (
-            len(cfg.keras.imu_filters) == len(cfg.keras.imu_kernels),
-            "KERAS_IMU_FILTERS and KERAS_IMU_KERNELS differ in length",
-        ),
-        (
-            min(cfg.branchnet.epochs, cfg.branchnet.seeds, cfg.branchnet.width, cfg.branchnet.rnn_hidden) >= 0
-            and min(cfg.branchnet.tof_channels, cfg.branchnet.batch_size, cfg.branchnet.log_every) >= 0,
-            "BRANCHNET_EPOCHS/SEEDS/WIDTH/RNN_HIDDEN/TOF_CHANNELS/BATCH_SIZE/LOG_EVERY must be >= 0 (0 = the preset's)",
-        ),
-        (cfg.branchnet.debug_epochs >= 1, "BRANCHNET_DEBUG_EPOCHS must be >= 1"),
-        (0 <= cfg.branchnet.ema_decay < 1, "BRANCHNET_EMA_DECAY must be in [0, 1) (0 = the preset's)"),
-        (cfg.branchnet.lr > 0 and cfg.branchnet.weight_decay >= 0, "BRANCHNET_LR must be > 0, _WEIGHT_DECAY >= 0"),
-        (cfg.branchnet.warmup_epochs >= 0, "BRANCHNET_WARMUP_EPOCHS must be >= 0"),
-        (
-            0 <= cfg.branchnet.dropout < 1 and 0 <= cfg.branchnet.label_smoothing < 1,
-            "BRANCHNET_DROPOUT and BRANCHNET_LABEL_SMOOTHING must be in [0, 1)",
-        ),
-        (
-            all(
-                0 <= p <= 1
-                for p in (
-                    cfg.branchnet.mixup_prob,
-                    cfg.branchnet.stretch_prob,
-                    cfg.branchnet.sensor_dropout,
-                    cfg.branchnet.shift,
-                )
-            ),
-            "BRANCHNET_MIXUP_PROB, _STRETCH_PROB, _SENSOR_DROPOUT and _SHIFT must be in [0, 1]",
-        ),
-        (0 <= cfg.branchnet.stretch < 1, "BRANCHNET_STRETCH must be in [0, 1)"),
-        (cfg.branchnet.mixup_alpha >= 0 and cfg.branchnet.rotate_deg >= 0, "BRANCHNET_MIXUP_ALPHA/ROTATE_DEG >= 0"),
-        (
-            min(
-                cfg.branchnet.aux_nine, cfg.branchnet.aux_binary, cfg.branchnet.aux_orientation, cfg.branchnet.aux_phase
-            )
-            >= 0,
-            "BRANCHNET_AUX_* loss weights must be >= 0",
-        ),
-        (0 < cfg.ensemble.subject_pp_min_share <= 1, "ENSEMBLE_SUBJECT_PP_MIN_SHARE must be in (0, 1]"),
-        (cfg.ensemble.subject_pp_max_history >= 1, "ENSEMBLE_SUBJECT_PP_MAX_HISTORY must be >= 1"),
-        (cfg.ensemble.subject_pp_orders >= 1, "ENSEMBLE_SUBJECT_PP_ORDERS must be >= 1"),
-        (cfg.ensemble.wear_min_sequences >= 1, "ENSEMBLE_WEAR_MIN_SEQUENCES must be >= 1"),
-        (cfg.ensemble.wear_threshold_margin >= 1, "ENSEMBLE_WEAR_THRESHOLD_MARGIN must be >= 1"),
-        (cfg.ensemble.serve_max_rows >= 1, "ENSEMBLE_SERVE_MAX_ROWS must be >= 1"),
-        (cfg.ensemble.serve_max_subjects >= 1, "ENSEMBLE_SERVE_MAX_SUBJECTS must be >= 1"),
-        (cfg.ensemble.wear_max_history >= 1, "ENSEMBLE_WEAR_MAX_HISTORY must be >= 1"),
-        (0 < cfg.ensemble.wear_max_train_share <= 1, "ENSEMBLE_WEAR_MAX_TRAIN_SHARE must be in (0, 1]"),
-    ]
-    checks += [(cfg.member(m).weight >= 0, f"ENSEMBLE_W_{m.upper()} must be >= 0") for m in cfg.member_names()]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Reject values that parse but make no sense: one ConfigError listing every broken rule."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("; ".join(found))
 
 
 def load_config(
@@ -598,11 +906,14 @@ def load_config(
     return cfg
 
 
-# Fields of config.json files written before the weights moved into the member sections.
-_LEGACY_FIELDS: dict[tuple[str, str], tuple[str, str]] = {
+# Fields of earlier config.json layouts: the weights before they moved into the member sections, renamed
+# fields (KERAS_MAX_EPOCHS -> KERAS_EPOCHS) and removed ones (None: dropped; TORCH_NUM_WORKERS was never read).
+_LEGACY_FIELDS: dict[tuple[str, str], tuple[str, str] | None] = {
     ("ensemble", "w_lgbm"): ("lgbm", "weight"),
     ("ensemble", "w_torch"): ("torch", "weight"),
     ("ensemble", "w_keras"): ("keras", "weight"),
+    ("keras", "max_epochs"): ("keras", "epochs"),
+    ("torch", "num_workers"): None,
 }
 
 
@@ -610,8 +921,9 @@ def config_from_dict(data: Mapping[str, Any], config_class: type[Config] | None 
     """Rebuild a Config from ``to_dict()`` output (e.g. a saved config.json, older layouts included)."""
     cfg = (config_class or Config)()
     moved: dict[str, dict[str, Any]] = {}
-    for (sec, key), (new_sec, new_key) in _LEGACY_FIELDS.items():
-        if key in (data.get(sec) or {}):
+    for (sec, key), target in _LEGACY_FIELDS.items():
+        if key in (data.get(sec) or {}) and target is not None:
+            new_sec, new_key = target
             moved.setdefault(new_sec, {})[new_key] = data[sec][key]
     data = {s: {k: v for k, v in vals.items() if (s, k) not in _LEGACY_FIELDS} for s, vals in data.items()}
     for sec, vals in moved.items():
@@ -631,6 +943,104 @@ def config_from_dict(data: Mapping[str, Any], config_class: type[Config] | None 
     return cfg
 
 
+# --------------------------------------------------------------------------- the settings docs
+
+# The variables the README's short table shows (every one: docs/SETTINGS.md).
+README_VARIABLES: tuple[str, ...] = (
+    "CMI_DATA_DIR",
+    "CMI_OUT_DIR",
+    "CMI_SEED",
+    "CMI_DEBUG",
+    "CMI_N_THREADS",
+    "STRICT",
+    "LGBM_N_ESTIMATORS",
+    "TORCH_EPOCHS",
+    "KERAS_EPOCHS",
+    "BRANCHNET_PRESET",
+    "BRANCHNET_EPOCHS",
+)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each dataclass field's doc: the string literal right below it in the class body (a subclass's own
+    doc wins; a field it only re-declares keeps its base class's). Reads the source: for docs, not at run time."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _markdown(text: str) -> str:
+    """A table cell: ``|`` escaped, ``<``/``>`` outside code spans as entities, ``x`` spans as `x`."""
+    parts = re.split(r"(``?[^`]+``?)", text.replace("|", "\\|"))
+    return "".join(
+        "`" + p.strip("`") + "`" if p.startswith("`") else p.replace("<", "&lt;").replace(">", "&gt;") for p in parts
+    )
+
+
+def _default_cell(value: Any) -> str:
+    return '""' if value == "" else env_text(value)
+
+
+def _rows(cfg: Config, section_name: str, only: set[str] | None = None) -> list[str]:
+    section = getattr(cfg, section_name)
+    docs = field_docs(type(section))
+    names = variable_names(cfg)
+    presets = getattr(section, "PRESETS", {})
+    rows = []
+    for f in dataclasses.fields(section):
+        name = names[(section_name, f.name)]
+        if only is not None and name not in only:
+            continue
+        doc = docs.get(f.name, "")
+        if presets and f.name in next(iter(presets.values())):
+            doc += " (0 = the preset's: " + ", ".join(f"{p} {v[f.name]:g}" for p, v in presets.items()) + ")"
+        rows.append(f"| `{name}` | `{_default_cell(getattr(section, f.name))}` | {_markdown(doc)} |")
+    return rows
+
+
+_TABLE_HEAD = ["| variable | default | effect |", "|---|---|---|"]
+
+
+def settings_markdown(what: str = "all", cfg: Config | None = None) -> str:
+    """The generated settings docs (``main.py results`` writes them into their blocks; a test compares):
+
+    ``all``: every section, its doc and a table of its variables, defaults and field docs (docs/SETTINGS.md);
+    ``readme``: one table of ``README_VARIABLES``; ``deprecated``: the former names and what replaced them.
+    """
+    cfg = cfg or Config()
+    if what == "all":
+        out = []
+        for f in dataclasses.fields(cfg):
+            section = getattr(cfg, f.name)
+            doc = " ".join((inspect.getdoc(type(section)) or "").split("\n\n")[0].split())
+            out += [f"### `{f.name}` ({type(section).__name__})", "", _markdown(doc), "", *_TABLE_HEAD]
+            out += _rows(cfg, f.name) + [""]
+        return "\n".join(out[:-1]) + "\n"
+    if what == "readme":
+        wanted = set(README_VARIABLES)
+        rows = [r for f in dataclasses.fields(cfg) for r in _rows(cfg, f.name, wanted)]
+        return "\n".join([*_TABLE_HEAD, *rows]) + "\n"
+    if what == "deprecated":
+        rows = [
+            f"| `{old}` | {f'`{new}`' if new else 'nothing (ignored)'} | {_markdown(why)} |"
+            for old, (new, why) in deprecated_variables(cfg).items()
+        ]
+        return "\n".join(["| former name | now | why |", "|---|---|---|", *rows]) + "\n"
+    raise ConfigError(f"settings_markdown: unknown part {what!r} (all, readme, deprecated)")
+
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -647,4 +1057,5 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "parse_value",
+    "settings_markdown",
 ]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -39,13 +39,10 @@ from features import FRAME_FEATURES, FrameTable, build_frame_table, drop_tof_thm
 from metric import GESTURES, N_CLASSES, score_indices, score_proba
 from schema import DEMOGRAPHIC_FEATURES
 
+if TYPE_CHECKING:  # the one protocol of a loaded member (member_base); no import at run time
+    from member_base import LoadedMember
+
 log = logging.getLogger(__name__)
-
-
-class Member(Protocol):
-    classes_: tuple[str, ...] | list[str]
-
-    def predict_proba(self, table: FrameTable) -> np.ndarray: ...
 
 
 class MemberSource(Protocol):
@@ -55,7 +52,7 @@ class MemberSource(Protocol):
 
     def is_available(self) -> tuple[bool, str]: ...
 
-    def load(self, bundle_dir: Path, cfg: Config) -> Member: ...
+    def load(self, bundle_dir: Path, cfg: Config) -> LoadedMember: ...
 
 
 @dataclass(frozen=True)
@@ -63,10 +60,10 @@ class MemberSpec:
     """A ``MemberSource`` made of plain callables (for members that are not pipelines, e.g. in tests)."""
 
     name: str
-    load_member: Callable[[Path, Config], Member]
+    load_member: Callable[[Path, Config], LoadedMember]
     is_available: Callable[[], tuple[bool, str]] = lambda: (True, "")
 
-    def load(self, bundle_dir: Path, cfg: Config) -> Member:
+    def load(self, bundle_dir: Path, cfg: Config) -> LoadedMember:
         return self.load_member(bundle_dir, cfg)
 
 
@@ -604,7 +601,7 @@ class Predictor:
         self.bundle_root = Path(bundle_root) if bundle_root else cfg.run.resolved_bundle_dir()
         # weights.json, protocol.json, orientation_model.txt, wear.json and manifest.json: beside the bundles
         self.ensemble_dir = Path(ensemble_dir) if ensemble_dir else self.bundle_root.parent / "ensemble"
-        self.members: dict[str, Member] = {}
+        self.members: dict[str, LoadedMember] = {}
         self.missing: dict[str, str] = {}
         self.damaged: dict[str, str] = {}  # serving: members whose bundle raised at start-up (also in missing)
         self.steps_left_out: dict[str, str] = {}  # serving: optional steps whose file raised at start-up
@@ -709,7 +706,7 @@ class Predictor:
         section = self.cfg.member(name)
         return Path(section.bundle_path) if section.bundle_path else self.bundle_root / name
 
-    def _load_member(self, spec: MemberSource, bundle_dir: Path, folds_in_memory: bool) -> Member:
+    def _load_member(self, spec: MemberSource, bundle_dir: Path, folds_in_memory: bool) -> LoadedMember:
         """One member loaded and warmed up: a corrupt bundle, or a member that cannot predict, raises here."""
         member = spec.load(bundle_dir, self.cfg)
         if not folds_in_memory:
@@ -760,7 +757,7 @@ class Predictor:
         return ThreadPoolExecutor(max_workers=n, thread_name_prefix="member") if n > 1 else None
 
     @staticmethod
-    def _warm_up(member: Member) -> None:
+    def _warm_up(member: LoadedMember) -> None:
         """One full-sensor and one IMU-only call before serving: graph building and compilation
         (Keras XLA, lazy allocations) happen at start-up, not inside the first timed predict()."""
         n_ch = len(FRAME_FEATURES)

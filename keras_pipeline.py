@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 def _epochs(cfg: Config) -> int:
-    return cfg.keras.debug_epochs if cfg.run.debug else cfg.keras.max_epochs
+    return cfg.keras.debug_epochs if cfg.run.debug else cfg.keras.epochs
 
 
 def _channel_index() -> tuple[np.ndarray, np.ndarray]:

@@ -9,12 +9,12 @@
     python main.py ablate --data-dir DIR --out DIR --variant NAME:KEY=VALUE,... [--seeds 42,43,44] [--members lgbm]
     python main.py export-notebook --out FILE
     python main.py realism --data-dir DIR [--run OUT]   # the data (and a run) beside the real data's figures
-    python main.py results [--snapshot OUT] [--check]   # README/RESULTS figures re-rendered from their source files
+    python main.py results [--snapshot OUT] [--check]   # docs' figures and settings tables re-rendered
     python main.py gpu-check [--cpu] [--out DIR]  # one prepared GPU check: epoch times, memory, latency
     torchrun --nproc_per_node=N main.py train --members torch ...   # one job over N processes (DDP)
 
 Settings come from config.py (environment overrides such as LGBM_TRAIN=0,
-TORCH_EPOCHS=10, KERAS_MAX_EPOCHS=20); the members come from the registry in
+TORCH_EPOCHS=10, KERAS_EPOCHS=20); the members come from the registry in
 members.py. Nothing imports this module.
 """
 
@@ -162,6 +162,7 @@ def _stage_train(cfg: Config, names: list[str], timer: StageTimer, force: bool =
     from member_base import training_data
 
     cfg = threads.configure_threads(cfg, "train")  # once, before any member library starts its pools
+    cfg = cfg.resolved()  # after the threads: BRANCHNET_PRESET=auto asks torch for CUDA; config.json shows the result
     executors.check(cfg)  # e.g. --executor ray without Ray installed: fail before loading anything
     if distributed.init_from_env(cfg.run.ddp_timeout_min) and not distributed.is_main():
         return _train_other_rank(cfg, names, force)
@@ -954,7 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--out", default="outputs/realism.md", help="Markdown table (and .json beside it)")
     rl.set_defaults(func=cmd_realism)
 
-    rs = sub.add_parser("results", help="re-render the figures of README.md and docs/RESULTS.md from their sources")
+    rs = sub.add_parser("results", help="re-render the generated blocks of the docs (figures, settings tables)")
     rs.add_argument("--snapshot", help="first copy this finished run's figure files into docs/results/<name>/")
     rs.add_argument("--name", default="make_run", help="the snapshot's name (default make_run)")
     rs.add_argument("--check", action="store_true", help="only say which blocks are stale (exit 1 if any)")

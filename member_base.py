@@ -244,6 +244,7 @@ class MemberPipeline(ABC):
 
     def _train(self, data: TrainingData, cfg: Config, out_dir: Path, force: bool, ddp: bool) -> dict[str, Any]:
         main = distributed.is_main() or not ddp  # the one process that reads and writes the output folder
+        cfg = cfg.resolved()  # BranchNet's preset filled in: the fingerprint and the bundle's config.json show it
         bundle_dir = out_dir / "bundles" / self.name
         oof_dir = out_dir / "oof"
         t_start = time.perf_counter()
@@ -309,9 +310,7 @@ class MemberPipeline(ABC):
     ) -> dict | None:
         """The summary of a complete bundle that skip-if-trained keeps (logged), else None."""
         if not force and not cfg.member(self.name).skip_if_trained:
-            log.info(
-                "%s: skip-if-trained is off (%s_EARLY_EXIT_IF_BEST_EXISTS=0): retraining", self.name, self.name.upper()
-            )
+            log.info("%s: skip-if-trained is off (%s_SKIP_IF_TRAINED=0): retraining", self.name, self.name.upper())
             return None
         if force:
             return None
@@ -384,7 +383,7 @@ class MemberPipeline(ABC):
         if self.uses_aux_labels:
             for arr in (data.orientation, data.phase):
                 h.update(b"-" if arr is None else np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        section = dataclasses.asdict(cfg.member(self.name))
+        section = dataclasses.asdict(cfg.member(self.name).resolved())  # a preset as the values it stands for
         for key in SWITCH_FIELDS:  # switches, bundle location and blend weight do not change what is trained
             section.pop(key, None)
         settings = {

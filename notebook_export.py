@@ -45,9 +45,9 @@ defaults = {
     # "KERAS_BUNDLE_PATH": "/kaggle/input/<dataset>/keras",
     # "LOAD_TORCH_FOLDS_IN_MEMORY": "0", "LOAD_KERAS_FOLDS_IN_MEMORY": "0",  # low memory: reload folds per call
     # "FAIL_IF_TORCH_MISSING": "1", "FAIL_IF_KERAS_MISSING": "1",           # stop instead of blending without it
-    # "KERAS_EARLY_EXIT_IF_BEST_EXISTS": "1",                   # skip a member whose bundle is complete
-    # "TORCH_EPOCHS": "30", "KERAS_MAX_EPOCHS": "40",
-    # "BRANCHNET_PRESET": "gpu",                               # BranchNet on a GPU: 80 epochs x 3 seeds, wider
+    # "KERAS_SKIP_IF_TRAINED": "1",  # skip a member whose bundle is complete (was KERAS_EARLY_EXIT_IF_BEST_EXISTS)
+    # "TORCH_EPOCHS": "30", "KERAS_EPOCHS": "40",               # (KERAS_EPOCHS was KERAS_MAX_EPOCHS)
+    # "BRANCHNET_PRESET": "cpu",  # default auto: the gpu preset (80 epochs x 3 seeds, wider) when torch sees CUDA
     # "BRANCHNET_TRAIN": "0", "USE_BRANCHNET": "0",               # leave the BranchNet member out
 }
 for key, value in defaults.items():

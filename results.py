@@ -1,4 +1,5 @@
-"""Figures of README.md, docs/RESULTS.md and docs/SYNTH.md, produced by a command: ``main.py results``.
+"""Figures of README.md, docs/RESULTS.md, docs/SYNTH.md (and docs/SETTINGS.md's tables), produced by a command:
+``main.py results``.
 
 A figure in those two files lives only inside a generated block::
 
@@ -9,8 +10,9 @@ A figure in those two files lives only inside a generated block::
 Each block is rendered from files a command wrote: a snapshot of a finished run's outputs
 (``main.py results --snapshot OUT`` copies ``serve.json``, ``timings.json``, the OOF summaries, the
 blend summary and the subject post-processing replay of ``OUT`` into ``docs/results/<name>/``), the
-ablation tables ``main.py ablate`` wrote (``docs/ablations/*.csv``), and the realism table
-(``docs/realism/*.json``). ``main.py results`` re-renders every block in place;
+ablation tables ``main.py ablate`` wrote (``docs/ablations/*.csv``), the realism table
+(``docs/realism/*.json``), and the settings tables of docs/SETTINGS.md and the README (from the field
+docs in config.py). ``main.py results`` re-renders every block in place;
 ``tests/test_results.py`` fails when a committed block no longer matches its source files.
 
 Nothing here trains or serves; it only reads and writes Markdown.
@@ -30,7 +32,7 @@ from io_utils import read_json, write_json, write_text
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_DIR = ROOT / "docs" / "results"
-DOCS = (ROOT / "README.md", ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SYNTH.md")
+DOCS = (ROOT / "README.md", ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SYNTH.md", ROOT / "docs" / "SETTINGS.md")
 # What a snapshot keeps of a run's output folder (small JSON files; no model, no array).
 SNAPSHOT_FILES = (
     "serve.json",
@@ -261,7 +263,8 @@ _RUN_RENDERERS: dict[str, Callable[[Source], str]] = {
 
 
 def render(name: str, root: Path = ROOT) -> str:
-    """The body of block ``name``: ``run:<snapshot>:<part>``, ``csv:<path>`` or ``realism:<path>``."""
+    """The body of block ``name``: ``run:<snapshot>:<part>``, ``csv:<path>``, ``realism:<path>`` or
+    ``settings:<part>`` (the settings tables, from config.py's field docs: ``config.settings_markdown``)."""
     kind, _, rest = name.partition(":")
     if kind == "run":
         snap, _, part = rest.partition(":")
@@ -272,7 +275,14 @@ def render(name: str, root: Path = ROOT) -> str:
         return render_csv(root / rest)
     if kind == "realism":
         return render_realism(root / rest)
-    raise ResultsError(f"block {name!r}: unknown kind {kind!r} (run:, csv:, realism:)")
+    if kind == "settings":
+        import config
+
+        try:
+            return config.settings_markdown(rest)
+        except config.ConfigError as e:
+            raise ResultsError(f"block {name!r}: {e}") from None
+    raise ResultsError(f"block {name!r}: unknown kind {kind!r} (run:, csv:, realism:, settings:)")
 
 
 def blocks(text: str) -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ import branchnet_model as bm
 import branchnet_pipeline as bp
 import features
 import metric
-from config import ConfigError, load_config
+from config import SWITCH_FIELDS, BranchNetConfig, ConfigError, load_config
 from member_base import TrainingData
 from tests.factory import labelled_rows, training_data
 
@@ -35,7 +35,7 @@ TINY_ENV = {
 N_CH = len(features.FRAME_FEATURES)
 
 
-def tiny_settings(**env: str) -> tuple[object, bp.Settings]:
+def tiny_settings(**env: str) -> tuple[object, BranchNetConfig]:
     cfg = load_config({**TINY_ENV, **env})
     return cfg, bp.resolve_settings(cfg)
 
@@ -302,6 +302,8 @@ def test_presets_expand_and_explicit_settings_win():
         "cpu",
         *(bp.PRESETS["cpu"][k] for k in ("epochs", "seeds", "width")),
     )
+    record = bp.settings_record(s)  # what the bundle, effective_settings.json and the fingerprint keep
+    assert record["preset"] == "cpu" and "debug_epochs" not in record and not set(record) & set(SWITCH_FIELDS)
     g = bp.resolve_settings(load_config({"BRANCHNET_PRESET": "gpu", "BRANCHNET_SEEDS": "2"}))
     assert g.epochs == bp.PRESETS["gpu"]["epochs"] and g.width == bp.PRESETS["gpu"]["width"] and g.seeds == 2
     assert g.epochs >= 60 and bp.PRESETS["gpu"]["seeds"] >= 3

@@ -44,8 +44,8 @@ def test_help_lists_subcommands():
 def test_unknown_member_and_bad_env_are_errors(small_data, tmp_path):
     r = _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(tmp_path), "--members", "xgb"], {})
     assert r.returncode != 0 and "xgb" in r.stderr
-    r = _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(tmp_path)], {"KERAS_EPOCHS": "3"})
-    assert r.returncode != 0 and "KERAS_EPOCHS" in r.stderr
+    r = _run(["main.py", "train", "--data-dir", str(small_data), "--out", str(tmp_path)], {"KERAS_EPOCHZ": "3"})
+    assert r.returncode != 0 and "KERAS_EPOCHZ" in r.stderr
 
 
 def test_train_serve_report_end_to_end(small_data, tmp_path):
@@ -144,7 +144,7 @@ def test_exported_notebook_first_cell_shows_the_original_switches(monkeypatch):
         "LOAD_TORCH_FOLDS_IN_MEMORY",
         "LOAD_KERAS_FOLDS_IN_MEMORY",
         "FAIL_IF_TORCH_MISSING",
-        "KERAS_EARLY_EXIT_IF_BEST_EXISTS",
+        "KERAS_SKIP_IF_TRAINED",
     ):
         assert f'"{name}"' in first, name
     # Every switch it proposes, uncommented, is accepted by the config.

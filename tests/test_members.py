@@ -179,6 +179,8 @@ def test_bundle_round_trip_classes_and_feature_order(name, trained, data):
     assert meta["feature_names"] == t["pipeline"].feature_names(None, t["cfg"])
     assert meta["folds"] == [0, 1] and meta["fingerprint"]
     assert not list(t["bundle"].glob("*.pkl")) and (t["bundle"] / "config.json").is_file()
+    saved = json.loads((t["bundle"] / "config.json").read_text())  # resolved before training: effective values
+    assert saved["branchnet"]["preset"] in ("cpu", "gpu") and saved["branchnet"]["epochs"] > 0
     member = t["member"]
     assert tuple(member.classes_) == GESTURES
     p = member.predict_proba(data["td"].table)
@@ -347,7 +349,7 @@ def test_test_member_blends_with_a_registered_one(trained, data, tmp_path):
 
 @pytest.mark.parametrize("name", ["lgbm", TEST_MEMBER])
 def test_early_exit_switch_off_retrains(name, trained, data, monkeypatch, caplog):
-    """<M>_EARLY_EXIT_IF_BEST_EXISTS=0 (the original Keras notebook's switch) turns skip-if-trained off."""
+    """<M>_SKIP_IF_TRAINED=0 (once the original Keras notebook's <M>_EARLY_EXIT_IF_BEST_EXISTS) retrains."""
     t = trained(name)
     pipeline = t["pipeline"]
     calls: list[int] = []
@@ -361,7 +363,7 @@ def test_early_exit_switch_off_retrains(name, trained, data, monkeypatch, caplog
         {
             **{"CMI_N_THREADS": "1", "CMI_SEED": "3", "CMI_DEBUG": "1", "CMI_N_FOLDS": "2"},
             **TINY[name],
-            f"{name.upper()}_EARLY_EXIT_IF_BEST_EXISTS": "0",
+            f"{name.upper()}_SKIP_IF_TRAINED": "0",
         },
         config_class=ConfigWithCentroid,
         out_dir=str(t["out"]),

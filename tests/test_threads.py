@@ -24,7 +24,7 @@ def test_auto_uses_the_affinity_cores_for_training_and_the_serving_default(monke
 def test_explicit_count_wins_and_negatives_are_rejected():
     cfg = config.load_config({"CMI_N_THREADS": "3"})
     assert threads.n_threads(cfg, "train") == 3 and threads.n_threads(cfg, "serve") == 3
-    with pytest.raises(config.ConfigError, match="CMI_N_THREADS must be >= 0"):
+    with pytest.raises(config.ConfigError, match="CMI_N_THREADS=-1: must be >= 0"):
         config.load_config({"CMI_N_THREADS": "-1"})
     with pytest.raises(ValueError, match="role"):
         threads.n_threads(cfg, "predict")
