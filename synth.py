@@ -105,11 +105,14 @@ class Location:
 # they are the look-alikes of the real protocol.
 LOCATIONS: dict[str, Location] = {
     "above_ear": Location((0.00, -0.19, 0.67), (0.0, 0.35, 1.0), (0.1, -1.0, 0.2), (0, -1, 0.3), (1, 0, 0.2)),
-    "cheek": Location((0.15, -0.13, 0.57), (-0.3, 0.45, 0.85), (0.6, -0.6, 0.1), (0.6, -0.8, 0), (0, 0.2, 1)),
+    "cheek": Location((0.16, -0.125, 0.595), (-0.3, 0.45, 0.85), (0.6, -0.6, 0.1), (0.6, -0.8, 0), (0, 0.2, 1)),
     "eyebrow": Location((0.21, -0.07, 0.63), (-0.4, 0.2, 0.9), (1.0, -0.3, 0.3), (1, -0.2, 0.2), (0, 1, 0)),
     "eyelash": Location((0.21, -0.065, 0.605), (-0.45, 0.2, 0.87), (1.0, -0.3, 0.2), (1, -0.2, 0.1), (0, 1, 0)),
-    "forehead": Location((0.19, -0.05, 0.69), (-0.35, 0.15, 0.92), (1.0, -0.2, 0.35), (1, 0, 0.5), (0, 1, 0)),
-    "neck": Location((0.15, -0.12, 0.49), (-0.4, 0.5, 0.75), (0.7, -0.6, -0.1), (0.6, -0.8, 0), (0, 0.3, 1)),
+    # the hairline: the hand comes over the top, palm down, and pulls up and back
+    "forehead": Location((0.15, -0.05, 0.75), (-0.3, 0.15, 0.94), (0.6, -0.2, 1.0), (0.4, 0, 1.0), (0, 1, 0)),
+    # the side of the neck, reached with the forearm raised much as for the hair above the ear: the two look
+    # alike to the IMU; the thermopiles and ToF tell bare skin from hair
+    "neck": Location((0.07, -0.125, 0.52), (-0.15, 0.55, 0.82), (0.35, -0.95, 0.15), (0.3, -0.95, 0), (0, 0.1, 1)),
     "thigh": Location((0.24, -0.12, 0.14), (1.0, 0.05, -0.35), (0.1, -0.1, 1.0), (0, 0, 1), (1, 0, 0)),
     "thigh_lying": Location((0.14, -0.13, -0.17), (0.3, 0.05, -1.0), (1.0, -0.1, 0.2), (1, 0, 0), (0, 0, -1)),
     "bottle": Location((0.40, -0.16, 0.30), (0.9, 0.35, -0.1), (0.0, -1.0, 0.3), (0, 0, 1), (0, 0, 1)),
@@ -123,24 +126,24 @@ LOCATIONS: dict[str, Location] = {
 
 # gesture -> (location, motion pattern, amplitude m, frequency Hz, wrist rotation rad)
 GESTURE_SPECS: dict[str, tuple[str, str, float, float, float]] = {
-    "Above ear - pull hair": ("above_ear", "pull", 0.032, 0.9, 0.25),
-    "Cheek - pinch skin": ("cheek", "pinch", 0.006, 1.0, 0.28),
-    "Eyebrow - pull hair": ("eyebrow", "pull", 0.022, 1.0, 0.22),
-    "Eyelash - pull hair": ("eyelash", "pull", 0.017, 1.1, 0.20),
-    "Forehead - pull hairline": ("forehead", "pull", 0.028, 0.9, 0.22),
-    "Forehead - scratch": ("forehead", "scratch", 0.008, 2.8, 0.16),
-    "Neck - pinch skin": ("neck", "pinch", 0.007, 1.0, 0.28),
-    "Neck - scratch": ("neck", "scratch", 0.009, 2.8, 0.16),
+    "Above ear - pull hair": ("above_ear", "pull", 0.045, 0.9, 0.30),
+    "Cheek - pinch skin": ("cheek", "pinch", 0.010, 1.4, 0.32),
+    "Eyebrow - pull hair": ("eyebrow", "pull", 0.032, 1.0, 0.26),
+    "Eyelash - pull hair": ("eyelash", "pull", 0.027, 1.1, 0.24),
+    "Forehead - pull hairline": ("forehead", "pull", 0.042, 0.9, 0.26),
+    "Forehead - scratch": ("forehead", "scratch", 0.013, 2.7, 0.2),
+    "Neck - pinch skin": ("neck", "pinch", 0.012, 1.6, 0.28),
+    "Neck - scratch": ("neck", "scratch", 0.012, 1.7, 0.25),
     "Drink from bottle/cup": ("bottle", "drink", 0.0, 0.0, 1.1),
-    "Feel around in tray and pull out an object": ("tray", "tray", 0.035, 1.0, 0.3),
-    "Glasses on/off": ("eyes_glasses", "glasses", 0.14, 0.0, 0.4),
-    "Pinch knee/leg skin": ("thigh", "pinch", 0.007, 1.0, 0.28),
-    "Pull air toward your face": ("air_pull", "pull_air", 0.20, 0.7, 0.5),
-    "Scratch knee/leg skin": ("thigh", "scratch", 0.009, 2.8, 0.16),
-    "Text on phone": ("phone", "text", 0.004, 2.5, 0.06),
-    "Wave hello": ("wave", "wave", 0.06, 1.4, 0.5),
-    "Write name in air": ("air_front", "write", 0.04, 1.0, 0.12),
-    "Write name on leg": ("thigh", "write", 0.03, 1.0, 0.10),
+    "Feel around in tray and pull out an object": ("tray", "tray", 0.06, 1.0, 0.4),
+    "Glasses on/off": ("eyes_glasses", "glasses", 0.20, 0.0, 0.7),
+    "Pinch knee/leg skin": ("thigh", "pinch", 0.011, 1.3, 0.30),
+    "Pull air toward your face": ("air_pull", "pull_air", 0.20, 0.7, 0.6),
+    "Scratch knee/leg skin": ("thigh", "scratch", 0.013, 2.4, 0.22),
+    "Text on phone": ("phone", "text", 0.006, 2.5, 0.08),
+    "Wave hello": ("wave", "wave", 0.06, 1.4, 0.6),
+    "Write name in air": ("air_front", "write", 0.04, 1.0, 0.16),
+    "Write name on leg": ("thigh", "write", 0.045, 1.0, 0.14),
 }
 PATTERNS: tuple[str, ...] = (
     "pull",
@@ -271,6 +274,8 @@ class _Subject:
     rotated_device: bool
     rng: np.random.Generator
     tilt_y: float = 0.0  # radians: the device sits tilted about its own y axis on this wearer's wrist (0: not)
+    # how this wearer's strap sits: a small rotation (rad, device x/y/z) of the device on the wrist, everyone
+    strap_rv: tuple[float, float, float] = (0.0, 0.0, 0.0)
     # style
     scale: float = 1.0
     arm: float = 1.0
@@ -319,6 +324,32 @@ def _smooth_noise(rng: np.random.Generator, n: int, dims: int, sigma_samples: fl
     return f / s * std
 
 
+def _slow_wander(rng: np.random.Generator, n: int, sigma_samples: float) -> np.ndarray:
+    """Slow Gaussian noise of unit standard deviation *in expectation* (white noise through a Gaussian filter of
+    ``sigma_samples``, scaled by the filter's gain). Unlike ``_smooth_noise`` it is not rescaled by the draw's own
+    spread, which explodes when ``n`` is short against ``sigma_samples`` (a nearly flat draw divided by its tiny sd)."""
+    pad = 4 * int(sigma_samples) + 4
+    w = rng.standard_normal(n + 2 * pad)
+    f = gaussian_filter1d(w, sigma_samples, mode="wrap")[pad : pad + n]
+    return f * np.sqrt(2.0 * np.sqrt(np.pi) * sigma_samples)
+
+
+def _sloppy_envelope(rng: np.random.Generator, tau: np.ndarray) -> np.ndarray:
+    """How fully a person performs the motion over time: a slowly wandering strength (sd ~25 %) and, in about
+    a third of the gestures, a hesitation of 0.4-0.9 s where the motion nearly stops (REAL_DATA_FACTS.md §1:
+    real gestures are not metronomic)."""
+    n = len(tau)
+    if n < 9:
+        return np.ones(n)
+    env = np.exp(0.25 * _slow_wander(rng, n, 0.5 * OVERSAMPLE * FS))
+    if rng.random() < 0.33 and tau[-1] > 1.5:
+        mid = rng.uniform(0.6, tau[-1] - 0.6)
+        half = 0.5 * rng.uniform(0.4, 0.9)
+        dip = np.clip((np.abs(tau - mid) - half) / 0.2 + 1.0, 0.0, 1.0)  # 0 inside the pause, ramps of 0.2 s
+        env *= 0.12 + 0.88 * _minjerk(dip)
+    return env
+
+
 def _pattern(
     kind: str,
     tau: np.ndarray,
@@ -341,8 +372,10 @@ def _pattern(
     side = side / (np.linalg.norm(side) + 1e-9)
     disp = np.zeros((n, 3))
     rv = np.zeros((n, 3))
-    env = _minjerk(tau / 0.5)  # ease in, keeps the position continuous with the hold
-    w2p = 2 * np.pi * freq * tau + ph
+    env = _minjerk(tau / 0.5) * _sloppy_envelope(rng, tau)  # ease in: continuous with the hold
+    # the rhythm wanders (+-15 %, slowly): the phase is the integral of the instantaneous frequency
+    f_t = freq * np.exp(0.15 * _slow_wander(rng, n, 0.6 * OVERSAMPLE * FS))
+    w2p = 2 * np.pi * np.concatenate([[0.0], np.cumsum(f_t[1:] * np.diff(tau))]) + ph
     if kind == "pull":
         # slow repeated tugs: quick pull away from the skin, slower release
         c = 0.5 * (1 - np.cos(w2p))
@@ -352,12 +385,15 @@ def _pattern(
         rv[:, 0] = env * c * rot
         rv[:, 1] = env * c * rot * style["twist_mix"]
     elif kind == "pinch":
-        # small twisting of the fingers: forearm roll with a slight pull
+        # small twisting of the fingers with a slight pull: the twist leads the pull by a quarter cycle. The
+        # twist axis mixes forearm roll (y) and wrist flexion (x) in a proportion of the person's own, so the
+        # per-axis energy says little; the timing between twist and pull is what marks a pinch
         s = np.sin(w2p)
         c = 0.5 * (1 - np.cos(w2p))
         disp = env[:, None] * (c * amp)[:, None] * nrm
-        rv[:, 1] = env * s * rot
-        rv[:, 0] = env * c * rot * 0.3
+        axis = _n([style["rot_axis_mix"], 1.0, 0.0])
+        rv = (env * s * rot)[:, None] * axis
+        rv[:, 0] += env * c * rot * 0.3
     elif kind == "scratch":
         s = np.sin(w2p)
         jitter = 1.0 + 0.25 * _smooth_noise(rng, n, 1, 6, 1.0)[:, 0]
@@ -365,7 +401,9 @@ def _pattern(
             env[:, None] * (amp * jitter * s)[:, None] * _n(tan + style["scr_slant"] * side)
             + env[:, None] * (0.3 * amp * np.abs(s))[:, None] * nrm
         )
-        rv[:, 0] = env * rot * jitter * np.sin(w2p + 0.6)
+        # the wrist rocks with the stroke, nearly in phase with it (the pinch's twist leads by a quarter cycle)
+        axis = _n([1.0, style["rot_axis_mix"], 0.0])
+        rv = (env * rot * jitter * np.sin(w2p + 0.25))[:, None] * axis
     elif kind == "wave":
         s = np.sin(w2p)
         disp = env[:, None] * (amp * s)[:, None] * tan
@@ -471,8 +509,8 @@ def _make_sequence(
     t = np.arange(nf) / (FS * OVERSAMPLE)
 
     # target position: nominal location, subject habit, trial jitter
-    target = np.asarray(loc.pos) * s + style["loc_off"][loc_key] + rng.normal(0, 0.008, 3) * s
-    tgt_rv = style["rot_off"][loc_key] + rng.normal(0, 0.08, 3)
+    target = np.asarray(loc.pos) * s + style["loc_off"][loc_key] + rng.normal(0, 0.012, 3) * s
+    tgt_rv = style["rot_off"][loc_key] + rng.normal(0, 0.12, 3)
     rest = np.asarray(REST_POSES[orientation][0]) * s + style["rest_off"][orientation] + rng.normal(0, 0.02, 3) * s
     rest_rv = rng.normal(0, 0.15, 3)
     nrm, tan = _n(loc.normal), _n(loc.tangent)
@@ -503,7 +541,7 @@ def _make_sequence(
     disp, rv_f = _pattern(kind, tau, gest / FS, amp, freq, rot, rng.uniform(-0.3, 0.3), rng, nrm, tan, pat_style)
     pos[ig:] += disp
     # physiological tremor (smooth, so its acceleration stays small)
-    pos += _smooth_noise(rng, nf, 3, 6, 0.0015 * style["tremor"])
+    pos += _smooth_noise(rng, nf, 3, 6, 0.0022 * style["tremor"])
 
     # acceleration by finite differences on the 40 Hz grid, averaged down to 10 Hz
     dt = 1.0 / (FS * OVERSAMPLE)
@@ -554,8 +592,8 @@ def _make_sequence(
 def _make_style(rng: np.random.Generator, s: float) -> dict:
     """Per-subject habits: where exactly they touch, how they hold the hand, how big/fast they move."""
     return {
-        "loc_off": {k: rng.normal(0, 0.014, 3) * s for k in LOCATIONS},
-        "rot_off": {k: rng.normal(0, 0.2, 3) for k in LOCATIONS},
+        "loc_off": {k: rng.normal(0, 0.02, 3) * s for k in LOCATIONS},
+        "rot_off": {k: rng.normal(0, 0.3, 3) for k in LOCATIONS},
         "rest_off": {o: rng.normal(0, 0.04, 3) * s for o in schema.ORIENTATIONS},
         "amp": {k: float(np.exp(rng.normal(0, 0.3))) for k in PATTERNS},
         "freq": {k: float(np.exp(rng.normal(0, 0.2))) for k in PATTERNS},
@@ -569,6 +607,7 @@ def _make_style(rng: np.random.Generator, s: float) -> dict:
             "twist_mix": float(rng.normal(0.0, 0.4)),
             "scr_slant": float(rng.normal(0.0, 0.5)),
             "write_speed": float(rng.uniform(0.5, 1.5)),
+            "rot_axis_mix": float(rng.normal(0.0, 0.8)),
         },
     }
 
@@ -699,11 +738,23 @@ def _proximity(
 
     reach = 0.45 * s  # a ray can only report a surface within range of the wrist
     spheres = [(HEAD_C * s, HEAD_R * s, 1.0), (NECK_C * s, NECK_R * s, 1.0)]
-    for c, r, warm in spheres:
+    for k, (c, r, warm) in enumerate(spheres):
         rows = np.flatnonzero(np.linalg.norm(pos - c, axis=1) < reach + r)
-        if len(rows):
-            (ox, oy, oz), (ux, uy, uz) = sub(rows)
-            update(rows, _hit_sphere(ox, oy, oz, ux, uy, uz, c.astype(np.float32), np.float32(r)), warm)
+        if not len(rows):
+            continue
+        (ox, oy, oz), (ux, uy, uz) = sub(rows)
+        t = _hit_sphere(ox, oy, oz, ux, uy, uz, c.astype(np.float32), np.float32(r))
+        if k == 0:
+            # hair covers the top, the sides above the ears and the back of the head: it is cooler than skin
+            # (it insulates) and its reflections scatter a centimetre or two deep
+            with np.errstate(invalid="ignore"):
+                hx, hz = ox + t * ux, oz + t * uz
+            hair = np.isfinite(t) & ((hz > c[2] + 0.03 * s) | ((hx < c[0] + 0.03 * s) & (hz > c[2] - 0.035 * s)))
+            depth = rng.uniform(0.0, 0.02, t.shape).astype(np.float32)
+            update(rows, np.where(hair, np.inf, t), warm)
+            update(rows, np.where(hair, t + depth, np.inf), 0.3)
+        else:
+            update(rows, t, warm)
     thc = np.stack([q.thigh_c for q in seqs])[kin.rep].astype(np.float32)  # (N, 2, 3)
     for j in range(2):
         rows = np.flatnonzero(np.linalg.norm(pos - thc[:, j], axis=1) < reach + 0.085 * s)
@@ -809,6 +860,15 @@ def _tilt_about_y(acc: np.ndarray, quat: np.ndarray, angle: float) -> None:
     quat[:] = r.as_quat()[:, [3, 0, 1, 2]]
 
 
+def _strap(acc: np.ndarray, quat: np.ndarray, rotvec: np.ndarray) -> None:
+    """In place: the IMU signal of a device sitting on the wrist rotated by ``rotvec`` (device axes) from its
+    nominal place: every wearer's strap sits a little differently (a few degrees about x and z, up to ~10
+    about the forearm axis y)."""
+    r0 = Rotation.from_rotvec(rotvec)
+    acc[:] = r0.inv().apply(acc)
+    quat[:] = (Rotation.from_quat(quat[:, [1, 2, 3, 0]]) * r0).as_quat()[:, [3, 0, 1, 2]]
+
+
 def _rotate_about_z(acc: np.ndarray, quat: np.ndarray, thm: np.ndarray, tof: np.ndarray) -> None:
     """In place: the signal of a device worn turned 180 degrees about its own z axis.
 
@@ -845,10 +905,12 @@ def _simulate_subject(subj: _Subject, seq_ids: list[str], imu_only: np.ndarray, 
     thm_base = ambient + rng.uniform(0.8, 3.0, 5)  # the device warms up on the wrist
 
     kin = _kinematics(seqs, subj)
-    acc = kin.acc + rng.normal(0, 0.06, (N, 3)) + rng.normal(0, 0.08, 3)  # white noise + bias
+    acc = kin.acc + rng.normal(0, 0.08, (N, 3)) + rng.normal(0, 0.08, 3)  # white noise + bias
     r = Rotation.from_quat(kin.quat[:, [1, 2, 3, 0]]) * Rotation.from_rotvec(rng.normal(0, 0.004, (N, 3)))
     quat = r.as_quat()[:, [3, 0, 1, 2]]
     tof, thm = _proximity(seqs, kin, subj, rng, thm_base, skin)
+    if any(subj.strap_rv):
+        _strap(acc, quat, np.asarray(subj.strap_rv))
     if not subj.right_handed:
         _mirror(acc, quat, thm, tof)
     if subj.rotated_device:
@@ -1055,6 +1117,7 @@ def generate(
         subj.scale = subj.height / 170.0
         subj.arm = subj.shoulder_to_wrist / 52.0
         subj.speed = float(np.exp(rng.normal(0, 0.15)))
+        subj.strap_rv = tuple(float(v) for v in rng.normal(0.0, np.deg2rad([4.0, 10.0, 4.0])))
         if i in tilted:
             subj.tilt_y = float(np.deg2rad(rng.uniform(20.0, 40.0)) * rng.choice([-1.0, 1.0]))
         subjects.append(subj)

@@ -339,6 +339,9 @@ def test_proximity_sensors_respond_to_skin(ds6: synth.SynthDataset) -> None:
     # at the neck the ToF sees skin close by and the thermopiles warm; waving in the air does not
     assert by["Neck - pinch skin"]["near"] < 90
     assert by["Neck - pinch skin"]["thm_max"] > by["Wave hello"]["thm_max"] + 0.5
+    # hair above the ear insulates: the thermopiles warm less there than over the bare skin of the neck, which
+    # is how ToF/THM resolve the IMU-only look-alikes Above ear <-> Neck-pinch (REAL_DATA_FACTS.md §4)
+    assert by["Neck - pinch skin"]["thm_max"] > by["Above ear - pull hair"]["thm_max"] + 0.5
     rest = tr.filter(pl.col("behavior").is_in(list(schema.BEHAVIORS[:2])))
     assert rest.select(pl.max_horizontal(THM).mean()).item() < by["Neck - pinch skin"]["thm_max"]
 
@@ -487,3 +490,27 @@ def test_tilted_wearer_turns_only_the_imu_about_device_y() -> None:
     turn = (Rotation.from_quat(a[ok][:, [4, 5, 6, 3]]).inv() * Rotation.from_quat(b[ok][:, [4, 5, 6, 3]])).as_rotvec()
     assert np.allclose(turn[:, 1], np.deg2rad(30.0), atol=2e-3) and np.abs(turn[:, [0, 2]]).max() < 2e-3
     assert np.array_equal(b[:, 7:], a[:, 7:], equal_nan=True)  # thermopiles and ToF keep their places
+
+
+def test_strap_rotation_turns_only_the_imu() -> None:
+    out = []
+    for strap in ((0.0, 0.0, 0.0), (0.0, np.deg2rad(10.0), 0.0)):
+        rng = np.random.default_rng(321)
+        subj = synth._Subject("SUBJ_000001", 1, 30, 1, True, 172.0, 52, 26.0, False, rng, strap_rv=strap)
+        out.append(
+            synth._simulate_subject(subj, [f"SEQ_{i:06d}" for i in range(102)], np.zeros(102, bool), False).sensors
+        )
+    a, b = (x.astype(np.float64) for x in out)
+    assert np.allclose(b[:, 1], a[:, 1], atol=1 / 256)  # about the forearm axis: acc_y stays
+    assert np.abs(b[:, 0] - a[:, 0]).mean() > 0.1
+    assert np.array_equal(b[:, 7:], a[:, 7:], equal_nan=True)
+
+
+def test_gestures_are_sloppy_sometimes() -> None:
+    rng = np.random.default_rng(0)
+    tau = np.arange(int(3.2 * synth.FS * synth.OVERSAMPLE)) / (synth.FS * synth.OVERSAMPLE)
+    envs = [synth._sloppy_envelope(rng, tau) for _ in range(300)]
+    paused = np.mean([e.min() < 0.2 for e in envs])
+    assert 0.25 < paused < 0.42  # about a third hesitate
+    assert all(e.min() > 0.05 and e.max() < 3.0 for e in envs)
+    assert np.std([e.mean() for e in envs]) > 0.05  # the strength wanders from gesture to gesture
