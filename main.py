@@ -15,7 +15,10 @@
 
 Settings come from config.py (environment overrides such as LGBM_TRAIN=0,
 TORCH_EPOCHS=10, KERAS_EPOCHS=20); the members come from the registry in
-members.py. Nothing imports this module.
+members.py. Nothing imports this module. Tooling (the generator, report, ablation, benchmarks, gpu check,
+realism, results, notebook export) lives in tools/ and is imported only inside the commands that use it
+(`run` too: it generates data first and writes the report last), so training and serving (stage_train,
+stage_serve, kaggle_main) never load it and the exported notebook does not carry it.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def stage_synth(
     rotated_train_subjects: int | None = None,
     rot_missing_fraction: float | None = None,
 ) -> Path:
-    import synth
+    from tools import synth
 
     paths = synth.write_dataset(
         out,
@@ -511,7 +514,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    import report
+    from tools import report
 
     setup_logging(None)
     path = report.write_report(Path(args.out))
@@ -542,7 +545,7 @@ def _run_stages(args: argparse.Namespace, out: Path) -> None:
     stage_train(cfg, parse_members(args.members, cfg), timer, force=args.force, output_claimed=True)
     stage_serve(cfg, timer)
     timer.record("train + serve total", time.perf_counter() - t0)
-    import report
+    from tools import report
 
     path = report.write_report(out)
     log.info("report written: %s", path)
@@ -550,8 +553,8 @@ def _run_stages(args: argparse.Namespace, out: Path) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
-    import ablation
     from config import ConfigError
+    from tools import ablation
 
     try:  # every variant's settings are checked before anything is loaded or trained
         cfg = make_config(args)
@@ -596,14 +599,14 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import benchmarks
+    from tools import benchmarks
 
     setup_logging(None)
     benchmarks.main(Path(args.out), quick=args.quick, contention=args.contention)
 
 
 def cmd_gpu_check(args: argparse.Namespace) -> None:
-    import gpu_check
+    from tools import gpu_check
 
     setup_logging(Path(args.out), args.verbose)
     only = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
@@ -613,7 +616,7 @@ def cmd_gpu_check(args: argparse.Namespace) -> None:
 
 
 def cmd_realism(args: argparse.Namespace) -> None:
-    import realism
+    from tools import realism
 
     setup_logging(None)
     data_dir = Path(args.data_dir) if args.data_dir else (Path(args.run) / "data" if args.run else None)
@@ -628,7 +631,7 @@ def cmd_realism(args: argparse.Namespace) -> None:
 
 
 def cmd_results(args: argparse.Namespace) -> None:
-    import results
+    from tools import results
 
     setup_logging(None)
     try:
@@ -644,7 +647,7 @@ def cmd_results(args: argparse.Namespace) -> None:
 
 
 def cmd_export_notebook(args: argparse.Namespace) -> None:
-    import notebook_export
+    from tools import notebook_export
 
     setup_logging(None)
     path = notebook_export.export_notebook(Path(args.out))
@@ -902,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--contention",
         action="store_true",
-        help="also each member alone vs beside a competing train/serve process (bench/bench_contention.py)",
+        help="also each member alone vs beside a competing train/serve process (tools/bench/bench_contention.py)",
     )
     b.set_defaults(func=cmd_bench)
 

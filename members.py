@@ -2,7 +2,7 @@
 
 A new member is one new ``*_pipeline.py`` (a ``member_base.MemberPipeline``
 subclass) plus one line in ``REGISTRY`` (and its config section in config.py).
-Every other module (``main.py``, ``benchmarks.py``, ``notebook_export.py``, the
+Every other module (``main.py``, ``tools/benchmarks.py``, ``tools/notebook_export.py``, the
 Predictor, the tests) asks this module. Importing it imports no member: a
 pipeline module is imported when its member is first asked for.
 """

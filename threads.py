@@ -35,7 +35,7 @@ TRAIN_NICENESS = 5
 
 # Intra-op threads for single-sequence serving when CMI_N_THREADS is 0 (auto). One sequence is a
 # small tensor (~60 steps): a second thread saves little and costs hand-offs. Measured 1 vs 2 with
-# bench/bench_contention.py: 1 was faster for torch and keras (docs/ARCHITECTURE.md has the numbers).
+# tools/bench/bench_contention.py: 1 was faster for torch and keras (docs/ARCHITECTURE.md has the numbers).
 SERVING_THREADS = 1
 
 

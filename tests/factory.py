@@ -230,7 +230,7 @@ def trained_lgbm_run(root: Path, env: dict[str, str], n_subjects: int, seed: int
     import config
     import data
     import main
-    import synth
+    from tools import synth
 
     kwargs = {} if n_test_subjects is None else {"n_test_subjects": n_test_subjects}
     synth.write_dataset(root / "data", n_subjects=n_subjects, seed=seed, **kwargs)

@@ -17,16 +17,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-import ablation
 import cv
 import data
 import main
 import members
-from ablation import AblationError, AblationSpec, ModelPreds, RunsOOF, Variant
 from config import Config, ConfigError
 from metric import GESTURES, N_CLASSES, score_indices
 from tests.centroid_pipeline import ConfigWithCentroid
 from tests.factory import demographics, labelled_rows
+from tools import ablation
+from tools.ablation import AblationError, AblationSpec, ModelPreds, RunsOOF, Variant
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_MEMBER, TEST_MEMBER_ENTRY = "centroid", "tests.centroid_pipeline:CentroidPipeline"
@@ -525,7 +525,7 @@ TRAIN_ENV = {
 
 @pytest.fixture(scope="module")
 def synth_data(tmp_path_factory) -> Path:
-    import synth
+    from tools import synth
 
     d = tmp_path_factory.mktemp("abl_synth")
     synth.write_dataset(d, n_subjects=3, seed=5, n_test_subjects=1)

@@ -223,7 +223,7 @@ def test_the_committed_settings_tables_are_the_rendered_ones():
 
 
 def test_a_hand_edited_settings_table_is_stale_and_regenerated(tmp_path):
-    import results
+    from tools import results
 
     readme = (ROOT / "README.md").read_text()
     body = _settings_blocks(readme)["readme"]

@@ -228,7 +228,7 @@ def _drop_rotation(raw: pl.DataFrame) -> pl.DataFrame:
 
 def test_a_sequence_without_rotation_gets_gravity_from_the_accelerometer():
     """Issue 12: with identity rotation, 'linear' acceleration still holds gravity (~9.8 m/s^2)."""
-    import synth
+    from tools import synth
 
     raw = synth.generate(n_subjects=1, seed=3, n_test_subjects=0).train.drop("gesture", strict=False)
     raw = raw.filter(pl.col("sequence_id").is_in(raw["sequence_id"].unique().sort()[:12].implode()))

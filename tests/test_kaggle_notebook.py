@@ -7,6 +7,7 @@ message saying what to attach — never train for hours, never die at start-up w
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import pytest
 
 import bundle
 import main
-import notebook_export
 from config import load_config
+from tests import import_graph
 from tests.factory import LGBM_ONLY_ENV
+from tools import notebook_export
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {**LGBM_ONLY_ENV, "CMI_DEBUG": "1"}
@@ -96,6 +98,48 @@ def test_exported_notebook_succeeds_on_the_commit_run_and_on_the_rerun(small_dat
     assert stop.returncode != 0
     assert "CMI_BUNDLE_DIR=/kaggle/input/<dataset>/bundles" in stop.stderr
     assert not (tmp_path / "stop" / "out" / "bundles").exists()
+
+
+# --------------------------------------------------------------------------- what the notebook carries
+
+# main.py's product path: the notebook's entry point and the CLI's train and serve commands. Its other
+# commands (synth, run, report, bench, ...) are tooling and import from tools/ inside themselves.
+MAIN_ENTRY_POINTS = {"kaggle_main", "cmd_train", "cmd_serve"}
+
+
+def _needed_modules() -> set[str]:
+    """The modules training and serving import (ast, transitively): main's product path, the Predictor and
+    the gateway, and every pipeline of the member registry (imported by name at run time, so named here)."""
+    import members
+
+    edges = import_graph.graph()
+    edges["main"] = import_graph.path_imports(ROOT / "main.py", MAIN_ENTRY_POINTS, set(edges))
+    roots = {"main", "ensemble", "inference_server", *(members.module_name(m) for m in members.names())}
+    return import_graph.closure(roots, edges)
+
+
+def test_the_notebook_carries_what_training_and_serving_import_and_nothing_else(tmp_path):
+    needed = _needed_modules()
+    assert {"main", "ensemble", "features", "lgbm_pipeline", "branchnet_model", "blend"} <= needed
+    tooling = sorted(m for m in needed if m == "tools" or m.startswith("tools."))
+    assert tooling == [], f"training or serving imports tooling: {tooling}"
+    carried = {name.removesuffix(".py") for name in notebook_export.modules()}
+    assert not needed - carried, f"needed by training/serving but not in the notebook: {sorted(needed - carried)}"
+    assert not carried - needed, f"in the notebook but not imported by training/serving: {sorted(carried - needed)}"
+    # the cells write exactly those files
+    code = "\n".join(notebook_export.notebook_code(notebook_export.export_notebook(tmp_path / "nb.ipynb")))
+    written = set(re.findall(r"\(Path\(SRC_DIR\) / '([^']+\.py)'\)\.write_text", code))
+    assert written == set(notebook_export.modules())
+
+
+def test_the_product_path_of_main_is_read_from_its_calls():
+    """The walk follows names: kaggle_main reaches stage_serve (inference_server), not cmd_report (tools)."""
+    known = set(import_graph.graph())
+    assert "inference_server" in import_graph.path_imports(ROOT / "main.py", {"kaggle_main"}, known)
+    assert "tools.report" not in import_graph.path_imports(ROOT / "main.py", {"kaggle_main"}, known)
+    assert "tools.report" in import_graph.path_imports(ROOT / "main.py", {"cmd_report"}, known)
+    with pytest.raises(KeyError, match="kaggle_mian"):
+        import_graph.path_imports(ROOT / "main.py", {"kaggle_mian"}, known)
 
 
 # --------------------------------------------------------------------------- the plan alone (no training)

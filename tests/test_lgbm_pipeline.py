@@ -42,7 +42,7 @@ def small_cfg() -> Config:
 
 def _source() -> tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None, pl.DataFrame | None]:
     """(train rows, train demographics, test rows, test demographics) of three generated subjects."""
-    import synth
+    from tools import synth
 
     ds = synth.generate(n_subjects=3, seed=0)
     return ds.train, ds.train_demographics, ds.test, ds.test_demographics
@@ -339,7 +339,7 @@ def test_member_predicts_real_test_rows(data: dict, trained: dict) -> None:
 def test_generated_test_set_half_imu_only(data: dict, trained: dict) -> None:
     """The generator's test set mixes full and IMU-only sequences, as the hidden test does."""
     if data["test_raw"] is None:
-        pytest.skip("synth.py not available")
+        pytest.skip("the generator made no test set")
     cfg = data["cfg"]
     member = lp.load_member(trained["bundle"], cfg)
     table = features.build_frame_table(data["test_raw"], data["test_demo"], cfg.features)

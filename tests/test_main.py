@@ -10,9 +10,10 @@ import polars as pl
 import pytest
 
 import main
-import notebook_export
 from metric import GESTURES
+from tests import import_graph
 from tests.factory import LGBM_ONLY_ENV
+from tools import notebook_export
 
 pytestmark = pytest.mark.slow  # subprocesses running the CLI and the exported notebook end to end
 
@@ -87,30 +88,18 @@ def test_serve_on_the_real_sample_test_file(small_data, tmp_path):
     assert sorted(sub["sequence_id"].to_list()) == ["SEQ_000001", "SEQ_000011"]
 
 
-def _our_imports() -> dict[str, set[str]]:
-    """module -> the modules of ours it imports (anywhere in the file, lazily or not)."""
-    import ast
-
-    ours = {p.stem for p in ROOT.glob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for path in ROOT.glob("*.py"):
-        names: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        graph[path.stem] = (names & ours) - {path.stem}
-    return graph
-
-
 def test_no_import_cycle_and_nothing_imports_main():
     import graphlib
 
-    graph = _our_imports()
+    graph = import_graph.graph()  # the top-level modules and tools/ (tools.synth, ...)
+    assert {"features", "main", "tools.synth", "tools.bench.common"} <= set(graph)
     importers_of_main = sorted(m for m, deps in graph.items() if "main" in deps)
     assert importers_of_main == [], importers_of_main
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+    # tooling is imported by main's commands only: no other top-level module reaches into tools/
+    tooling = {m for m in graph if m == "tools" or m.startswith("tools.")}
+    product_importers = sorted(m for m, deps in graph.items() if m not in tooling | {"main"} and deps & tooling)
+    assert product_importers == [], product_importers
     for low in ("config", "metric", "io_utils"):
         assert graph[low] == set(), (low, graph[low])
     pipelines = [m for m in graph if m.endswith("_pipeline")]

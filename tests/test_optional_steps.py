@@ -15,9 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-import report
 import subject_pp
-import synth
 import wear
 from config import load_config
 from features import build_frame_table
@@ -25,6 +23,7 @@ from io_utils import write_json
 from metric import GESTURES
 from schema import ROT_COLS
 from tests.factory import labelled_rows
+from tools import report, synth
 
 # --------------------------------------------------------------------------- the wear correction in training
 
@@ -208,7 +207,7 @@ def test_report_without_oof_says_so(tmp_path, caplog):
         tmp_path / "optional_steps.json",
         {"orientation model": {"status": "skipped", "reason": "one orientation ('Seated Straight')"}},
     )
-    with caplog.at_level(logging.WARNING, logger="report"):
+    with caplog.at_level(logging.WARNING, logger="tools.report"):
         text = report.write_report(tmp_path).read_text()
     assert "No member OOF" in text and "no member OOF" in caplog.text
     assert "| orientation model | skipped | one orientation ('Seated Straight') |" in text

@@ -6,8 +6,8 @@ import pytest
 
 import cv
 import main
-import realism
 from metric import GESTURES
+from tools import realism
 
 
 @pytest.fixture(scope="module")

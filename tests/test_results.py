@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import results
+from tools import results
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,6 @@ import features
 import inference_server
 import lgbm_pipeline
 import main
-import report
 import serving_guard
 from io_utils import write_json
 from metric import GESTURES
@@ -40,6 +39,7 @@ from schema import (
     TOF_COLS,
 )
 from tests.factory import trained_lgbm_run
+from tools import report
 
 pytestmark = pytest.mark.slow  # trains a real bundle through main.stage_train, then every hostile serving case
 

@@ -12,8 +12,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 import schema
-import synth
 from metric import GESTURES, TARGET_GESTURES
+from tools import synth
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cmi"
 THM = list(schema.THM_COLS)
@@ -424,7 +424,7 @@ def test_rotated_test_subjects_option() -> None:
 # ---------------------------------------------------------------- the real protocol and segments (REAL_DATA §1-2)
 @pytest.fixture(scope="module")
 def facts6(ds6: synth.SynthDataset, tmp_path_factory) -> dict:
-    import realism
+    from tools import realism
 
     out = tmp_path_factory.mktemp("ds6")
     ds6.train.write_csv(out / "train.csv")
@@ -468,7 +468,7 @@ _CALIBRATED = (
 
 @pytest.mark.parametrize("key", _CALIBRATED)
 def test_data_figure_in_the_real_range(facts6: dict, key: str) -> None:
-    import realism
+    from tools import realism
 
     fact = next(f for f in realism.FACTS if f.key == key)
     assert fact.lo <= facts6[key] <= fact.hi, f"{fact.what}: generated {facts6[key]}, real {fact.real}"

@@ -8,16 +8,16 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 import ensemble_seal
-import synth
 import wear
 from config import load_config
 from features import FRAME_FEATURES, build_frame_table
 from schema import ACC_COLS, ROT_COLS, SENSOR_COLS, THM_COLS, TOF_COLS
 from tests.factory import demographics, make_sequence
+from tools import synth
 
 
 def _generator_rotated(seq: pl.DataFrame) -> pl.DataFrame:
-    """The rotated copy as synth.py makes it (its own code path), to check wear.rotate_rows against."""
+    """The rotated copy as tools/synth.py makes it (its own code path), to check wear.rotate_rows against."""
     s = seq.select(SENSOR_COLS).to_numpy().astype(np.float64)
     acc, quat, thm, tof = s[:, 0:3].copy(), s[:, 3:7].copy(), s[:, 7:12].copy(), s[:, 12:].copy()
     synth._rotate_about_z(acc, quat, thm, tof)

@@ -43,7 +43,7 @@ import members
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "gpu_check.json"
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (this file is in tools/)
 BUDGET_S = 6 * 60  # training runs start only while less than this has passed (the whole check: ~8 minutes)
 NEURAL_PACKAGES = ("torch", "tensorflow")
 
@@ -343,7 +343,7 @@ def run(
     only: list[str] | None = None,
 ) -> dict[str, Any]:
     """The whole check; returns (and writes to ``out/gpu_check.json``) the measurements."""
-    import synth
+    from tools import synth
 
     if cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch/TensorFlow initialise CUDA

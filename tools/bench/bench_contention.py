@@ -2,11 +2,12 @@
 competing project process that this benchmark starts itself (a training run beside serving, a serving loop
 beside training), plus predict latency with 1 and 2 intra-op threads.
 
-Run from the repository root: ``python -m bench.bench_contention --out DIR [--quick] [--members lgbm,torch,keras]``, or
-``python main.py bench --contention [--quick]``. Every measurement is its own process, started the way the
-project starts (``threads.configure_threads`` before any member library loads), so thread pools and the
-OpenMP wait policy are the ones a real run gets. The training unit is one ``MemberPipeline.train`` call on random
-rows (2 folds, 1 epoch / the debug LightGBM rounds): the same work alone and contended, so the ratio is fair.
+Run from the repository root: ``python -m tools.bench.bench_contention --out DIR [--quick] [--members
+lgbm,torch,keras]``, or ``python main.py bench --contention [--quick]``. Every measurement is its own process,
+started the way the project starts (``threads.configure_threads`` before any member library loads), so thread pools
+and the OpenMP wait policy are the ones a real run gets. The training unit is one ``MemberPipeline.train`` call on
+random rows (2 folds, 1 epoch / the debug LightGBM rounds): the same work alone and contended, so the ratio is
+fair.
 Target: every ratio <= 2.5 on 2 cores. Other processes on the machine make every number noisy.
 """
 
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root (this file is in tools/bench/)
 TARGET_RATIO = 2.5
 READY = "READY"
 
@@ -40,8 +41,8 @@ def _config(out: Path, role: str) -> Any:
 
 
 def _tables(n_sequences: int, seed: int) -> tuple[Any, Any]:
-    from bench.common import synthetic_raw
     from features import build_frame_table, drop_tof_thm
+    from tools.bench.common import synthetic_raw
 
     raw = synthetic_raw(n_sequences, seed=seed, imu_only_share=0.5)
     return build_frame_table(raw), build_frame_table(drop_tof_thm(raw))
@@ -76,7 +77,7 @@ def worker_serve(member: str, bundle_dir: Path, out: Path, n_calls: int, loop: b
     import numpy as np
 
     import members
-    from bench.common import latency_ms, time_calls
+    from tools.bench.common import latency_ms, time_calls
 
     cfg = _config(out, "serve")
     loaded = members.get(member).load(bundle_dir, cfg)
@@ -95,7 +96,8 @@ def worker_serve(member: str, bundle_dir: Path, out: Path, n_calls: int, loop: b
 
 
 def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bench.bench_contention", "worker", *args]  # run from ROOT: flat imports resolve
+    # run from ROOT (on PYTHONPATH): the flat modules and the tools package resolve
+    return [sys.executable, "-m", "tools.bench.bench_contention", "worker", *args]
 
 
 def _env(threads: int | None) -> dict[str, str]:

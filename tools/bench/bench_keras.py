@@ -2,7 +2,7 @@
 (compiled fold-averaging tf.function) versus loading every .keras file in each call (the original design).
 
 Run from the repository root:
-``python -m bench.bench_keras --out /tmp/bench_keras [--folds 5] [--calls 200] [--threads 2]``.
+``python -m tools.bench.bench_keras --out /tmp/bench_keras [--folds 5] [--calls 200] [--threads 2]``.
 ``main.py bench`` calls ``run_benchmark``. Models have the default ``KerasConfig`` sizes
 (128/256/256 IMU filters, 64/128 ToF filters, 128 RNN units), randomly initialised:
 latency and throughput do not depend on the weights. Data are random raw rows with the
@@ -22,9 +22,9 @@ import numpy as np
 
 import features
 import keras_pipeline as kp
-from bench.common import latency_ms, synthetic_raw, time_calls
 from config import Config
 from metric import N_CLASSES
+from tools.bench.common import latency_ms, synthetic_raw, time_calls
 
 
 def _train_throughput(cfg: Config, table: Any, n_train: int) -> dict[str, float]:

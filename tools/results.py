@@ -30,7 +30,7 @@ from typing import Any
 
 from io_utils import read_json, write_json, write_text
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (this file is in tools/)
 RESULTS_DIR = ROOT / "docs" / "results"
 DOCS = (ROOT / "README.md", ROOT / "docs" / "RESULTS.md", ROOT / "docs" / "SYNTH.md", ROOT / "docs" / "SETTINGS.md")
 # What a snapshot keeps of a run's output folder (small JSON files; no model, no array).
@@ -231,7 +231,7 @@ def render_csv(path: Path) -> str:
 
 
 def render_realism(path: Path) -> str:
-    import realism
+    from tools import realism
 
     d = read_json(path)
     return realism.format_markdown(realism.realism_rows(d.get("data") or {}, d.get("run")))

@@ -74,8 +74,8 @@ def pandas_frame_features(raw: pl.DataFrame) -> np.ndarray:
 
 def bench_features(data_dir: Path | None, n_subjects: int) -> dict[str, Any]:
     import data
-    import synth
     from features import build_frame_table, sequence_aggregates
+    from tools import synth
 
     t0 = time.perf_counter()
     if data_dir is not None and (data_dir / "train.csv").exists():
@@ -127,9 +127,9 @@ def bench_predictor(out: Path, bundle_root: Path, data_dir: Path, n_calls: int) 
     """Latency of the blend and of each member: in memory vs reload per call."""
     import ensemble
     import members
-    from bench.common import time_calls
     from config import load_config
     from features import build_frame_table
+    from tools.bench.common import time_calls
 
     cfg = load_config(out_dir=str(bundle_root.parent), data_dir=str(data_dir))
     rss0 = _peak_rss_mb()
@@ -208,13 +208,13 @@ def main(
     # Default-size networks (random weights: latency does not depend on them), in memory vs reload per call.
     for name in ("torch", "keras"):
         try:
-            module = __import__(f"bench.bench_{name}", fromlist=["run_benchmark"])
+            module = __import__(f"tools.bench.bench_{name}", fromlist=["run_benchmark"])
         except ImportError as e:
             print(f"{name} benchmark unavailable: {e}")
             continue
         results[f"{name}_default_model"] = module.run_benchmark(out / name, n_folds=5, n_calls=30 if quick else n_calls)
     if contention:
-        from bench.bench_contention import run_benchmark as contention_benchmark
+        from tools.bench.bench_contention import run_benchmark as contention_benchmark
 
         results["contention"] = contention_benchmark(out / "contention", quick=quick)
     write_json(out / "bench.json", results)

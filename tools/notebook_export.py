@@ -1,4 +1,4 @@
-"""Export the project as one Kaggle notebook (.ipynb) that carries the flat modules.
+"""Export the project as one Kaggle notebook (.ipynb) that carries the flat top-level modules.
 
 The notebook writes each module into a source folder, puts it on ``sys.path``
 and calls ``main.kaggle_main()``: train what the env flags ask, then serve
@@ -13,20 +13,18 @@ from pathlib import Path
 
 from io_utils import write_text
 
-ROOT = Path(__file__).resolve().parent
-# Everything predict() and training need is every top-level module but these (they measure or export).
-EXCLUDED: frozenset[str] = frozenset(
-    {"ablation.py", "benchmarks.py", "gpu_check.py", "notebook_export.py", "realism.py", "results.py"}
-)
+ROOT = Path(__file__).resolve().parents[1]  # the repository root (this file is in tools/)
 
 
 def modules() -> tuple[str, ...]:
-    """The flat modules the notebook carries: every top-level ``*.py`` of the project but ``EXCLUDED``.
+    """The flat modules the notebook carries: every top-level ``*.py`` of the project, nothing else.
 
-    Deriving the list keeps it from drifting: a new member's pipeline (see members.py) or a new
-    helper module is carried without an edit here.
+    The top level holds exactly what training and serving need (tooling lives in ``tools/``, tests in
+    ``tests/``), so no list is kept here: a new member's pipeline (see members.py) or a new helper module
+    is carried without an edit, and tests/test_kaggle_notebook.py checks that this set is what the
+    training and serving entry points import.
     """
-    return tuple(sorted(p.name for p in ROOT.glob("*.py") if p.name not in EXCLUDED))
+    return tuple(sorted(p.name for p in ROOT.glob("*.py")))
 
 
 FLAGS_CELL = """# Switches: the original notebooks' names. Edit here, or set them in the environment before this cell.

@@ -2,7 +2,7 @@
 versus the original notebook's design (every fold reloaded from disk in each call).
 
 Run from the repository root:
-``python -m bench.bench_torch --out /tmp/bench_torch [--folds 5] [--calls 200] [--threads 1]``.
+``python -m tools.bench.bench_torch --out /tmp/bench_torch [--folds 5] [--calls 200] [--threads 1]``.
 ``main.py bench`` calls ``run_benchmark``. The data are synthetic raw rows with
 the competition's lengths (median ~59, p95 ~127) turned into frame features by
 ``features.build_frame_table``; models are the default ``TimeSeriesNet``
@@ -21,8 +21,8 @@ import numpy as np
 
 import features
 import torch_pipeline as tp
-from bench.common import latency_ms, synthetic_raw, time_calls
 from config import Config
+from tools.bench.common import latency_ms, synthetic_raw, time_calls
 
 
 def bench_training(table: features.FrameTable, cfg: Config, n_steps: int = 6, warmup: int = 2) -> dict[str, Any]:
