@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= outputs
 
-.PHONY: run run-timed test venv venv-ray bench clean format
+.PHONY: run run-full run-timed test venv venv-ray bench clean format
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,11 +23,13 @@ $(VENV)/.installed-ray: requirements-ray.txt | $(VENV)/.installed
 venv-ray: $(VENV)/.installed-ray
 
 # End to end on generated data: data -> features -> folds -> 4 members -> blend -> gateway -> score -> report.
-# The epoch counts below keep it to minutes on a 2-core CPU; drop them for full training
-# (BranchNet: 8 of its cpu preset's 10 epochs keep its share of `make run` near 3 minutes).
+# The quick profile (config.PROFILES, docs/SETTINGS.md) sizes every member for about ten minutes on a 2-core
+# CPU, install included; `make run CMI_PROFILE=full` (or `make run-full`) trains at the defaults.
 run: venv
-	TORCH_EPOCHS=$${TORCH_EPOCHS:-10} KERAS_EPOCHS=$${KERAS_EPOCHS:-10} BRANCHNET_EPOCHS=$${BRANCHNET_EPOCHS:-8} \
-	$(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
+	CMI_PROFILE=$${CMI_PROFILE:-quick} $(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
+
+run-full: venv
+	CMI_PROFILE=full $(BIN)/python main.py run --out $(OUT) $(RUN_ARGS)
 
 # Lint and format checks first (seconds), then the whole suite; `$(BIN)/python -m pytest -m "not slow"` is the quick loop.
 # `make run` timed, install included (run it in a fresh clone): the wall seconds go to $(OUT)/make_run_wall.json,

@@ -36,7 +36,7 @@ import io_utils
 import metric
 from branchnet_augment import IMU_IDX, THM_IDX, TOF_IDX, augment_batch
 from config import SWITCH_FIELDS, BranchNetConfig, Config
-from member_base import FoldResult, FoldSplit, TrainingData, fit_fold_scaler
+from member_base import FoldResult, FoldSplit, TrainingData, eta_text, fit_fold_scaler
 from torch_common import (
     TorchContext,
     TorchFoldMember,
@@ -342,6 +342,7 @@ def train_one(
     y_val = val_full.y.numpy()
     lengths = train.mask.sum(dim=1).cpu()
     epoch_log: list[dict[str, float]] = []
+    t_fold = time.perf_counter()
     for epoch in range(1, s.epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -374,13 +375,14 @@ def train_one(
             total_loss += float(loss.detach()) * len(idx)
             seen += len(idx)
         entry = {"epoch": epoch, "train_loss": total_loss / max(seen, 1), "seconds": time.perf_counter() - started}
+        eta = eta_text(epoch, s.epochs, time.perf_counter() - t_fold)
         if s.log_every and (epoch % s.log_every == 0 or epoch == s.epochs) and epoch < s.epochs:
             served = (ema.module if ema is not None else model).eval()
             pf = predict_arrays(served, val_full, device, amp, 2 * s.batch_size, s.tof_cnn)
             pi = predict_arrays(served, val_imu, device, amp, 2 * s.batch_size, s.tof_cnn)
             entry["val_full"], entry["val_imu"] = metric.score_proba(y_val, pf), metric.score_proba(y_val, pi)
             log.info(
-                "branchnet %s epoch %d/%d: loss %.4f, val (log only) full %.4f imu %.4f, lr %.2e, %.1f s",
+                "branchnet %s epoch %d/%d: loss %.4f, val (log only) full %.4f imu %.4f, lr %.2e, %.1f s, model %s",
                 tag,
                 epoch,
                 s.epochs,
@@ -389,15 +391,17 @@ def train_one(
                 entry["val_imu"],
                 optimizer.param_groups[0]["lr"],
                 entry["seconds"],
+                eta,
             )
         else:
             log.info(
-                "branchnet %s epoch %d/%d: loss %.4f, %.1f s",
+                "branchnet %s epoch %d/%d: loss %.4f, %.1f s, model %s",
                 tag,
                 epoch,
                 s.epochs,
                 entry["train_loss"],
                 entry["seconds"],
+                eta,
             )
         epoch_log.append(entry)
     served = (ema.module if ema is not None else model).eval()

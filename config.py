@@ -95,6 +95,10 @@ class RunConfig(Section):
     """the subject-grouped folds: fixed while `CMI_SEED` varies, so seeds are compared on equal folds"""
     debug: bool = False
     """tiny epochs/rounds: covers every stage in minutes"""
+    profile: str = "full"
+    """`full`: every field at its default (what training on the real data should use); `quick`: the
+    newcomer's `make run` sizes (`PROFILES`: fewer epochs and rounds, narrower networks, folds two at a
+    time) — set before any other variable, which wins over it; the effective values go to `config.json`"""
     n_threads: int = 0
     """0 = auto: the cores this process may use (threads.py); CMI_N_THREADS=k fixes k"""
     strict: bool = False
@@ -130,6 +134,7 @@ class RunConfig(Section):
     def checks(self) -> list[Rule]:
         return [
             ("n_folds", self.n_folds >= 2, "must be at least 2"),
+            ("profile", self.profile in PROFILES, f"must be one of {', '.join(PROFILES)}"),
             ("n_threads", self.n_threads >= 0, "must be >= 0 (0 = every core this process may use)"),
             ("executor", self.executor in ("local", "ray"), "must be 'local' or 'ray'"),
             ("n_jobs", self.n_jobs >= 1, "must be >= 1"),
@@ -566,6 +571,48 @@ class EnsembleConfig(Section):
         ]
 
 
+# Named sets of values applied before the environment's variables (``CMI_PROFILE``; explicit variables win).
+# ``quick`` sizes every member for the newcomer's `make run` (12 generated subjects, 2 CPU cores, about ten
+# minutes with the install): its scores are below full training's, and the README says so.
+PROFILES: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {},
+    "quick": {
+        # two folds at a time, one thread each: small networks use two processes better than two threads
+        "run": {"n_jobs": 2},
+        # fixed rounds at a higher rate instead of the inner early-stopping split and its refit
+        "lgbm": {"stopping": "fixed", "n_estimators": 120, "learning_rate": 0.12},
+        "torch": {"epochs": 10, "conv1_channels": 64, "conv2_channels": 128, "rnn_hidden": 64, "head_hidden": 128},
+        "keras": {
+            "epochs": 10,
+            "lr": 2e-3,
+            "imu_filters": (48, 96, 96),
+            "tof_filters": (24, 48),
+            "rnn_units": 48,
+        },
+        "branchnet": {"epochs": 8},
+    },
+}
+PROFILE_VARIABLE = "CMI_PROFILE"
+PROFILE_USE: dict[str, str] = {
+    "full": "training on the real data, `make run-full`, the Kaggle notebook (the default)",
+    "quick": "`make run` (a newcomer's first run; lower scores than full training)",
+}
+
+
+def apply_profile(cfg: Config, name: str) -> Config:
+    """Set the values of profile ``name`` on ``cfg`` (in place); an unknown name is a ConfigError."""
+    if name not in PROFILES:
+        raise ConfigError(f"{PROFILE_VARIABLE}={name!r}: must be one of {', '.join(PROFILES)}")
+    cfg.run.profile = name
+    for section_name, values in PROFILES[name].items():
+        section = getattr(cfg, section_name)
+        for key, value in values.items():
+            if key not in _field_types(section):
+                raise ConfigError(f"profile {name!r}: {section_name} has no field {key!r}")
+            setattr(section, key, value)
+    return cfg
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -801,6 +848,8 @@ def apply_overrides(cfg: Config, env: Mapping[str, str]) -> Config:
     legacy = {p for p in LEGACY_PREFIXES}
     renamed = deprecated_variables(cfg)
     canonical_of = canonical_variables(cfg)
+    if PROFILE_VARIABLE in env:  # first: every explicit variable below wins over the profile's values
+        apply_profile(cfg, env[PROFILE_VARIABLE].strip())
     for old, (new, _why) in renamed.items():
         if old in env and new in env:
             raise ConfigError(f"{old} and {new} are both set: {old} is the former name of {new}; set only {new}")
@@ -1013,6 +1062,25 @@ def _rows(cfg: Config, section_name: str, only: set[str] | None = None) -> list[
 _TABLE_HEAD = ["| variable | default | effect |", "|---|---|---|"]
 
 
+def profiles_markdown() -> list[str]:
+    """The profiles' values (``PROFILES``), one row per profile and section, as markdown lines."""
+    names = variable_names(Config())
+    out = [
+        f"### Profiles (`{PROFILE_VARIABLE}`)",
+        "",
+        "Values set before every other variable (an explicit variable wins); `full` changes nothing.",
+        "",
+        "| profile | used by | values |",
+        "|---|---|---|",
+    ]
+    for name, sections in PROFILES.items():
+        cells = [f"`{names[(s, k)]}={env_text(v)}`" for s, values in sections.items() for k, v in values.items()]
+        out.append(
+            f"| `{name}` | {_markdown(PROFILE_USE.get(name, ''))} | {', '.join(cells) or 'the defaults above'} |"
+        )
+    return out
+
+
 def settings_markdown(what: str = "all", cfg: Config | None = None) -> str:
     """The generated settings docs (``main.py results`` writes them into their blocks; a test compares):
 
@@ -1027,7 +1095,7 @@ def settings_markdown(what: str = "all", cfg: Config | None = None) -> str:
             doc = " ".join((inspect.getdoc(type(section)) or "").split("\n\n")[0].split())
             out += [f"### `{f.name}` ({type(section).__name__})", "", _markdown(doc), "", *_TABLE_HEAD]
             out += _rows(cfg, f.name) + [""]
-        return "\n".join(out[:-1]) + "\n"
+        return "\n".join(out + profiles_markdown()) + "\n"
     if what == "readme":
         wanted = set(README_VARIABLES)
         rows = [r for f in dataclasses.fields(cfg) for r in _rows(cfg, f.name, wanted)]
@@ -1055,6 +1123,8 @@ __all__ = [
     "EnsembleConfig",
     "load_config",
     "apply_overrides",
+    "apply_profile",
+    "PROFILES",
     "config_from_dict",
     "parse_value",
     "settings_markdown",

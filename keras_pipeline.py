@@ -31,7 +31,7 @@ import features
 import threads
 from config import Config
 from keras_model import _keras, _tf, build_full_model, build_imu_model, is_available, light_args, model_args
-from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, fit_fold_scaler
+from member_base import FoldResult, FoldSplit, MemberPipeline, TrainingData, eta_text, fit_fold_scaler
 from metric import GESTURES, N_CLASSES, score_proba
 
 MEMBER = "keras"
@@ -79,20 +79,25 @@ class _EpochLog:
     """A tiny Keras callback factory logging one line per epoch through ``logging``."""
 
     @staticmethod
-    def make(keras: Any, tag: str) -> Any:
+    def make(keras: Any, tag: str, n_epochs: int) -> Any:
         class EpochLog(keras.callbacks.Callback):
+            def on_train_begin(self, logs: dict | None = None) -> None:
+                self.started = time.perf_counter()
+
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
                 logs = logs or {}
                 # a schedule's rate is not in ``logs``; the optimizer evaluates it at its step count
                 lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
                 log.info(
-                    "keras %s epoch %d: loss %.4f val_loss %.4f val_acc %.3f (log only) lr %.2e",
+                    "keras %s epoch %d/%d: loss %.4f val_loss %.4f val_acc %.3f (log only) lr %.2e, model %s",
                     tag,
                     epoch + 1,
+                    n_epochs,
                     logs.get("loss", float("nan")),
                     logs.get("val_loss", float("nan")),
                     logs.get("val_accuracy", float("nan")),
                     lr,
+                    eta_text(epoch + 1, n_epochs, time.perf_counter() - self.started),
                 )
 
         return EpochLog()
@@ -133,7 +138,7 @@ def _fit(
         epochs=_epochs(cfg),
         verbose=0,
         shuffle=False,
-        callbacks=[_EpochLog.make(keras, tag)],
+        callbacks=[_EpochLog.make(keras, tag, _epochs(cfg))],
     )
     seconds = time.perf_counter() - t0
     val_loss = hist.history.get("val_loss", [float("nan")])

@@ -165,6 +165,16 @@ class FoldResult:
 # --------------------------------------------------------------------------- the scaffold
 
 
+def eta_text(done: float, total: float, elapsed_s: float) -> str:
+    """``"ETA 1 min 05 s"`` for the rest of ``total`` units at the rate of the ``done`` ones (``"done"`` at the end)."""
+    if done >= total:
+        return "done"
+    if done <= 0 or elapsed_s <= 0:
+        return "ETA unknown"
+    left = elapsed_s / done * (total - done)
+    return f"ETA {int(left // 60)} min {int(left % 60):02d} s" if left >= 60 else f"ETA {left:.0f} s"
+
+
 class MemberPipeline(ABC):
     """One member: training hooks, bundle layout and loading. Subclasses fill the hooks."""
 
@@ -268,9 +278,19 @@ class MemberPipeline(ABC):
             pending = distributed.broadcast_object(pending)
         prepare_s = time.perf_counter() - t_start
         if pending:
-            for job in executors.make(cfg, distributed=ddp).run(self, ctx, data, cfg, pending, fp):
+            t_folds = time.perf_counter()
+            for done, job in enumerate(executors.make(cfg, distributed=ddp).run(self, ctx, data, cfg, pending, fp), 1):
                 if main:  # under torchrun the other ranks trained the same fold with rank 0: nothing to write
                     self._write_fold(work, state, data, job)
+                    elapsed = time.perf_counter() - t_folds
+                    log.info(
+                        "%s: %d/%d fold(s) trained in %.0f s, %s",
+                        self.name,
+                        done,
+                        len(pending),
+                        elapsed,
+                        eta_text(done, len(pending), elapsed),
+                    )
         if not main:
             return distributed.broadcast_object(None)  # rank 0's summary, once it has written everything
         records = {k: state["folds"][str(k)] for k in data.folds}

@@ -31,7 +31,7 @@ import distributed
 import features
 import metric
 from config import Config
-from member_base import FoldResult, FoldSplit, TrainingData, fit_fold_scaler
+from member_base import FoldResult, FoldSplit, TrainingData, eta_text, fit_fold_scaler
 from timeseries_model import TimeSeriesNet, model_args_from_config
 from torch_common import (
     TorchContext,
@@ -244,6 +244,7 @@ def train_fold(
         train = train.to(device)
     p_full = p_imu = np.zeros((0, metric.N_CLASSES), dtype=np.float32)
     s_full = s_imu = float("nan")
+    t_fold = time.perf_counter()
     for epoch in range(1, n_epochs + 1):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -278,7 +279,8 @@ def train_fold(
         s_full = metric.score_proba(y_val, p_full)
         s_imu = metric.score_proba(y_val, p_imu)
         log.info(
-            "torch fold %d epoch %d/%d: train loss %.4f, val score full %.4f imu %.4f (log only), lr %.2e, %.1f s",
+            "torch fold %d epoch %d/%d: train loss %.4f, val score full %.4f imu %.4f (log only), lr %.2e, %.1f s, "
+            "fold %s",
             fold,
             epoch,
             n_epochs,
@@ -287,6 +289,7 @@ def train_fold(
             s_imu,
             optimizer.param_groups[0]["lr"],
             time.perf_counter() - started,
+            eta_text(epoch, n_epochs, time.perf_counter() - t_fold),
         )
     p_full, p_imu, s_full, s_imu = distributed.broadcast_object((p_full, p_imu, s_full, s_imu))
     return FoldFit(unwrap_state_dict(model), n_epochs, s_full, s_imu, p_full, p_imu)

@@ -144,6 +144,8 @@ def test_settings_tables_list_every_variable_with_its_default_and_each_sets_its_
             )
         )
         assert table[name] == shown, (name, table[name], shown)
+        if name == "CMI_PROFILE":
+            continue  # sets many fields at once: its own tests below
         raw = _changed_value(default)
         if name == "CMI_N_FOLDS":
             raw = "7"
@@ -386,3 +388,46 @@ def test_config_json_of_the_field_names_before_the_renames_still_reads():
     data["torch"]["num_workers"] = 0
     cfg = config_from_dict(data)
     assert cfg.keras.epochs == Config().keras.epochs + 1 and not hasattr(cfg.torch, "num_workers")
+
+
+# --------------------------------------------------------------------------- profiles (CMI_PROFILE)
+
+
+def test_quick_profile_sets_its_values_and_explicit_variables_win():
+    from config import PROFILES
+
+    quick = load_config({"CMI_PROFILE": "quick"})
+    assert quick.run.profile == "quick"
+    for section, values in PROFILES["quick"].items():
+        for key, value in values.items():
+            assert getattr(getattr(quick, section), key) == value, (section, key)
+    assert quick.lgbm.stopping == "fixed" and quick.keras.imu_filters != Config().keras.imu_filters
+    # an explicit variable wins over the profile, whatever the order of the environment
+    mixed = load_config({"TORCH_EPOCHS": "3", "CMI_PROFILE": "quick", "CMI_N_JOBS": "1"})
+    assert mixed.torch.epochs == 3 and mixed.run.n_jobs == 1
+    assert mixed.torch.rnn_hidden == PROFILES["quick"]["torch"]["rnn_hidden"]
+
+
+def test_full_profile_is_the_defaults_and_unknown_profiles_are_named():
+    assert load_config({"CMI_PROFILE": "full"}).to_dict() == load_config({}).to_dict()
+    with pytest.raises(ConfigError, match="CMI_PROFILE='fast'.*full, quick"):
+        load_config({"CMI_PROFILE": "fast"})
+
+
+def test_every_profile_names_real_fields_and_passes_the_checks():
+    from config import PROFILES, apply_profile, validate
+
+    for name in PROFILES:
+        validate(apply_profile(Config(), name))
+    broken = {"quick": {"torch": {"epoch": 3}}}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("config.PROFILES", broken)
+        with pytest.raises(ConfigError, match="torch has no field 'epoch'"):
+            apply_profile(Config(), "quick")
+
+
+def test_the_profile_is_saved_with_the_effective_values(tmp_path):
+    cfg = load_config({"CMI_PROFILE": "quick"})
+    cfg.save(tmp_path / "config.json")
+    back = config_from_dict(json.loads((tmp_path / "config.json").read_text()))
+    assert back.run.profile == "quick" and back.to_dict() == cfg.to_dict()
