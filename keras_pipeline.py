@@ -89,15 +89,15 @@ class _EpochLog:
                 # a schedule's rate is not in ``logs``; the optimizer evaluates it at its step count
                 lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
                 log.info(
-                    "keras %s epoch %d/%d: loss %.4f val_loss %.4f val_acc %.3f (log only) lr %.2e, model %s",
+                    "keras %s epoch %d/%d: loss %.4f val_loss %.4f val_acc %.3f (log only), model %s, lr %.2e",
                     tag,
                     epoch + 1,
                     n_epochs,
                     logs.get("loss", float("nan")),
                     logs.get("val_loss", float("nan")),
                     logs.get("val_accuracy", float("nan")),
-                    lr,
                     eta_text(epoch + 1, n_epochs, time.perf_counter() - self.started),
+                    lr,
                 )
 
         return EpochLog()

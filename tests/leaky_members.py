@@ -99,7 +99,7 @@ def _lgbm() -> MemberPipeline:
 def _keras() -> MemberPipeline:
     kp = importlib.import_module("keras_pipeline")
 
-    def early_stopping(keras: Any, tag: str) -> Any:  # in place of the log-only epoch callback
+    def early_stopping(keras: Any, tag: str, n_epochs: int) -> Any:  # in place of the log-only epoch callback
         return keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
 
     class EarlyStopOnScoredFold(kp.KerasPipeline):
